@@ -1,0 +1,284 @@
+"""The finsft command line. The only place that turns exceptions into exit codes.
+
+``finsft RECIPE.json [key.path=value ...]`` trains (so ``accelerate launch -m finsft RECIPE.json`` works);
+the subcommands are listed by ``finsft --help``. Light commands (validate, schema, show, templates) import
+neither torch nor transformers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from finsft import __version__
+from finsft.errors import FinsftError, RecipeError
+
+EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.print_usage(sys.stderr)
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _add_recipe(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe JSON file")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value",
+                   help="override recipe values, e.g. training.learning_rate=1e-4 (validated like the file)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="finsft", description="Fine-tune language models for finance from JSON recipes.",
+                     epilog="`finsft RECIPE.json` is short for `finsft train RECIPE.json`.")
+    parser.add_argument("--version", action="version", version=f"finsft {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    p = sub.add_parser("validate", help="check recipe files (syntax, schema and cross-field rules)")
+    p.add_argument("paths", nargs="+", help="recipe files, folders (searched recursively for *.json) or globs")
+    p.add_argument("--format", choices=("text", "json", "github"), default="text",
+                   help="text for people, json for machines, github for GitHub Actions annotations")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.path=value",
+                   help="override applied to every recipe before validation (repeatable)")
+
+    sub.add_parser("schema", help="print the recipe JSON Schema")
+
+    p = sub.add_parser("show", help="print the fully resolved recipe (extends, overrides and defaults applied)")
+    _add_recipe(p)
+
+    sub.add_parser("templates", help="list the registered prompt templates")
+
+    p = sub.add_parser("train", help="fine-tune as the recipe says")
+    _add_recipe(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--overwrite", action="store_true", help="replace an existing non-empty output folder")
+    g.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the output folder")
+    p.add_argument("--force", action="store_true", help="with --resume: accept a recipe that changed since the run")
+
+    p = sub.add_parser("eval", help="evaluate the base model or a trained adapter on the recipe's evaluation data")
+    _add_recipe(p)
+    p.add_argument("--adapter", help="trained run folder or adapter folder (default: the base model)")
+    p.add_argument("--data", help="evaluation data: a local file or hub dataset id (default: the recipe's)")
+    p.add_argument("--split", help="split of a hub evaluation dataset")
+    p.add_argument("--limit", type=int, help="evaluate at most N rows")
+    p.add_argument("--scorer", choices=("auto", "likelihood", "generate"), help="override evaluation.scorer")
+    p.add_argument("--out", help="folder for eval.json and predictions.jsonl (default: the adapter folder)")
+
+    p = sub.add_parser("predict", help="generate with the recipe's template")
+    _add_recipe(p)
+    p.add_argument("--adapter", help="trained run folder or adapter folder (default: the base model)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", action="append", help="one input text (repeatable)")
+    src.add_argument("--file", help="a data file in the recipe's format")
+    p.add_argument("--out", help="write predictions as JSONL here instead of printing")
+    p.add_argument("--max-new-tokens", type=int, help="longest generation")
+
+    p = sub.add_parser("merge", help="merge a LoRA adapter into its base model and save a plain model folder")
+    _add_recipe(p)
+    p.add_argument("--adapter", required=True, help="trained run folder or adapter folder")
+    p.add_argument("--out", required=True, help="folder for the merged model")
+
+    p = sub.add_parser("bench", help="time training steps of the recipe against the notebook-style baseline")
+    _add_recipe(p)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--random-weights", action="store_true",
+                   help="build the model from its config with random weights (no download)")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    p.add_argument("--no-baseline", action="store_true", help="time the recipe only")
+    return parser
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """`finsft RECIPE.json ...` -> `finsft train RECIPE.json ...`."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+        return ["train", *argv]
+    return argv
+
+
+# ------------------------------------------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from finsft.recipe import check_recipe, expand_paths
+
+    start = time.perf_counter()
+    files, unmatched = expand_paths(args.paths)
+    if unmatched:
+        print(f"finsft validate: no recipe files match: {', '.join(unmatched)}", file=sys.stderr)
+        return EXIT_USAGE
+    results = []
+    for path in files:
+        _, problems = check_recipe(path, args.overrides)
+        results.append((path, problems))
+    elapsed = time.perf_counter() - start
+    n_bad = sum(1 for _, p in results if p)
+    n_problems = sum(len(p) for _, p in results)
+    if args.format == "json":
+        print(json.dumps({
+            "valid": n_bad == 0,
+            "files": [{"file": f, "valid": not p, "errors": [x.as_dict() for x in p]} for f, p in results],
+            "seconds": round(elapsed, 4),
+        }, indent=2))
+    elif args.format == "github":
+        for _, problems in results:
+            for x in problems:
+                loc = f"file={x.file.split(' (override')[0]}"
+                if x.line is not None:
+                    loc += f",line={x.line}" + (f",col={x.column}" if x.column is not None else "")
+                msg = f"{x.path}: {x.message}".replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+                print(f"::error {loc},title=finsft validate::{msg}")
+        print(f"{len(files) - n_bad}/{len(files)} recipes valid")
+    else:
+        from rich.console import Console
+        from rich.markup import escape
+
+        out = Console(highlight=False, soft_wrap=True)
+        for path, problems in results:
+            if not problems:
+                out.print(f"[green]ok[/]      {escape(path)}")
+            else:
+                out.print(f"[red]invalid[/] {escape(path)}")
+                for x in problems:
+                    out.print(f"  {escape(str(x))}")
+        summary = f"{len(files) - n_bad}/{len(files)} recipes valid"
+        if n_problems:
+            summary += f", {n_problems} problem{'s' if n_problems != 1 else ''}"
+        out.print(f"{summary} ({elapsed * 1000:.0f} ms)")
+    return EXIT_INVALID if n_bad else EXIT_OK
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from finsft.recipe import schema
+
+    print(json.dumps(schema(), indent=2))
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(json.dumps(recipe.config, indent=2))
+    return EXIT_OK
+
+
+def cmd_templates(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from finsft.templates import CUSTOM, get_template, registered_names
+
+    table = Table(title="finsft templates")
+    for col in ("name", "kind", "fields", "labels", "description"):
+        table.add_column(col, overflow="fold")
+    for name in registered_names():
+        if name == CUSTOM:
+            table.add_row(CUSTOM, "declarative", "any", "optional",
+                          "prompt/completion format strings written in the recipe (template.prompt, .completion)")
+            continue
+        try:
+            t = get_template(name)
+        except FinsftError as exc:
+            table.add_row(name, "broken", "", "", str(exc))
+            continue
+        kind = "classification" if t.is_classification else "generation"
+        table.add_row(t.name, kind, ", ".join(t.fields), "/".join(t.labels or ()) or "-", t.description)
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finsft.train import train
+
+    train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force)
+    return EXIT_OK
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finsft.evaluate import evaluate_command
+
+    evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
+                     scorer=args.scorer, out=args.out)
+    return EXIT_OK
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finsft.evaluate import predict_command
+
+    predict_command(recipe, adapter=args.adapter, inputs=args.input, file=args.file, out=args.out,
+                    max_new_tokens=args.max_new_tokens)
+    return EXIT_OK
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finsft.merge import merge_command
+
+    merge_command(recipe, adapter=args.adapter, out=args.out)
+    return EXIT_OK
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from finsft.bench import bench_command
+
+    bench_command(recipe, steps=args.steps, warmup=args.warmup, random_weights=args.random_weights,
+                  fmt=args.format, baseline=not args.no_baseline)
+    return EXIT_OK
+
+
+HANDLERS = {
+    "validate": cmd_validate, "schema": cmd_schema, "show": cmd_show, "templates": cmd_templates,
+    "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "bench": cmd_bench,
+}
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (0 ok, 1 invalid recipe or failed run, 2 usage error)."""
+    args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
+    parser = build_parser()
+    try:
+        args = parser.parse_args(args_list)
+    except SystemExit as exc:  # --help, --version, usage errors
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return HANDLERS[args.command](args)
+    except RecipeError as exc:
+        print(f"finsft {args.command}: the recipe is invalid:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return EXIT_INVALID
+    except FinsftError as exc:
+        if _is_main_process() or args.command != "train":
+            print(f"finsft {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_INVALID
+    except KeyboardInterrupt:
+        print(f"finsft {args.command}: interrupted", file=sys.stderr)
+        return 130

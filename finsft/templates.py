@@ -1,0 +1,213 @@
+"""Prompt templates: how a data row becomes a (prompt, completion) pair.
+
+This module is light (no torch/transformers): `finsft validate` uses it to check template names and settings.
+Third-party packages register templates through the ``finsft.templates`` entry point group; each entry point
+loads to a :class:`Template` (or a zero-argument callable returning one).
+"""
+
+from __future__ import annotations
+
+import string
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from importlib.metadata import entry_points
+from typing import Any
+
+from finsft.errors import DataError, FinsftError, did_you_mean
+
+ENTRY_POINT_GROUP = "finsft.templates"
+
+FINGPT3 = ("negative", "neutral", "positive")
+FINGPT9 = (
+    "strong negative",
+    "moderately negative",
+    "mildly negative",
+    "negative",
+    "neutral",
+    "positive",
+    "mildly positive",
+    "moderately positive",
+    "strong positive",
+)
+LABEL_SETS: dict[str, tuple[str, ...]] = {"fingpt3": FINGPT3, "fingpt9": FINGPT9}
+
+SENTIMENT_INSTRUCTION = "What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}."
+FIQA_INSTRUCTION = (
+    "Utilize your financial knowledge, give your answer or opinion to the input question or subject . "
+    "Answer format is not limited."
+)
+# FinGPT's prompt format. The prompt ends in "Answer:" and the completion starts with a space, so the tokenized
+# prompt is a prefix of the tokenized prompt + completion (a trailing space would be merged into the next token).
+FINGPT_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer:"
+FINGPT_COMPLETION = " {output}"
+
+
+def format_fields(fmt: str) -> list[str]:
+    """Field names a format string refers to; raises ValueError when the string is malformed."""
+    names = []
+    for _, name, _, _ in string.Formatter().parse(fmt):
+        if name is None:
+            continue
+        if name == "" or not name.isidentifier():
+            raise ValueError(f"placeholder {{{name}}} must be a field name such as {{input}}")
+        names.append(name)
+    return names
+
+
+@dataclass(frozen=True)
+class Template:
+    """A prompt template.
+
+    ``prompt`` and ``completion`` are ``str.format`` strings over the row's fields. ``defaults`` fills fields a
+    row may lack (e.g. the instruction). ``labels`` makes it a classification template: the completion field
+    ``label_field`` must hold one of them.
+    """
+
+    name: str
+    description: str
+    prompt: str
+    completion: str
+    defaults: Mapping[str, str] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
+    label_field: str = "output"
+    supports_packing: bool = True
+
+    @property
+    def fields(self) -> list[str]:
+        """Every field the template reads, in order of first use."""
+        seen: dict[str, None] = {}
+        for name in format_fields(self.prompt) + format_fields(self.completion):
+            seen.setdefault(name)
+        return list(seen)
+
+    @property
+    def required_fields(self) -> list[str]:
+        return [f for f in self.fields if f not in self.defaults]
+
+    @property
+    def is_classification(self) -> bool:
+        return self.labels is not None
+
+    def render_prompt(self, row: Mapping[str, Any]) -> str:
+        return self.prompt.format_map(self._values(row))
+
+    def render_completion(self, row: Mapping[str, Any]) -> str:
+        return self.completion.format_map(self._values(row))
+
+    def render_label(self, label: str) -> str:
+        """The completion text for a label (used to score labels by likelihood)."""
+        return self.completion.format_map(_Only(self.label_field, label))
+
+    def _values(self, row: Mapping[str, Any]) -> dict[str, str]:
+        values = {}
+        for name in self.fields:
+            value = row.get(name)
+            if value is None or value == "":
+                value = self.defaults.get(name, value)
+            if value is None:
+                raise DataError(f"template '{self.name}' needs field '{name}', which this row lacks")
+            values[name] = str(value)
+        return values
+
+
+class _Only(dict):  # type: ignore[type-arg]
+    """format_map helper that fills one field and leaves the others empty."""
+
+    def __init__(self, key: str, value: str):
+        super().__init__({key: value})
+
+    def __missing__(self, key: str) -> str:
+        return ""
+
+
+BUILTIN: dict[str, Template] = {
+    t.name: t
+    for t in (
+        Template(
+            name="fingpt_sentiment",
+            description="FinGPT sentiment: instruction + news/tweet -> one label (fingpt3: negative/neutral/positive; "
+            "fingpt9 adds mildly/moderately/strong). FinGPT's 'Instruction/Input/Answer' prompt.",
+            prompt=FINGPT_PROMPT,
+            completion=FINGPT_COMPLETION,
+            defaults={"instruction": SENTIMENT_INSTRUCTION},
+            labels=FINGPT3,
+        ),
+        Template(
+            name="fiqa_qa",
+            description="FinGPT FiQA QA: instruction + financial question -> free-text answer, scored with ROUGE-L "
+            "and token F1.",
+            prompt=FINGPT_PROMPT,
+            completion=FINGPT_COMPLETION,
+            defaults={"instruction": FIQA_INSTRUCTION},
+        ),
+        Template(
+            name="short_sentiment",
+            description="Compact sentiment prompt ('{input}\\nSentiment:'), about a third of FinGPT's prompt length: "
+            "more rows per minute when compute is the limit.",
+            prompt="{input}\nSentiment:",
+            completion=" {output}",
+            labels=FINGPT3,
+        ),
+    )
+}
+
+CUSTOM = "custom"
+
+
+def registered_names() -> list[str]:
+    """Names of every registered template (built-in and entry points), plus 'custom'. Imports nothing."""
+    names = set(BUILTIN)
+    names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+    return sorted(names) + [CUSTOM]
+
+
+def get_template(name: str) -> Template:
+    """A registered template by name (built-ins first, then the entry point group)."""
+    if name in BUILTIN:
+        return BUILTIN[name]
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            obj = ep.load()
+            template = obj() if callable(obj) and not isinstance(obj, Template) else obj
+            if not isinstance(template, Template):
+                raise FinsftError(f"entry point '{ep.value}' for template '{name}' did not give a finsft Template")
+            return template
+    raise FinsftError(f"unknown template '{name}'.{did_you_mean(name, registered_names())}"
+                      f" Registered: {', '.join(registered_names())}")
+
+
+def resolve_labels(labels: str | Sequence[str] | None, default: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if labels is None:
+        return default
+    if isinstance(labels, str):
+        return LABEL_SETS[labels]
+    return tuple(labels)
+
+
+def template_from_recipe(section: Mapping[str, Any]) -> Template:
+    """The template a (validated) recipe's ``template`` section describes."""
+    name = section.get("name", "fingpt_sentiment")
+    if name == CUSTOM:
+        base = Template(
+            name=CUSTOM,
+            description="declarative template from the recipe",
+            prompt=section["prompt"],
+            completion=section["completion"],
+        )
+    else:
+        base = get_template(name)
+    labels = resolve_labels(section.get("labels"), base.labels)
+    return replace(base, labels=labels) if labels != base.labels else base
+
+
+def to_three_class(text: str) -> str:
+    """FinGPT's benchmark mapping of an answer to negative/neutral/positive.
+
+    Exactly as FinGPT's benchmarks (tfns.py, fpb.py): 'positive' or 'Positive' anywhere -> positive, else
+    'negative' or 'Negative' -> negative, else neutral. The 9-label strings map by the same rule.
+    """
+    if "positive" in text or "Positive" in text:
+        return "positive"
+    if "negative" in text or "Negative" in text:
+        return "negative"
+    return "neutral"
