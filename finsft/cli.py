@@ -105,6 +105,16 @@ def _normalise(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- commands
 
 
+def _gh_data(text: str) -> str:
+    """Escape the message of a GitHub Actions workflow command."""
+    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
+
+
+def _gh_property(text: str) -> str:
+    """Escape a property value (file=...) of a GitHub Actions workflow command."""
+    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from finsft.recipe import check_recipe, expand_paths
 
@@ -129,17 +139,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     elif args.format == "github":
         for _, problems in results:
             for x in problems:
-                loc = f"file={x.file.split(' (override')[0]}"
+                loc = f"file={_gh_property(x.file.split(' (override')[0])}"
                 if x.line is not None:
                     loc += f",line={x.line}" + (f",col={x.column}" if x.column is not None else "")
-                msg = f"{x.path}: {x.message}".replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-                print(f"::error {loc},title=finsft validate::{msg}")
+                override = x.file.partition(" (override ")[2][:-1]
+                msg = f"{x.path}: {x.message}" + (f" (override {override})" if override else "")
+                print(f"::error {loc},title=finsft validate::{_gh_data(msg)}")
         print(f"{len(files) - n_bad}/{len(files)} recipes valid")
     else:
         from rich.console import Console
         from rich.markup import escape
 
-        out = Console(highlight=False, soft_wrap=True)
+        out = Console(highlight=False, soft_wrap=True, emoji=False)
         for path, problems in results:
             if not problems:
                 out.print(f"[green]ok[/]      {escape(path)}")

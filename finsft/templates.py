@@ -110,7 +110,7 @@ class Template:
         return values
 
 
-class _Only(dict):  # type: ignore[type-arg]
+class _Only(dict[str, str]):
     """format_map helper that fills one field and leaves the others empty."""
 
     def __init__(self, key: str, value: str):
@@ -158,7 +158,7 @@ def registered_names() -> list[str]:
     """Names of every registered template (built-in and entry points), plus 'custom'. Imports nothing."""
     names = set(BUILTIN)
     names.update(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
-    return sorted(names) + [CUSTOM]
+    return [*sorted(names), CUSTOM]
 
 
 def get_template(name: str) -> Template:
