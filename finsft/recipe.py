@@ -335,7 +335,8 @@ def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]
             out.append((path, f"{_short(err.instance)} is not allowed.{hint} Allowed: {describe_allowed(err.schema)}"))
         elif kind == "type":
             wanted = err.validator_value if isinstance(err.validator_value, str) else " or ".join(err.validator_value)
-            out.append((path, f"expected {wanted}, got {json_type(err.instance)} {_short(err.instance)}"))
+            got = json_type(err.instance) + ("" if err.instance is None else f" {_short(err.instance)}")
+            out.append((path, f"expected {wanted}, got {got}"))
         elif kind == "anyOf":
             hint = did_you_mean(err.instance, _choices(err.schema)) if isinstance(err.instance, str) else ""
             out.append((path, f"{_short(err.instance)} is not allowed.{hint} "
@@ -446,8 +447,8 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
             group_by = data.get("group_by")
             if (splits or _explicit(raw, "data", "group_by")) and group_by not in fields:
                 out.append((["data", "group_by"], f"'{group_by}' is not a field of template '{template.name}'."
-                                                  f"{did_you_mean(str(group_by), fields)} Its fields: "
-                                                  f"{', '.join(fields)}"))
+                                                  f"{did_you_mean(str(group_by), fields)} Set data.group_by to "
+                                                  f"one of its fields: {', '.join(fields)}"))
             if data.get("balance", "none") != "none" and not template.is_classification:
                 out.append((["data", "balance"], f"balancing needs a label set; template '{template.name}' has none"))
     has_validation = isinstance(data, dict) and bool(data.get("validation_path") or data.get("validation_size"))

@@ -1,0 +1,298 @@
+"""Build the training and validation data: load (hub id or local JSON/JSONL/CSV/Parquet), map columns, check,
+shuffle, split by unique input, cap, balance; then format with the template and tokenize.
+
+Tokenized data carries ``input_ids`` and ``completion_mask`` (1 on completion tokens, end-of-sequence included), so
+TRL's SFTTrainer trains on it as is, and is cached by a fingerprint of (data, template, tokenizer, max_length).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from finsft.errors import DataError
+from finsft.recipe import Recipe
+from finsft.templates import LABEL_SETS, Template
+
+LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+# Tokens kept from the end of an over-long prompt: the answer cue ("...Answer:") must survive truncation.
+PROMPT_TAIL = 16
+
+
+@dataclass
+class Splits:
+    train: Any  # datasets.Dataset of template fields
+    validation: Any | None
+    fingerprint: str  # of the source data
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_table(path: str, split: str) -> tuple[Any, str]:
+    """A ``datasets.Dataset`` from a local file or a hub dataset id, and a fingerprint of its content."""
+    import datasets
+
+    if os.path.isabs(path):
+        if not os.path.exists(path):
+            raise DataError(f"data file '{path}' does not exist")
+        suffix = os.path.splitext(path)[1].lower()
+        if suffix not in LOADERS:
+            raise DataError(f"data file '{path}': unsupported type '{suffix}' (use {', '.join(LOADERS)})")
+        if os.path.getsize(path) == 0:
+            raise DataError(f"data file '{path}' is empty")
+        try:
+            ds = datasets.load_dataset(LOADERS[suffix], data_files=path, split="train")
+        except Exception as exc:  # datasets raises many types for malformed files
+            raise DataError(f"cannot read data file '{path}': {exc}") from exc
+        return ds, _file_digest(path)
+    try:
+        ds = datasets.load_dataset(path, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise DataError(f"hub dataset '{path}' has no split '{split}': {exc}") from exc
+        raise DataError(f"cannot load hub dataset '{path}': {exc}") from exc
+    except Exception as exc:  # ConnectionError, DatasetNotFoundError, FileNotFoundError...
+        raise DataError(
+            f"cannot load hub dataset '{path}' (split '{split}'): it is not in the local Hugging Face cache and the "
+            f"hub cannot be reached (HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE', 'unset')}), or it "
+            f"does not exist. Download it where the hub is reachable, or set data.path to a local "
+            f".jsonl/.csv/.parquet file. ({type(exc).__name__}: {exc})"
+        ) from exc
+    return ds, str(getattr(ds, "_fingerprint", path))
+
+
+def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], source: str) -> Any:
+    """Keep and rename the columns the template reads; clear errors for missing columns and an empty table."""
+    if len(ds) == 0:
+        raise DataError(f"{source}: the dataset is empty")
+    have = list(ds.column_names)
+    mapping = {field: columns.get(field, field) for field in template.fields}
+    missing = [f"'{col}' (for template field '{field}')" for field, col in mapping.items()
+               if col not in have and field not in template.defaults]
+    if missing:
+        raise DataError(f"{source}: missing column {', '.join(missing)}; the data has columns: {', '.join(have)}. "
+                        f"Map them with data.columns, e.g. {{\"{next(iter(mapping))}\": \"{have[0]}\"}}")
+    present = {col: field for field, col in mapping.items() if col in have}
+    ds = ds.select_columns(list(present))
+    if any(col != field for col, field in present.items()):
+        ds = ds.rename_columns({c: f for c, f in present.items() if c != f})
+    for field in template.fields:
+        if field not in ds.column_names:  # optional field with a default, absent from the data
+            ds = ds.add_column(field, [template.defaults[field]] * len(ds))
+    return ds
+
+
+def check_labels(ds: Any, template: Template, source: str) -> None:
+    if not template.labels:
+        return
+    counts = Counter(str(v).strip() for v in ds[template.label_field])
+    unknown = {k: v for k, v in counts.items() if k not in template.labels}
+    if unknown:
+        shown = ", ".join(f"'{k}' ({v} rows)" for k, v in sorted(unknown.items(), key=lambda kv: -kv[1])[:8])
+        hint = ""
+        for name, labels in LABEL_SETS.items():
+            if set(counts) <= set(labels) and tuple(labels) != template.labels:
+                hint = f" These are the '{name}' labels: set template.labels to \"{name}\"."
+        raise DataError(f"{source}: labels outside the template's label set ({'/'.join(template.labels)}): "
+                        f"{shown}.{hint}")
+
+
+def group_split(ds: Any, size: float, group_by: str, seed: int) -> tuple[Any, Any]:
+    """Split off a validation set of about ``size`` rows (or fraction) so no group_by value is in both parts."""
+    values = ds[group_by]
+    groups: dict[str, list[int]] = {}
+    for i, v in enumerate(values):
+        groups.setdefault(str(v), []).append(i)
+    keys = list(groups)
+    random.Random(seed).shuffle(keys)
+    want = int(round(size * len(ds))) if size < 1 else int(size)
+    want = max(1, min(want, len(ds) - 1))
+    val_idx: list[int] = []
+    for k in keys:
+        if len(val_idx) >= want:
+            break
+        val_idx.extend(groups[k])
+    val_set = set(val_idx)
+    if len(val_set) >= len(ds):
+        raise DataError(f"the validation split would take every row ({len(keys)} unique '{group_by}' values)")
+    train_idx = [i for i in range(len(ds)) if i not in val_set]
+    return ds.select(train_idx), ds.select(sorted(val_idx))
+
+
+def balance(ds: Any, field: str, mode: str, seed: int) -> Any:
+    if mode == "none":
+        return ds
+    by_label: dict[str, list[int]] = {}
+    for i, v in enumerate(ds[field]):
+        by_label.setdefault(str(v), []).append(i)
+    rng = random.Random(seed)
+    target = (min if mode == "downsample" else max)(len(v) for v in by_label.values())
+    idx: list[int] = []
+    for rows in by_label.values():
+        if len(rows) >= target:
+            idx.extend(rng.sample(rows, target))
+        else:
+            idx.extend(rows + [rng.choice(rows) for _ in range(target - len(rows))])
+    rng.shuffle(idx)
+    return ds.select(idx)
+
+
+def load_split(path: str, split: str, template: Template, columns: Mapping[str, str]) -> tuple[Any, str]:
+    """One data source as template rows, labels checked."""
+    ds, digest = load_table(path, split)
+    ds = to_template_rows(ds, template, columns, path)
+    check_labels(ds, template, path)
+    return ds, digest
+
+
+def build_splits(recipe: Recipe, template: Template) -> Splits:
+    """The training and validation rows the recipe describes."""
+    data = recipe["data"]
+    seed = recipe["training"]["seed"]
+    train, digest = load_split(data["path"], data["split"], template, data["columns"])
+    if data["shuffle"]:
+        train = train.shuffle(seed=seed).flatten_indices()
+    validation = None
+    if data["validation_path"]:
+        validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"])
+        digest = f"{digest}+{vdigest}"
+    elif data["validation_size"]:
+        train, validation = group_split(train, data["validation_size"], data["group_by"], seed)
+    if data["max_samples"]:
+        train = train.select(range(min(data["max_samples"], len(train))))
+    if template.labels:
+        train = balance(train, template.label_field, data["balance"], seed)
+    if len(train) == 0:
+        raise DataError(f"{data['path']}: no training rows left after the validation split")
+    fp = hashlib.sha256(json.dumps([digest, data, seed], sort_keys=True).encode()).hexdigest()[:16]
+    return Splits(train=train, validation=validation, fingerprint=fp)
+
+
+# --------------------------------------------------------------------------------------------- formatting
+
+
+@dataclass(frozen=True)
+class Formatter:
+    """Turns template rows into prompt/completion strings, with or without the tokenizer's chat template.
+
+    Without a chat template the completion ends with the tokenizer's EOS token; with one, the rendered assistant
+    turn ends with the template's end-of-turn token. Either way the model learns to stop.
+    """
+
+    template: Template
+    tokenizer: Any
+    chat: bool
+    system: str | None
+
+    def prompt(self, row: Mapping[str, Any]) -> str:
+        text = self.template.render_prompt(row)
+        if not self.chat:
+            return text
+        return str(self.tokenizer.apply_chat_template(self._messages(text), tokenize=False,
+                                                      add_generation_prompt=True))
+
+    def completion(self, row: Mapping[str, Any]) -> str:
+        return self.completion_text(self.template.render_completion(row), row)
+
+    def completion_text(self, completion: str, row: Mapping[str, Any]) -> str:
+        if not self.chat:
+            return completion + (self.tokenizer.eos_token or "")
+        prompt_text = self.template.render_prompt(row)
+        head = self.tokenizer.apply_chat_template(self._messages(prompt_text), tokenize=False,
+                                                  add_generation_prompt=True)
+        full = self.tokenizer.apply_chat_template(
+            [*self._messages(prompt_text), {"role": "assistant", "content": completion.strip()}], tokenize=False)
+        if not full.startswith(head):
+            raise DataError("the tokenizer's chat template renders the prompt differently with and without the "
+                            "answer; set template.chat_template to false")
+        return str(full[len(head):])
+
+    def _messages(self, text: str) -> list[dict[str, str]]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return [*msgs, {"role": "user", "content": text}]
+
+
+def make_formatter(recipe: Recipe, template: Template, tokenizer: Any) -> Formatter:
+    t = recipe["template"]
+    if t["chat_template"] and not getattr(tokenizer, "chat_template", None):
+        raise DataError("template.chat_template is true but the tokenizer has no chat template")
+    return Formatter(template, tokenizer, bool(t["chat_template"]), t["system"])
+
+
+def encode_prompt(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
+    """Token ids of prompts exactly as at inference: special tokens (BOS) only when no chat template adds them."""
+    return list(tokenizer(texts, add_special_tokens=not chat)["input_ids"])
+
+
+def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, num_proc: int | None = None,
+                  desc: str = "tokenizing") -> Any:
+    """``input_ids`` + ``completion_mask`` for every row. Over-long rows lose the middle of the prompt (its head and
+    its last PROMPT_TAIL tokens, the answer cue, stay), then the end of the completion."""
+    tok = formatter.tokenizer
+
+    def fn(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+        n = len(next(iter(batch.values())))
+        rows_ = [{k: batch[k][i] for k in batch} for i in range(n)]
+        prompts = encode_prompt(tok, [formatter.prompt(r) for r in rows_], formatter.chat)
+        completions = tok([formatter.completion(r) for r in rows_], add_special_tokens=False)["input_ids"]
+        ids, masks = [], []
+        for p, c in zip(prompts, completions):
+            if max_length is not None and len(p) + len(c) > max_length:
+                c = c[: max(max_length - len(p), max_length // 2)]
+                keep = max_length - len(c)
+                tail = min(PROMPT_TAIL, keep)
+                p = p[: keep - tail] + p[len(p) - tail:] if keep > 0 else []
+            ids.append(p + c)
+            masks.append([0] * len(p) + [1] * len(c))
+        return {"input_ids": ids, "completion_mask": masks}
+
+    return rows.map(fn, batched=True, batch_size=1000, remove_columns=rows.column_names, num_proc=num_proc,
+                    desc=desc)
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    text = backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)
+    extra = json.dumps([tokenizer.eos_token, tokenizer.bos_token, getattr(tokenizer, "chat_template", None)])
+    return hashlib.sha256((text + extra).encode()).hexdigest()[:16]
+
+
+def prepared_cache(rows: Any, formatter: Formatter, max_length: int | None, data_fp: str, name: str,
+                   log: Callable[[str], None] = print) -> Any:
+    """Tokenized rows, from the cache when (data, template, tokenizer, max_length) was prepared before."""
+    import datasets
+
+    from finsft.models import cache_dir
+
+    t = formatter.template
+    key = json.dumps([data_fp, name, len(rows), rows._fingerprint, t.prompt, t.completion, t.defaults, formatter.chat,
+                      formatter.system, tokenizer_fingerprint(formatter.tokenizer), max_length, PROMPT_TAIL])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    target = cache_dir() / "prepared" / digest
+    if (target / "dataset_info.json").exists():
+        log(f"{name}: {len(rows)} rows tokenized, from cache ({target})")
+        return datasets.load_from_disk(str(target))
+    num_proc = min(4, os.cpu_count() or 1) if len(rows) >= 20000 else None
+    ds = tokenize_rows(rows, formatter, max_length, num_proc=num_proc, desc=f"tokenizing {name}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=target.parent, prefix=digest + ".tmp-")
+    try:
+        ds.save_to_disk(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # another process won the race, or the disk is read-only
+    return datasets.load_from_disk(str(target)) if target.exists() else ds
