@@ -230,6 +230,16 @@ def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
     return kwargs
 
 
+def _checkpointing_kwargs(config_cls: Any, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing settings under the name this transformers version uses (5.x renamed them to
+    activation checkpointing and warns about the old names)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
 def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: bool = False) -> Any:
     """``trl.SFTConfig`` for the recipe."""
     from trl import SFTConfig
@@ -256,8 +266,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         padding_free=plan.packing,
         completion_only_loss=recipe["template"]["completion_only_loss"],
         train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
-        gradient_checkpointing=plan.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        **_checkpointing_kwargs(SFTConfig, plan.gradient_checkpointing),
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
         tf32=plan.tf32 if plan.hardware.is_gpu else None,
