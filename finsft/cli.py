@@ -205,10 +205,18 @@ def cmd_templates(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quiet_libraries() -> None:
+    """Library progress bars off and known-harmless library messages dropped, before the heavy imports."""
+    from finsft.quiet import quiet_libraries
+
+    quiet_libraries()
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     from finsft.train import train
 
     train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force)
@@ -219,6 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     from finsft.evaluate import evaluate_command
 
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
@@ -230,6 +239,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     from finsft.evaluate import predict_command
 
     predict_command(recipe, adapter=args.adapter, inputs=args.input, file=args.file, out=args.out,
@@ -241,6 +251,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     from finsft.merge import merge_command
 
     merge_command(recipe, adapter=args.adapter, out=args.out)
@@ -251,6 +262,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    _quiet_libraries()
     from finsft.bench import bench_command
 
     bench_command(recipe, steps=args.steps, warmup=args.warmup, random_weights=args.random_weights,

@@ -287,6 +287,7 @@ def prepared_cache(rows: Any, formatter: Formatter, max_length: int | None, data
         log(f"{name}: {len(rows)} rows tokenized, from cache ({target})")
         return datasets.load_from_disk(str(target))
     num_proc = min(4, os.cpu_count() or 1) if len(rows) >= 20000 else None
+    log(f"{name}: tokenizing {len(rows)} rows")
     ds = tokenize_rows(rows, formatter, max_length, num_proc=num_proc, desc=f"tokenizing {name}")
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=target.parent, prefix=digest + ".tmp-")

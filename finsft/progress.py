@@ -55,12 +55,15 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         self.start_step = 0
         self.start_tokens = 0
         self.last_line = 0.0
+        self.pending_line = False
+        self.end: float | None = None
         self.last: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
 
     # -- trainer events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.start = time.perf_counter()
+        self.end = None
         self.start_step = state.global_step
         self.start_tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
         if self.live_enabled:
@@ -73,7 +76,10 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
             self.live.update(self._table(state))
         elif is_main_process() and (now - self.last_line >= self.line_every_s or state.global_step == state.max_steps):
             self.last_line = now
-            self.out.print(self._line(state))
+            if control.should_log:
+                self.pending_line = True  # this step's loss is logged next: print the line with it (on_log)
+            else:
+                self.out.print(self._line(state))
 
     def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
         if not logs or not is_main_process():
@@ -88,10 +94,14 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
         if self.metrics_path:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+        if self.pending_line and "loss" in logs:
+            self.pending_line = False
+            self.out.print(self._line(state))
         if "eval_loss" in logs:
             self.out.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        self.end = time.perf_counter()  # the summary's tokens/s excludes saving and evaluation after training
         if self.live is not None:
             self.live.update(self._table(state))
             self.live.stop()
@@ -99,7 +109,7 @@ class ProgressCallback(TrainerCallback):  # type: ignore[misc]
 
     # -- rendering
     def tokens_per_s(self, state: Any) -> float | None:
-        elapsed = time.perf_counter() - self.start
+        elapsed = (self.end or time.perf_counter()) - self.start
         tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0) - self.start_tokens
         return tokens / elapsed if elapsed > 0 and tokens > 0 else None
 

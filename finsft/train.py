@@ -40,6 +40,7 @@ from finsft.data import build_splits, make_formatter, prepared_cache
 from finsft.errors import FinsftError, OutputDirError
 from finsft.models import load_model, load_tokenizer, model_shape, resolve_model
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
+from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import template_from_recipe
 
@@ -254,6 +255,7 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False) -> Path:
     """Run the recipe; returns the output folder."""
+    quiet_libraries()
     wall_start = time.time()
     out = console()
     dirs = RunDirs.for_recipe(recipe)
