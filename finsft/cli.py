@@ -188,7 +188,7 @@ def cmd_templates(args: argparse.Namespace) -> int:
 
     table = Table(title="finsft templates")
     for col in ("name", "kind", "fields", "labels", "description"):
-        table.add_column(col, overflow="fold")
+        table.add_column(col, overflow="fold", no_wrap=col in ("name", "kind"))  # names stay copy-pasteable
     for name in registered_names():
         if name == CUSTOM:
             table.add_row(CUSTOM, "declarative", "any", "optional",

@@ -49,7 +49,8 @@ class Recipe:
 
     @property
     def name(self) -> str:
-        return str(self.config.get("name") or Path(self.source).stem)
+        """The recipe's "name", or its file's stem when it has none (not the schema's generic default)."""
+        return str(self.raw.get("name") or Path(self.source).stem)
 
 
 # ---------------------------------------------------------------------------------------------------------- paths
