@@ -1,0 +1,191 @@
+"""The recipe reference in Markdown, generated from the JSON Schema (one table per section).
+
+``python -m finsft.docs`` prints it; ``python -m finsft.docs README.md`` rewrites the part of README.md between
+the ``<!-- recipe-reference:start -->`` and ``<!-- recipe-reference:end -->`` markers; add ``--check`` to only
+report (exit 1) whether that part is out of date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from finsft.recipe import schema
+
+START = "<!-- recipe-reference:start -->"
+END = "<!-- recipe-reference:end -->"
+COMMAND = "python -m finsft.docs README.md"
+TYPE_NAMES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean",
+              "null": "null", "object": "object", "array": "list"}
+
+
+def _code(value: Any, raw: bool = False) -> str:
+    """A JSON value (or with ``raw``, a string as is) as a Markdown code span that is safe in a table cell."""
+    text = str(value) if raw else json.dumps(value, ensure_ascii=False)
+    fence = "``" if "`" in text else "`"
+    pad = " " if "`" in text else ""
+    return f"{fence}{pad}{text}{pad}{fence}".replace("|", "\\|")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _bounds(sch: Mapping[str, Any]) -> str:
+    parts = []
+    for key, op in (("minimum", "≥"), ("exclusiveMinimum", ">"), ("maximum", "≤"), ("exclusiveMaximum", "<")):
+        if key in sch:
+            parts.append(f"{op} {sch[key]}")
+    if isinstance(sch.get("not"), Mapping) and "const" in sch["not"]:
+        parts.append(f"≠ {json.dumps(sch['not']['const'])}")
+    return ", ".join(parts)
+
+
+def describe_type(sch: Mapping[str, Any], plural: bool = False) -> str:
+    """Type and allowed values of a property, as Markdown (``plural``: of the items of a list)."""
+    if "enum" in sch:
+        return ", ".join(_code(v) for v in sch["enum"])
+    if "const" in sch:
+        return _code(sch["const"])
+    if "anyOf" in sch:
+        return " or ".join(describe_type(s) for s in sch["anyOf"])
+    kind = sch.get("type")
+    if isinstance(kind, list):
+        return " or ".join(describe_type({**sch, "type": k}) for k in kind)
+    if kind == "array":
+        items = sch.get("items", {})
+        text = "list"
+        if items:
+            text += f" of {describe_type(items, plural=True)}"
+        extra = []
+        if sch.get("minItems"):
+            extra.append(f"at least {sch['minItems']}")
+        if sch.get("uniqueItems"):
+            extra.append("unique")
+        return text + (f" ({', '.join(extra)})" if extra else "")
+    if kind == "object":
+        extra_schema = sch.get("additionalProperties")
+        if isinstance(extra_schema, Mapping):
+            return f"object of {describe_type(extra_schema)} values"
+        return "object"
+    s = "s" if plural else ""
+    if kind in ("integer", "number"):
+        bounds = _bounds(sch)
+        return TYPE_NAMES[kind] + s + (f" {bounds}" if bounds else "")
+    if kind == "string":
+        if "pattern" in sch:
+            return f"string{s} matching {_code(sch['pattern'], raw=True)}"
+        return f"non-empty string{s}" if sch.get("minLength") else f"string{s}"
+    return TYPE_NAMES.get(str(kind), "any") + (s if kind else "")
+
+
+def _default(sub: Mapping[str, Any], required: bool) -> str:
+    if required:
+        return "**required**"
+    return _code(sub["default"]) if "default" in sub else ""
+
+
+def _examples(sub: Mapping[str, Any]) -> str:
+    return "<br>".join(_code(e) for e in sub.get("examples", []))
+
+
+def _table(node: Mapping[str, Any], prefix: str, link_sections: bool) -> list[str]:
+    required = set(node.get("required", []))
+    lines = ["| Key | Type / allowed values | Default | Description | Example |", "|---|---|---|---|---|"]
+    for key, sub in node["properties"].items():
+        name = f"`{key}`"
+        if link_sections and "properties" in sub:
+            name = f"[`{key}`](#{_anchor(prefix + key)})"
+        lines.append(f"| {name} | {describe_type(sub)} | {_default(sub, key in required)} | "
+                     f"{_cell(sub.get('description', ''))} | {_examples(sub) if 'properties' not in sub else ''} |")
+    return lines
+
+
+def _anchor(dotted: str) -> str:
+    """GitHub's anchor of a heading "`dotted`"."""
+    return "".join(c for c in dotted.lower() if c.isalnum() or c in "-_ ").replace(" ", "-")
+
+
+def _sections(node: Mapping[str, Any], prefix: str = "") -> list[str]:
+    out: list[str] = []
+    required = set(node.get("required", []))
+    for key, sub in node["properties"].items():
+        if "properties" not in sub:
+            continue
+        dotted = prefix + key
+        kind = sub.get("type")
+        if key in required:
+            status = " **Required.**"
+        elif isinstance(kind, list) and "null" in kind:
+            status = ""  # the description says what null means
+        else:
+            status = " Optional: every key has a default."
+        out += ["", f"### `{dotted}`", "", f"{sub.get('description', '')}{status}", ""]
+        out += _table(sub, dotted + ".", link_sections=False)
+        for example in sub.get("examples", [])[:1]:
+            out += ["", "Example:", "", "```json", json.dumps({key: example}, indent=2), "```"]
+        out += _sections(sub, dotted + ".")
+    return out
+
+
+def render(sch: Mapping[str, Any] | None = None) -> str:
+    """The recipe reference as Markdown (without the markers)."""
+    sch = schema() if sch is None else sch
+    lines = [
+        f"<!-- Generated from finsft/schemas/recipe.schema.json by `{COMMAND}`; do not edit by hand. -->",
+        "",
+        f"{sch.get('description', '')} `finsft schema` prints the JSON Schema; `finsft validate` checks recipes "
+        "against it and against the cross-field rules; `finsft show RECIPE.json` prints a recipe with every "
+        "default filled in.",
+        "",
+        "### Top level",
+        "",
+        *_table(sch, "", link_sections=True),
+        *_sections(sch),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, rendered: str) -> str:
+    """``text`` with the part between the markers replaced by ``rendered``."""
+    if text.count(START) != 1 or text.count(END) != 1 or text.index(START) > text.index(END):
+        raise ValueError(f"expected one '{START}' followed by one '{END}'")
+    head, rest = text.split(START)
+    _, tail = rest.split(END)
+    return f"{head}{START}\n{rendered}{END}{tail}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m finsft.docs", description=__doc__.split("\n\n")[0])
+    parser.add_argument("file", nargs="?", help="Markdown file whose recipe-reference section to rewrite "
+                                                "(default: print the reference)")
+    parser.add_argument("--check", action="store_true", help="only check that FILE is up to date (exit 1 if not)")
+    args = parser.parse_args(argv)
+    rendered = render()
+    if args.file is None:
+        sys.stdout.write(rendered)
+        return 0
+    path = Path(args.file)
+    text = path.read_text(encoding="utf-8")
+    try:
+        new = replace_section(text, rendered)
+    except ValueError as exc:
+        print(f"{path}: {exc}", file=sys.stderr)
+        return 2
+    if new == text:
+        print(f"{path}: recipe reference is up to date")
+        return 0
+    if args.check:
+        print(f"{path}: recipe reference is out of date; run `{COMMAND}`", file=sys.stderr)
+        return 1
+    path.write_text(new, encoding="utf-8")
+    print(f"{path}: recipe reference updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
