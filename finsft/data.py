@@ -119,7 +119,7 @@ def group_split(ds: Any, size: float, group_by: str, seed: int) -> tuple[Any, An
         groups.setdefault(str(v), []).append(i)
     keys = list(groups)
     random.Random(seed).shuffle(keys)
-    want = int(round(size * len(ds))) if size < 1 else int(size)
+    want = round(size * len(ds)) if size < 1 else int(size)
     want = max(1, min(want, len(ds) - 1))
     val_idx: list[int] = []
     for k in keys:
@@ -250,7 +250,7 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
         prompts = encode_prompt(tok, [formatter.prompt(r) for r in rows_], formatter.chat)
         completions = tok([formatter.completion(r) for r in rows_], add_special_tokens=False)["input_ids"]
         ids, masks = [], []
-        for p, c in zip(prompts, completions):
+        for p, c in zip(prompts, completions, strict=True):
             if max_length is not None and len(p) + len(c) > max_length:
                 c = c[: max(max_length - len(p), max_length // 2)]
                 keep = max_length - len(c)

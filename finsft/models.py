@@ -38,7 +38,7 @@ def _package_dir(module: str) -> str:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"Python package '{module}' is not installed (pip install {module.replace('_', '-')})")
-    return str(list(spec.submodule_search_locations)[0])
+    return str(next(iter(spec.submodule_search_locations)))
 
 
 def _gguf_cache(gguf_path: str) -> Path:
@@ -97,16 +97,22 @@ def _offline_error(ref: str, exc: Exception) -> ModelLoadError:
     )
 
 
+def _load_error(what: str, source: ModelSource, exc: Exception) -> ModelLoadError:
+    if isinstance(exc, OSError) and not source.is_local:
+        return _offline_error(source.path, exc)
+    hint = (" A local model folder needs config.json, the weights and the tokenizer files, as written by "
+            "save_pretrained." if source.is_local else "")
+    return ModelLoadError(f"cannot load the {what} from '{source.path}': {exc}{hint}")
+
+
 def load_tokenizer(source: ModelSource, recipe: Recipe) -> Any:
     from transformers import AutoTokenizer
 
     try:
         tok = AutoTokenizer.from_pretrained(source.path, revision=recipe["model"]["revision"],
                                             trust_remote_code=recipe["model"]["trust_remote_code"])
-    except OSError as exc:
-        if source.is_local:
-            raise ModelLoadError(f"cannot load the tokenizer from '{source.path}': {exc}") from exc
-        raise _offline_error(source.path, exc) from exc
+    except (OSError, ValueError) as exc:  # a folder without tokenizer files raises ValueError
+        raise _load_error("tokenizer", source, exc) from exc
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -133,10 +139,8 @@ def load_model(source: ModelSource, model_kwargs: dict[str, Any], *, random_weig
                                                             **kw)
             return AutoModelForCausalLM.from_config(config, **kw)
         return AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
-    except OSError as exc:
-        if source.is_local:
-            raise ModelLoadError(f"cannot load the model from '{source.path}': {exc}") from exc
-        raise _offline_error(source.path, exc) from exc
+    except (OSError, ValueError) as exc:  # a folder without a usable config.json raises ValueError
+        raise _load_error("model", source, exc) from exc
 
 
 def model_shape(source: ModelSource, trust_remote_code: bool = False) -> tuple[int, int, int] | None:
