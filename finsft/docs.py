@@ -160,7 +160,7 @@ def replace_section(text: str, rendered: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m finsft.docs", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m finsft.docs", description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("file", nargs="?", help="Markdown file whose recipe-reference section to rewrite "
                                                 "(default: print the reference)")
     parser.add_argument("--check", action="store_true", help="only check that FILE is up to date (exit 1 if not)")
