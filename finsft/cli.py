@@ -285,7 +285,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
     try:
-        args = parser.parse_args(args_list)
+        # Overrides may follow options (`finsft train R --overwrite training.max_steps=3`): argparse stops
+        # collecting positionals at the first option, so gather the remaining key=value words here.
+        args, extra = parser.parse_known_args(args_list)
+        stray = [w for w in extra if w.startswith("-") or "=" not in w or not hasattr(args, "overrides")]
+        if stray:
+            parser.error(f"unrecognized arguments: {' '.join(stray)}")
+        if extra:
+            args.overrides = [*args.overrides, *extra]
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
@@ -301,7 +308,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FinsftError as exc:
         if _is_main_process() or args.command != "train":
             print(f"finsft {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID
+        signum = getattr(exc, "signum", None)  # train.RunInterrupted: 130 for SIGINT, 143 for SIGTERM
+        return 128 + signum if isinstance(signum, int) else EXIT_INVALID
     except KeyboardInterrupt:
         print(f"finsft {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -64,7 +64,12 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path, log: Any = print) -
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "config.json").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # another process finished the same conversion first
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
