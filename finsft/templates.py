@@ -89,18 +89,19 @@ class Template:
         return self.labels is not None
 
     def render_prompt(self, row: Mapping[str, Any]) -> str:
-        return self.prompt.format_map(self._values(row))
+        """The prompt for a row; only the prompt's fields are needed (a row to predict has no answer)."""
+        return self.prompt.format_map(self._values(row, format_fields(self.prompt)))
 
     def render_completion(self, row: Mapping[str, Any]) -> str:
-        return self.completion.format_map(self._values(row))
+        return self.completion.format_map(self._values(row, format_fields(self.completion)))
 
     def render_label(self, label: str) -> str:
         """The completion text for a label (used to score labels by likelihood)."""
         return self.completion.format_map(_Only(self.label_field, label))
 
-    def _values(self, row: Mapping[str, Any]) -> dict[str, str]:
+    def _values(self, row: Mapping[str, Any], names: list[str]) -> dict[str, str]:
         values = {}
-        for name in self.fields:
+        for name in names:
             value = row.get(name)
             if value is None or value == "":
                 value = self.defaults.get(name, value)
