@@ -82,6 +82,12 @@ def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "\n".join(difflib.unified_diff(a, b, "recipe of the interrupted run", "recipe now", lineterm="", n=1))
 
 
+def _failed_start(work: Path) -> bool:
+    """A work folder with nothing but the recipe: an earlier run failed before its first training step (a model
+    or data error), so there is nothing to resume or keep."""
+    return {p.name for p in work.iterdir()} <= {"recipe.json"}
+
+
 def prepare_dirs(recipe: Recipe, dirs: RunDirs, *, overwrite: bool, resume: bool, force: bool) -> str | None:
     """Check the output folder's state; returns the checkpoint to resume from. Main process only."""
     if resume:
@@ -99,7 +105,7 @@ def prepare_dirs(recipe: Recipe, dirs: RunDirs, *, overwrite: bool, resume: bool
         raise OutputDirError(f"output folder {dirs.final} exists and is not empty; use --overwrite to replace it "
                              "(it is kept until the new run has finished) or choose another output.dir")
     if dirs.work.exists():
-        if not overwrite:
+        if not overwrite and not _failed_start(dirs.work):
             raise OutputDirError(f"an interrupted run is in {dirs.work}: continue it with --resume, or start over "
                                  "with --overwrite")
         shutil.rmtree(dirs.work)
