@@ -121,9 +121,19 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
     return text.count("\n", 0, pos) + 1, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-def loads(text: str) -> Any:
-    """Strict ``json.loads``: NaN, Infinity and numbers that overflow to infinity are errors, as in JSON."""
-    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant)
+def loads(text: str, duplicates: list[str] | None = None) -> Any:
+    """Strict ``json.loads``: NaN, Infinity and numbers that overflow to infinity are errors, as in JSON.
+    Keys repeated inside one object are appended to ``duplicates`` (the last value would silently win)."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out and duplicates is not None:
+                duplicates.append(key)
+            out[key] = value
+        return out
+
+    return json.loads(text, parse_float=_finite_float, parse_constant=_no_constant, object_pairs_hook=pairs)
 
 
 def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | None, str]:
@@ -135,8 +145,9 @@ def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | Non
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(path, "$", f"cannot read file: {exc}"))
         return None, ""
+    duplicates: list[str] = []
     try:
-        data = loads(text)
+        data = loads(text, duplicates)
     except json.JSONDecodeError as exc:
         problems.append(Problem(path, "$", f"invalid JSON: {exc.msg}", exc.lineno, exc.colno))
         return None, text
@@ -149,6 +160,13 @@ def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | Non
         return None, text
     if not isinstance(data, dict):
         problems.append(Problem(path, "$", f"a recipe must be a JSON object, got {json_type(data)}"))
+        return None, text
+    if duplicates:
+        for key in dict.fromkeys(duplicates):
+            needle = json.dumps(key)
+            second = text.find(needle, text.find(needle) + 1)
+            problems.append(Problem(path, "$", f"key '{key}' appears twice in one object; the earlier value would "
+                                               "be silently ignored: keep one", *_line_col(text, second)))
         return None, text
     return data, text
 

@@ -667,3 +667,14 @@ def test_problem_formatting() -> None:
 def test_did_you_mean() -> None:
     assert did_you_mean("learnig_rate", ["learning_rate", "seed"]) == " Did you mean 'learning_rate'?"
     assert did_you_mean("zzz", ["learning_rate"]) == ""
+
+
+def test_duplicate_keys_are_reported_with_the_line_of_the_repeat(tmp_path: Path) -> None:
+    path = tmp_path / "dup.json"
+    path.write_text('{"model": {"name_or_path": "a/b"},\n "data": {"path": "x/y"},\n "output": {"dir": "o"},\n'
+                    ' "training": {"learning_rate": 0.1,\n   "learning_rate": 0.2}}')
+    recipe, problems = rc.check_recipe(str(path))
+    assert recipe is None
+    assert len(problems) == 1
+    assert "'learning_rate' appears twice" in problems[0].message
+    assert problems[0].line == 5
