@@ -9,7 +9,6 @@ finsft prints its own progress (a live table on terminals, compact lines in logs
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 
 # (category, message regex) of warnings that say nothing a finsft user can act on.
@@ -35,29 +34,20 @@ class _DropMessages(logging.Filter):
         return not str(record.msg).startswith(self.prefix)
 
 
-_done = False
-
-
 def quiet_libraries() -> None:
-    """Turn library progress bars off and drop the known-harmless messages above. Idempotent; call it before the
+    """Turn library progress bars off and drop the known-harmless messages above. Idempotent (each call
+    re-installs the warning filters, which ``warnings.catch_warnings`` blocks may have reset); call it before the
     heavy libraries do their work (their loggers are configured by name, so it may run before they are imported).
     """
-    global _done
-    if _done:
-        return
-    _done = True
     for category, pattern in HARMLESS_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+        warnings.filterwarnings("ignore", message=pattern, category=category)  # replaces an identical filter
     for name, prefix in HARMLESS_LOG_RECORDS:
-        logging.getLogger(name).addFilter(_DropMessages(prefix))
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) and f.prefix == prefix for f in logger.filters):
+            logger.addFilter(_DropMessages(prefix))
 
     import datasets
     import transformers
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()  # also turns off huggingface_hub's bars
-
-
-def harmless_warning(message: str) -> bool:
-    """Whether a warning text is one quiet_libraries() drops (for tests and diagnostics)."""
-    return any(re.search(pattern, message) for _, pattern in HARMLESS_WARNINGS)
