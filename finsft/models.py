@@ -75,8 +75,24 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path, log: Any = print) -
         raise
 
 
-def resolve_model(recipe: Recipe, log: Any = print) -> ModelSource:
-    """The folder or hub id to load, converting (and caching) a GGUF file first."""
+MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
+
+
+def shipped_config(ref: str) -> Path | None:
+    """The config.json finsft ships for a hub model id (``google/gemma-2b`` -> model_configs/google--gemma-2b.json),
+    so ``--random-weights`` builds that architecture offline; None for other models."""
+    path = MODEL_CONFIGS / (ref.replace("/", "--") + ".json")
+    return path if path.is_file() else None
+
+
+def shipped_models() -> list[str]:
+    """Hub ids whose configs finsft ships."""
+    return sorted(p.stem.replace("--", "/") for p in MODEL_CONFIGS.glob("*.json"))
+
+
+def resolve_model(recipe: Recipe, log: Any = print, *, random_weights: bool = False) -> ModelSource:
+    """The folder or hub id to load, converting (and caching) a GGUF file first. With ``random_weights`` a hub id
+    whose config finsft ships resolves to that config file (nothing is downloaded)."""
     m = recipe["model"]
     ref: str = m["name_or_path"]
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
@@ -91,6 +107,9 @@ def resolve_model(recipe: Recipe, log: Any = print) -> ModelSource:
         return ModelSource(str(target), True, f"{ref} / {m['gguf_file']} (cached at {target})")
     if os.path.isabs(ref) and not is_local:
         raise ModelLoadError(f"local model folder '{ref}' does not exist")
+    shipped = shipped_config(ref) if random_weights and not is_local else None
+    if shipped is not None:
+        return ModelSource(str(shipped), True, f"{ref} (config shipped with finsft: {shipped.name})")
     return ModelSource(folder, is_local, ref)
 
 
@@ -138,7 +157,15 @@ def load_model(source: ModelSource, model_kwargs: dict[str, Any], *, random_weig
                 tmp = cache_dir() / "random" / hashlib.sha256(config.to_json_string().encode()).hexdigest()[:16]
                 if not (tmp / "config.json").exists():
                     model = AutoModelForCausalLM.from_config(config, dtype=kw.get("dtype"))
-                    model.save_pretrained(tmp)
+                    tmp.parent.mkdir(parents=True, exist_ok=True)
+                    part = Path(tempfile.mkdtemp(dir=tmp.parent, prefix=tmp.name + ".tmp-"))
+                    try:  # written aside and renamed: an interrupted save never looks complete
+                        model.save_pretrained(part)
+                        os.replace(part, tmp)
+                    except OSError:
+                        shutil.rmtree(part, ignore_errors=True)
+                        if not (tmp / "config.json").exists():
+                            raise
                     del model
                 return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device_map,
                                                             **kw)

@@ -40,7 +40,7 @@ from finsft.compile import (
 )
 from finsft.data import build_splits, make_formatter, prepared_cache
 from finsft.errors import FinsftError, OutputDirError
-from finsft.models import load_model, load_tokenizer, model_shape, resolve_model
+from finsft.models import ModelSource, load_model, load_tokenizer, model_shape, resolve_model
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
@@ -453,6 +453,27 @@ def _model_is_sharded(trainer: Any) -> bool:
     return False
 
 
+def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, random_weights: bool = False) -> Any:
+    """The model as training uses it: loaded as the plan says, prepared for k-bit training when quantized."""
+    model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
+    if recipe["quantization"]:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    return model
+
+
+def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None) -> Any:
+    """TRL's SFTTrainer as finsft trains with it (the recipe's LoRA), without TRL's console printer."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, peft_config=get_peft_config(recipe))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False) -> Path:
     """Run the recipe; returns the output folder."""
     quiet_libraries()
@@ -522,11 +543,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
 
     phase = "model loading"
     try:
-        model = load_model(source, get_model_kwargs(recipe, plan))
-        if recipe["quantization"]:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+        model = load_training_model(source, recipe, plan)
 
         ev_rows: list[dict[str, Any]] = []
         results: dict[str, Any] = {}
@@ -539,18 +556,13 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
                 results["before"] = before.metrics
                 out.print(f"before training ({before.scorer}, {len(ev_rows)} rows): {headline(before.metrics)}")
 
-        from transformers.trainer_callback import PrinterCallback
-        from trl import SFTTrainer
-
         metrics_path = str(dirs.work / "metrics.jsonl") if main else None
         progress = ProgressCallback(metrics_path, out)
         progress.history.extend(previous)
         args = get_sft_config(recipe, plan, work_ckpts, has_eval=val_ds is not None)
         del sft_probe
         phase = "training"
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                             processing_class=tokenizer, peft_config=get_peft_config(recipe))
-        trainer.remove_callback(PrinterCallback)
+        trainer = build_trainer(recipe, model, args, tokenizer, train_ds, val_ds)
         trainer.add_callback(progress)
         with graceful_signals() as sig:
             trainer.add_callback(_stop_callback(sig, world))
