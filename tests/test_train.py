@@ -8,6 +8,7 @@ can inspect the trained model and the batches TRL really collates.
 
 from __future__ import annotations
 
+import itertools
 import json
 from importlib.metadata import version
 from pathlib import Path
@@ -288,10 +289,29 @@ def test_packing_on_and_off(make_recipe: Any, trainers: list[Any], tokenizer: An
         # every packed example still carries loss on its label + EOS only
         eos = int(((batch["input_ids"] == tokenizer.eos_token_id) & carrying).sum())
         assert eos == starts
+        assert_no_attention_across_examples(trainer, batch)
     else:
         assert batch["input_ids"].shape[0] == 4
     assert 0 < int(carrying.sum()) < batch["input_ids"].numel() // 4
     assert len(loss_records(out)) == 2
+
+
+def assert_no_attention_across_examples(trainer: Any, batch: dict[str, torch.Tensor]) -> None:
+    """The loss the trainer computes on a packed row equals the loss of its examples run one by one."""
+    model = trainer.model.eval()
+    positions = batch["position_ids"][0]
+    bounds = [*(positions == 0).nonzero().flatten().tolist(), len(positions)]
+    total, count = 0.0, 0
+    with torch.no_grad():
+        packed = float(trainer.compute_loss(model, dict(batch)))
+        for start, end in itertools.pairwise(bounds):
+            ids, labels = batch["input_ids"][:, start:end], batch["labels"][:, start:end]
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1]
+            target = labels[0, 1:]
+            keep = target != -100
+            total += float(torch.nn.functional.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    assert packed == pytest.approx(total / count, abs=1e-4)
 
 
 # ------------------------------------------------------------------------------------- validation, eval
