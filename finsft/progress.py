@@ -40,7 +40,7 @@ def gpu_memory() -> str | None:
     return f"{torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
 
 
-class ProgressCallback(TrainerCallback):  # type: ignore[misc]
+class ProgressCallback(TrainerCallback):
     """Shows step/total, epoch, loss, learning rate, grad norm, tokens/s, ETA (and GPU memory) while training,
     and appends every log record to ``metrics_path`` as JSONL."""
 
