@@ -172,7 +172,8 @@ def get_template(name: str) -> Template:
             template = obj() if callable(obj) and not isinstance(obj, Template) else obj
             if not isinstance(template, Template):
                 raise FinsftError(f"entry point '{ep.value}' for template '{name}' did not give a finsft Template")
-            return template
+            # The registered name is what recipes and `finsft templates` use.
+            return template if template.name == name else replace(template, name=name)
     raise FinsftError(f"unknown template '{name}'.{did_you_mean(name, registered_names())}"
                       f" Registered: {', '.join(registered_names())}")
 

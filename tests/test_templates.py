@@ -116,7 +116,7 @@ def test_to_three_class_matches_fingpts_benchmark_rule(text: str, label: str) ->
 
 def test_entry_point_templates_in_process(demo_dist: None) -> None:
     names = registered_names()
-    assert {"demo", "demo_qa", "demo_broken"} <= set(names) and names[-1] == "custom"
+    assert {"demo", "demo_qa", "demo_broken", "demo_alias"} <= set(names) and names[-1] == "custom"
     demo = get_template("demo")
     assert isinstance(demo, Template) and demo.labels == ("negative", "neutral", "positive")
     assert demo.render_prompt({"input": "Shares rose"}) == "Headline: Shares rose\nMood:"
@@ -124,6 +124,8 @@ def test_entry_point_templates_in_process(demo_dist: None) -> None:
     with pytest.raises(FinsftError, match="did not give a finsft Template"):
         get_template("demo_broken")
     assert template_from_recipe({"name": "demo", "labels": "fingpt9"}).labels == FINGPT9
+    alias = get_template("demo_alias")  # registered under another name than the Template's own
+    assert alias.name == "demo_alias" and alias.prompt == demo.prompt
 
 
 def test_entry_point_templates_absent_without_the_dist() -> None:
@@ -137,6 +139,7 @@ def test_templates_command_lists_entry_points() -> None:
     demo = next(line for line in lines if line.startswith("│ demo "))
     assert "classification" in demo and "negative/neutral/positive" in demo and "Demo headline mood" in demo
     assert any(line.startswith("│ demo_qa ") and "generation" in line for line in lines)
+    assert any(line.startswith("│ demo_alias ") for line in lines)
     assert any(line.startswith("│ demo_broken ") and "broken" in line for line in lines)
     assert any(line.startswith("│ fingpt_sentiment ") for line in lines)
 
