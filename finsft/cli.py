@@ -219,7 +219,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries()
     from finsft.train import train
 
-    train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force)
+    train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force,
+          command=["finsft", "train", args.recipe, *args.overrides])  # for the resume hint
     return EXIT_OK
 
 

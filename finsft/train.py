@@ -20,7 +20,6 @@ import platform
 import shlex
 import shutil
 import signal
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -285,20 +284,18 @@ def _parent_command() -> list[str] | None:
     return None
 
 
-def resume_command(recipe: Recipe) -> str:
-    """The command that continues this run: the one that started it with --resume instead of --overwrite."""
-    def fix(words: list[str]) -> list[str]:
-        return [w for w in words if w not in ("--overwrite", "--resume", "--force")] + ["--resume"]
-
-    argv = sys.argv
-    own = bool(argv) and (os.path.basename(argv[0]) == "finsft"
-                          or argv[0].endswith(os.path.join("finsft", "__main__.py")))
-    finsft = ["finsft", *fix(argv[1:])] if own else ["finsft", "train", recipe.source, "--resume"]
+def resume_command(recipe: Recipe, command: list[str] | None = None) -> str:
+    """The command that continues this run: ``command`` (the finsft command line that started it, overrides
+    included) with --resume, behind the launcher's own command line when a launcher started it."""
+    finsft = [w for w in command or ["finsft", "train", recipe.source] if w not in ("--overwrite", "--resume", "--force")]
+    finsft.append("--resume")
     if "LOCAL_RANK" in os.environ or launcher_world_size() > 1:
         parent = _parent_command()
         if parent and "finsft" in parent:
-            return shlex.join(fix(parent))
-        return "accelerate launch <the same launch options> -m " + shlex.join(finsft)
+            launch = parent[:parent.index("finsft") + 1] if parent[parent.index("finsft") - 1] == "-m" else None
+            if launch:
+                return shlex.join([*launch, *finsft[1:]])
+        return "accelerate launch <the same launch options> -m finsft " + shlex.join(finsft[1:])
     return shlex.join(finsft)
 
 
@@ -474,8 +471,10 @@ def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_d
     return trainer
 
 
-def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False) -> Path:
-    """Run the recipe; returns the output folder."""
+def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False,
+          command: list[str] | None = None) -> Path:
+    """Run the recipe; returns the output folder. ``command``: the finsft command line that runs it (named in
+    the resume hint of an interrupted run)."""
     quiet_libraries()
     wall_start = time.time()
     out = console()
@@ -515,7 +514,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
         raise problem
     if problem_text is not None:
         raise OutputDirError(problem_text)
-    resume_cmd = resume_command(recipe)
+    resume_cmd = resume_command(recipe, command)
     previous: list[dict[str, Any]] = []
     if resume and main:
         step = checkpoint_step(checkpoint) if checkpoint else 0

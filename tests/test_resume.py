@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -99,13 +98,14 @@ def test_resume_command_repeats_the_command_line(make_recipe: Any, monkeypatch: 
     recipe = load_recipe(str(make_recipe()))
     for var in ("LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(sys, "argv", ["/venv/lib/python3.11/site-packages/finsft/__main__.py", "my recipe.json",
-                                      "--overwrite", "training.max_steps=3"])
-    assert resume_command(recipe) == "finsft 'my recipe.json' training.max_steps=3 --resume"
-    monkeypatch.setattr(sys, "argv", ["/venv/bin/finsft", "train", "r.json", "--resume", "--force"])
-    assert resume_command(recipe) == "finsft train r.json --resume"
-    monkeypatch.setattr(sys, "argv", ["pytest"])  # called from Python: the recipe file
+    assert (resume_command(recipe, ["finsft", "train", "my recipe.json", "training.max_steps=3", "--overwrite"])
+            == "finsft train 'my recipe.json' training.max_steps=3 --resume")
+    assert resume_command(recipe, ["finsft", "train", "r.json", "--resume", "--force"]) == "finsft train r.json --resume"
     assert resume_command(recipe) == f"finsft train {recipe.source} --resume"
+    # started by a launcher: its command line comes first (here pytest's parent is no launcher: a placeholder)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert (resume_command(recipe, ["finsft", "train", "r.json"])
+            == "accelerate launch <the same launch options> -m finsft train r.json --resume")
 
 
 # ----------------------------------------------------------------------------------------------- real runs
