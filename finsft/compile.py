@@ -159,9 +159,14 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
         compute_dtype = choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
                                "the model dtype")
         fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+        # DeepSpeed ZeRO-3 also shards the weights, and needs the same (PEFT's ZeRO-3 + QLoRA recipe).
+        zero3 = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+                 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
+        engine = "FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero3 else None
         quant_storage = choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
-                               dtype if fsdp else "uint8",
-                               "FSDP shards the 4-bit weights in the compute dtype" if fsdp else "bitsandbytes' packing")
+                               dtype if engine else "uint8",
+                               f"{engine} shards the 4-bit weights in the compute dtype" if engine
+                               else "bitsandbytes' packing")
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
                 compute_dtype=compute_dtype, quant_storage=quant_storage, choices=choices)

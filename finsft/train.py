@@ -440,6 +440,16 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
 
 
+def sharding_engine() -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launch set one up (its environment), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 def _model_is_sharded(trainer: Any) -> bool:
     """FSDP and DeepSpeed ZeRO-3 split the weights across processes: a forward pass needs every process."""
     if getattr(trainer, "is_fsdp_enabled", False):
@@ -453,7 +463,9 @@ def _model_is_sharded(trainer: Any) -> bool:
 def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, random_weights: bool = False) -> Any:
     """The model as training uses it: loaded as the plan says, prepared for k-bit training when quantized."""
     model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
-    if recipe["quantization"]:
+    # Not when FSDP/ZeRO-3 shard the weights: it upcasts the non-quantized weights to float32, and a shard must hold
+    # one dtype (the 4-bit storage dtype, see compile.plan_run). Gradient checkpointing comes from the trainer.
+    if recipe["quantization"] and not sharding_engine():
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
