@@ -137,7 +137,8 @@ def test_sigkill_mid_run_then_resume_matches_an_uninterrupted_run(make_recipe: A
     assert reached and proc.returncode == -signal.SIGKILL, f"the run ended before it could be killed:\n{log}"
     assert not out.exists() and work.is_dir()
     killed_at = Path(latest_checkpoint(work) or "").name
-    assert killed_at in ("checkpoint-2", "checkpoint-4")
+    # normally checkpoint-2 (polled every 10 ms); -4 or -6 only on a very slow machine, still a valid resume
+    assert killed_at in ("checkpoint-2", "checkpoint-4", "checkpoint-6")
 
     assert cli([str(path), "--resume"]) == 0
     assert not work.exists()
