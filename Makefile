@@ -21,7 +21,7 @@ quickstart: $(VENV)/.installed
 	$(VENV)/bin/finsft train recipes/quickstart.json --overwrite
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check finsft tests benchmarks
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
 test: lint
