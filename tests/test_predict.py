@@ -78,12 +78,10 @@ def test_predict_file_writes_jsonl(trained: dict[str, Path], tmp_path: Path) -> 
         assert w["instruction"].startswith("What is the sentiment")
         assert w["label"] == to_three_class(w["answer"])
 
-    # The same greedy generations from the command line, and with the base model (no adapter).
-    out2 = tmp_path / "cli.jsonl"
-    r = _cli("predict", str(trained["recipe"]), "--adapter", str(trained["run"]), "--file", str(data),
-             "--out", str(out2))
-    assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["answer"] for line in out2.read_text().splitlines()] == [w["answer"] for w in written]
+    # Greedy decoding in length-sorted batches gives each row the answer it gets alone.
+    alone = predict_command(recipe, adapter=str(trained["run"]), inputs=[rows[2]["input"]])
+    assert alone[0]["answer"] == written[2]["answer"]
+    # The base model (no adapter).
     base = predict_command(recipe, inputs=[rows[0]["input"]], max_new_tokens=3)
     assert len(base) == 1 and set(base[0]) == {"input", "answer", "label"}
 
