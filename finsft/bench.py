@@ -301,20 +301,30 @@ def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: C
     return tok, "synthetic"
 
 
+def _check_config(recipe: Recipe, source: Any) -> None:
+    """--random-weights needs the model's config: a clear error when it cannot be read."""
+    from transformers import AutoConfig
+
+    from finsft.models import shipped_models
+
+    try:
+        AutoConfig.from_pretrained(source.path, trust_remote_code=recipe["model"]["trust_remote_code"])
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(
+            f"--random-weights needs the config of '{recipe['model']['name_or_path']}' and cannot read it ({exc}). "
+            f"It works offline for the models whose configs finsft ships ({', '.join(shipped_models())}) and for "
+            "a local folder holding the model's config.json") from exc
+
+
 def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
             shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
     run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
-    import torch
-    from transformers import set_seed
-
     from finsft.compile import detect_hardware, get_sft_config, plan_run
     from finsft.data import build_splits, make_formatter, prepared_cache
-    from finsft.models import model_shape, resolve_model, shipped_models
-    from finsft.progress import ProgressCallback
+    from finsft.models import model_shape, resolve_model
     from finsft.quiet import quiet_libraries
     from finsft.templates import template_from_recipe
-    from finsft.train import build_trainer, load_training_model
 
     quiet_libraries()
     hw = detect_hardware()
@@ -325,6 +335,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
                             "validation_size": 0})
         recipe = with_config(recipe, cfg)
     source = resolve_model(recipe, log=log, random_weights=random_weights)
+    if random_weights:
+        _check_config(recipe, source)
     plan = plan_run(recipe, hw, model_shape(source, recipe["model"]["trust_remote_code"]))
     if which == "baseline":
         plan = baseline_plan(plan)
@@ -357,19 +369,18 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     prep_s = split_s + time.perf_counter() - t1
     rows = timing_rows(train_ds, recipe, steps, warmup)
 
+    import torch
+    from transformers import set_seed
+
+    from finsft.progress import ProgressCallback
+    from finsft.train import build_trainer, load_training_model
+
     cfg = json.loads(json.dumps(recipe.config))
     cfg["training"].update({"max_steps": warmup + steps, "eval_steps": None})
     run_recipe = with_config(recipe, cfg)
     set_seed(recipe["training"]["seed"])
     t2 = time.perf_counter()
-    try:
-        model = load_training_model(source, run_recipe, plan, random_weights=random_weights)
-    except ModelLoadError as exc:
-        if random_weights and not source.is_local:
-            raise ModelLoadError(f"{exc}\n--random-weights works offline for the models whose configs finsft "
-                                 f"ships ({', '.join(shipped_models())}) and for a local folder with the model's "
-                                 "config.json") from exc
-        raise
+    model = load_training_model(source, run_recipe, plan, random_weights=random_weights)
     load_s = time.perf_counter() - t2
     args = get_sft_config(run_recipe, plan, str(workdir / f"checkpoints-{which}"))
     args.save_strategy = "no"
@@ -387,7 +398,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     elapsed = clock.t1 - clock.t0
     tokens = clock.n1 - clock.n0
     peak, memory_kind = _peak_memory()
-    train = recipe["training"]
+    train, quant = recipe["training"], recipe["quantization"] or {}
     return {
         "config": which,
         "tokens_per_s": round(tokens / elapsed, 2),
@@ -410,7 +421,9 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "torch_threads": torch.get_num_threads(),
         "model": source.description + (", random weights" if random_weights else ""),
         "tokenizer": tokenizer_kind,
-        "data": f"{recipe['data']['path']} ({len(train_ds):,} training rows; {len(rows):,} sampled for timing)",
+        "quantization": ("4-bit" if quant.get("load_in_4bit") else "8-bit" if quant.get("load_in_8bit") else None),
+        "data": (f"{'synthetic rows' if shared.get('data_path') else recipe['data']['path']} ({len(train_ds):,} "
+                 f"training rows; {len(rows):,} sampled for timing)"),
     }
 
 
@@ -540,7 +553,8 @@ def bench_command(recipe: Recipe, steps: int = 10, warmup: int = 2, random_weigh
         print(json.dumps(results, indent=2))
         return results
     r = results["recipe"]
-    out.print(f"model: {r['model']} (tokenizer: {r['tokenizer']})")
+    quant = f", {r['quantization']} quantized" if r["quantization"] else ""
+    out.print(f"model: {r['model']}{quant} (tokenizer: {r['tokenizer']})")
     out.print(f"data: {r['data']}")
     out.print(f"device: {r['device']}, {r['torch_threads']} CPU threads; batch {r['batch']['per_device_train_batch_size']}"
               f" x {r['batch']['gradient_accumulation_steps']} accumulation, max_length {r['batch']['max_length']}")
