@@ -188,8 +188,8 @@ def with_config(recipe: Recipe, config: dict[str, Any]) -> Recipe:
 
 def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
     """The rows a bench times on: a seeded random sample of the prepared training rows, the same for the recipe and
-    the baseline, large enough for every timed step (also when packed) and for length grouping's mega-batches
-    (transformers groups 50 batches' worth of rows)."""
+    the baseline, large enough for every timed step (also when packed) and for length grouping at full strength
+    (transformers sorts mega-batches of min(rows / (4 x batch), 50) batches)."""
     import numpy as np
     import pyarrow.compute as pc
 
