@@ -356,3 +356,25 @@ def test_eval_likelihood_needs_labels(tiny_model: Path, tmp_path: Path, capsys: 
                  "--out", str(tmp_path / "o")])
     assert code == 1
     assert "ranks labels" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_full_fine_tune_folder(label_model: Path, tmp_path: Path) -> None:
+    """A run with lora: null saves a whole model; eval loads it in place of the base."""
+    from finsft.evaluate import evaluate_command, load_for_inference
+    from finsft.recipe import load_recipe
+    from finsft.train import train
+
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps(_recipe(label_model, tmp_path, lora=None,
+                                       training={"max_steps": 1, "warmup_steps": 0, "per_device_train_batch_size": 4,
+                                                 "learning_rate": 1e-2, "max_length": 128})))
+    recipe = load_recipe(str(path))
+    run = train(recipe)
+    assert not (run / "adapter_config.json").exists()
+    report = evaluate_command(recipe, adapter=str(run), limit=4)
+    assert report["adapter"] == str(run) and report["rows"] == 4
+    assert json.loads((run / "eval.json").read_text()) == report
+    tuned = load_for_inference(recipe, str(run)).model
+    base = load_for_inference(recipe, None).model
+    assert any(not (a == b).all() for a, b in zip(tuned.parameters(), base.parameters(), strict=True))
