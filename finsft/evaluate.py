@@ -159,6 +159,7 @@ def score_likelihood(model: Any, formatter: Formatter, rows: Sequence[dict[str, 
     model.eval()
     try:
         with torch.inference_mode():
+            first = torch.tensor([ids[0] for ids in label_ids], device=device)
             # The sequence path scores every (prompt, label) pair: about batch_size pairs per forward pass.
             step = batch_size if path == "next_token" else max(1, batch_size // len(label_ids))
             for start in range(0, len(order), step):
@@ -170,7 +171,6 @@ def score_likelihood(model: Any, formatter: Formatter, rows: Sequence[dict[str, 
                     keep, where = torch.unique(last, return_inverse=True)
                     logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
                     logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), where].float(), -1)
-                    first = torch.tensor([ids_[0] for ids_ in label_ids], device=device)
                     scores = logp[:, first].tolist()
                 else:
                     scores = _sequence_scores(model, chunk, label_ids, pad, device)
