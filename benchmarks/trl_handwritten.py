@@ -3,8 +3,8 @@ times it next to finsft on identical settings, so finsft's own overhead shows as
 
 It trains on pre-tokenized rows (JSONL of ``input_ids`` + ``completion_mask``) so that both sides see the very same
 tokens in the same order, runs ``--warmup`` untimed and ``--steps`` timed optimizer steps, and prints one line
-``RESULT {json}`` with non-padding tokens/s (TRL's own count), seconds/step and peak memory (CUDA max allocated, or
-this process's peak RSS on CPU).
+``RESULT {json}`` with non-padding tokens/s (TRL's own count), tokens per CPU-second of this process, seconds/step and
+peak memory (CUDA max allocated, or this process's peak RSS on CPU).
 
 usage: python benchmarks/trl_handwritten.py --model DIR --data rows.jsonl --steps 10 --warmup 2 \\
            [--batch 8] [--grad-accum 1] [--max-length 512] [--packing] [--group-by-length] \\
@@ -99,18 +99,18 @@ def now() -> float:
 class Stopwatch(TrainerCallback):
     """Wall time and TRL's non-padding token count between the end of the warm-up and the last step."""
 
-    start = end = 0.0
+    start = end = cpu_start = cpu_end = 0.0
     tokens_start = tokens_end = 0
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if a.warmup == 0:
-            self.start, self.tokens_start = now(), state.num_input_tokens_seen
+            self.start, self.cpu_start, self.tokens_start = now(), time.process_time(), state.num_input_tokens_seen
 
     def on_step_end(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if a.warmup and state.global_step == a.warmup:
-            self.start, self.tokens_start = now(), state.num_input_tokens_seen
+            self.start, self.cpu_start, self.tokens_start = now(), time.process_time(), state.num_input_tokens_seen
         if state.global_step == a.warmup + a.steps:
-            self.end, self.tokens_end = now(), state.num_input_tokens_seen
+            self.end, self.cpu_end, self.tokens_end = now(), time.process_time(), state.num_input_tokens_seen
 
 
 watch = Stopwatch()
@@ -118,14 +118,18 @@ trainer = SFTTrainer(model=model, args=config, train_dataset=rows, processing_cl
                      callbacks=[watch])
 trainer.train()
 elapsed = watch.end - watch.start
+cpu = watch.cpu_end - watch.cpu_start
+tokens = watch.tokens_end - watch.tokens_start
 if cuda:
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
 else:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 print("RESULT " + json.dumps({
-    "tokens_per_s": round((watch.tokens_end - watch.tokens_start) / elapsed, 2),
+    "tokens_per_s": round(tokens / elapsed, 2),
     "s_per_step": round(elapsed / a.steps, 4),
+    "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9), 2),
+    "cpu_s_per_step": round(cpu / a.steps, 4),
     "peak_memory_gib": round(peak_gib, 3),
-    "timed_tokens": watch.tokens_end - watch.tokens_start,
+    "timed_tokens": tokens,
     "torch_threads": torch.get_num_threads(),
 }), flush=True)

@@ -228,19 +228,19 @@ def _clock(warmup: int, steps: int) -> Any:
         """Time and non-padding tokens of the steps after the warm-up."""
 
         def __init__(self) -> None:
-            self.t0 = self.t1 = 0.0
+            self.t0 = self.t1 = self.cpu0 = self.cpu1 = 0.0
             self.n0 = self.n1 = 0
             self.loss: float | None = None
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if warmup == 0:
-                self.t0, self.n0 = now(), int(state.num_input_tokens_seen or 0)
+                self.t0, self.cpu0, self.n0 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if state.global_step == warmup and warmup:
-                self.t0, self.n0 = now(), int(state.num_input_tokens_seen or 0)
+                self.t0, self.cpu0, self.n0 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
             if state.global_step == warmup + steps:
-                self.t1, self.n1 = now(), int(state.num_input_tokens_seen or 0)
+                self.t1, self.cpu1, self.n1 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kw: Any) -> None:
@@ -403,6 +403,10 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "config": which,
         "tokens_per_s": round(tokens / elapsed, 2),
         "s_per_step": round(elapsed / steps, 4),
+        # CPU seconds of this process (all threads) in the timed steps: on a CPU shared with other jobs, tokens per
+        # CPU-second compare configurations more steadily than wall-clock tokens/s.
+        "cpu_s_per_step": round((clock.cpu1 - clock.cpu0) / steps, 4),
+        "tokens_per_cpu_s": round(tokens / max(clock.cpu1 - clock.cpu0, 1e-9), 2),
         "peak_memory_gib": round(peak, 3),
         "memory_kind": memory_kind,
         "data_prep_s": round(prep_s, 2),
@@ -507,6 +511,7 @@ ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("Liger kernels", lambda r: _yes(r["settings"]["use_liger_kernel"])),
     ("precision / attention", lambda r: f"{r['settings']['precision']} / {r['settings']['attn_implementation']}"),
     ("tokens/s (non-padding)", lambda r: f"{r['tokens_per_s']:,.1f}"),
+    ("tokens per CPU-second", lambda r: f"{r['tokens_per_cpu_s']:,.1f}"),
     ("seconds/step", lambda r: f"{r['s_per_step']:.3f}"),
     ("peak memory", lambda r: f"{r['peak_memory_gib']:.2f} GiB"),
     ("data prep", lambda r: f"{r['data_prep_s']:.1f} s" + (" (cache)" if r["data_from_cache"] else "")),
@@ -529,6 +534,8 @@ def render(results: dict[str, Any], title: str) -> Any:
         if results.get("ratio") is not None:
             if name.startswith("tokens/s"):
                 row.append(f"{results['ratio']:.2f}x")
+            elif name == "tokens per CPU-second":
+                row.append(f"{results['recipe']['tokens_per_cpu_s'] / results['baseline']['tokens_per_cpu_s']:.2f}x")
             elif name == "seconds/step":
                 row.append(f"{results['recipe']['s_per_step'] / results['baseline']['s_per_step']:.2f}x")
             elif name == "peak memory":
@@ -560,7 +567,8 @@ def bench_command(recipe: Recipe, steps: int = 10, warmup: int = 2, random_weigh
               f" x {r['batch']['gradient_accumulation_steps']} accumulation, max_length {r['batch']['max_length']}")
     out.print(render(results, f"finsft bench: {recipe.name}"))
     out.print(f"tokens/s counts non-padding tokens of the {steps} timed steps; peak memory is the "
-              f"{r['memory_kind']} of each configuration's own process.")
+              f"{r['memory_kind']} of each configuration's own process. On a CPU shared with other jobs, tokens per "
+              "CPU-second of the process is the steadier comparison.")
     if results["ratio"] is not None:
         out.print(f"[bold]recipe / notebook baseline: {results['ratio']:.2f}x tokens/s[/]")
     return results

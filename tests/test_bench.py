@@ -151,7 +151,7 @@ def test_render_shows_both_configurations_and_the_ratio() -> None:
     from rich.console import Console
 
     def row(tps: float, ckpt: bool) -> dict[str, Any]:
-        return {"tokens_per_s": tps, "s_per_step": 1000 / tps, "peak_memory_gib": 1.5, "data_prep_s": 2.0,
+        return {"tokens_per_s": tps, "s_per_step": 1000 / tps, "tokens_per_cpu_s": tps / 2, "peak_memory_gib": 1.5, "data_prep_s": 2.0,
                 "data_from_cache": not ckpt,
                 "settings": {"packing": False, "group_by_length": not ckpt, "gradient_checkpointing": ckpt,
                              "use_liger_kernel": False, "precision": "fp32", "attn_implementation": "sdpa"}}
@@ -184,6 +184,7 @@ def test_bench_json_on_the_tiny_model(make_recipe: Any, tmp_path: Path) -> None:
     r, b = out["recipe"], out["baseline"]
     for res in (r, b):
         assert res["tokens_per_s"] > 0 and res["s_per_step"] > 0 and res["peak_memory_gib"] > 0.05
+        assert res["tokens_per_cpu_s"] > 0 and res["cpu_s_per_step"] > 0
         assert res["timed_steps"] == 3 and res["timed_tokens"] > 0
         assert res["memory_kind"] == "process peak RSS" and res["data_prep_s"] >= 0
         assert res["tokenizer"] == "the model's"
@@ -242,6 +243,8 @@ def test_speed_benchmark_short_run(tmp_path: Path, tiny_model: Path) -> None:
     d = tiny["defaults"]
     assert d["finsft_tokens_per_s"] > 0 and d["trl_tokens_per_s"] > 0
     assert d["finsft_over_trl"] == pytest.approx(d["finsft_tokens_per_s"] / d["trl_tokens_per_s"], rel=1e-2)
+    assert d["finsft_over_trl_cpu"] == pytest.approx(d["finsft_tokens_per_cpu_s"] / d["trl_tokens_per_cpu_s"],
+                                                     rel=1e-2)
     run = tiny["runs"][0]
     assert run["finsft"]["defaults"]["timed_tokens"] == run["trl"]["defaults"]["timed_tokens"]  # same rows
     assert "| tiny | finsft defaults" in proc.stdout
