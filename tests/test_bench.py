@@ -215,12 +215,15 @@ def test_bench_random_weights_from_a_config_folder_4bit_offline_data(make_recipe
     assert list((Path(os.environ["FINSFT_CACHE"]) / "random").glob("*/config.json"))
 
 
-@pytest.mark.slow
-def test_bench_random_weights_needs_a_config(make_recipe: Any) -> None:
-    path = make_recipe(model={"name_or_path": "some-org/unknown-model"})
-    proc = run_cli("bench", str(path), "--steps", "1", "--warmup", "0", "--random-weights", "--no-baseline")
-    assert proc.returncode == 1
-    assert "google/gemma-2b" in proc.stderr and "config.json" in proc.stderr
+def test_random_weights_needs_a_readable_config(make_recipe: Any, tmp_path: Path) -> None:
+    from finsft.bench import _check_config
+    from finsft.errors import ModelLoadError
+    from finsft.models import resolve_model
+
+    for ref in ("some-org/unknown-model", str(tmp_path)):  # a hub id without a shipped config; an empty folder
+        recipe = load_recipe(str(make_recipe(model={"name_or_path": ref})))
+        with pytest.raises(ModelLoadError, match=r"google/gemma-2b.*config\.json"):
+            _check_config(recipe, resolve_model(recipe, log=print, random_weights=True))
 
 
 # ------------------------------------------------------------------------------------------ speed benchmark
