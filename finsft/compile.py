@@ -124,7 +124,13 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
         attn, why = "sdpa", "PyTorch scaled-dot-product attention" + ("" if hw.is_gpu else " (CPU)")
     attn = choose("model.attn_implementation", model["attn_implementation"], attn, why)
 
-    if hw.is_gpu:
+    from finsft.templates import template_from_recipe
+
+    if hw.is_gpu and train["max_length"] is None:
+        auto_pack, why = False, "packing needs training.max_length"
+    elif hw.is_gpu and not template_from_recipe(recipe["template"]).supports_packing:
+        auto_pack, why = False, f"template '{recipe['template']['name']}' does not support packing"
+    elif hw.is_gpu:
         auto_pack, why = True, "GPU: padding-free best-fit-decreasing packing removes padding work"
     else:
         auto_pack, why = False, "CPU: packed attention is slower here (41 vs 54 tokens/s, 2.2x memory)"
@@ -151,6 +157,9 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
                    ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
     tf32 = choose("training.tf32", train["tf32"], hw.tf32,
                   "GPU has TF32 tensor cores" if hw.tf32 else "no TF32 on this hardware")
+    if tf32 and not hw.tf32:
+        choices[-1] = Choice("training.tf32", False, "pinned true, but this hardware has no TF32: not applied", False)
+        tf32 = False
     optim = choose("training.optim", train["optim"], "adamw_torch_fused" if hw.is_gpu else "adamw_torch",
                    "fused AdamW on CUDA" if hw.is_gpu else "plain AdamW on CPU")
 
@@ -245,6 +254,15 @@ def _checkpointing_kwargs(config_cls: Any, enabled: bool) -> dict[str, Any]:
     return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
 
 
+def _sampling_kwargs(config_cls: Any, grouped: bool) -> dict[str, Any]:
+    """Length-grouped sampling under the name this transformers version uses."""
+    import dataclasses
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(config_cls)}:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
+
+
 def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: bool = False) -> Any:
     """``trl.SFTConfig`` for the recipe."""
     from trl import SFTConfig
@@ -270,7 +288,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         packing_strategy="bfd",
         padding_free=plan.packing,
         completion_only_loss=recipe["template"]["completion_only_loss"],
-        train_sampling_strategy="group_by_length" if plan.group_by_length else "random",
+        **_sampling_kwargs(SFTConfig, plan.group_by_length),
         **_checkpointing_kwargs(SFTConfig, plan.gradient_checkpointing),
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",

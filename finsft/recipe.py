@@ -405,6 +405,15 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
         if ok("lora") and lora is None:
             out.append((["quantization"], "a quantized model cannot be fully fine-tuned: add a 'lora' section "
                                           "(QLoRA) or set quantization to null"))
+    if ok("lora") and isinstance(lora, dict) and lora.get("layers_to_transform") is not None \
+            and lora.get("target_modules") == "all-linear":
+        out.append((["lora", "layers_to_transform"], "PEFT applies layers_to_transform only to named modules: set "
+                    "lora.target_modules to a list, e.g. [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", "
+                    "\"gate_proj\", \"up_proj\", \"down_proj\"]"))
+    output = cfg.get("output")
+    if ok("output", "lora") and isinstance(output, dict) and output.get("save_merged") and lora is None:
+        out.append((["output", "save_merged"], "save_merged merges a LoRA adapter; a full fine-tune (lora null) "
+                                               "already saves the whole model"))
 
     template = None
     tsec = cfg.get("template", {})
@@ -424,6 +433,14 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
                         tpl.format_fields(tsec[key])
                     except ValueError as exc:
                         out.append((["template", key], f"invalid format string: {exc}"))
+            if tsec.get("labels") is not None and tsec.get("completion"):
+                try:
+                    n_fields = len(set(tpl.format_fields(tsec["completion"])))
+                except ValueError:
+                    n_fields = 1  # a malformed format string is reported above
+                if n_fields != 1:
+                    out.append((["template", "completion"], "a custom template with labels needs a completion that "
+                                "names exactly one field, the label (e.g. \" {label}\")"))
         else:
             for key in ("prompt", "completion"):
                 if tsec.get(key) is not None:

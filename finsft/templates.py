@@ -190,11 +190,14 @@ def template_from_recipe(section: Mapping[str, Any]) -> Template:
     """The template a (validated) recipe's ``template`` section describes."""
     name = section.get("name", "fingpt_sentiment")
     if name == CUSTOM:
+        completion_fields = format_fields(section["completion"])
         base = Template(
             name=CUSTOM,
             description="declarative template from the recipe",
             prompt=section["prompt"],
             completion=section["completion"],
+            # A classifier's completion names exactly one field: the label.
+            label_field=completion_fields[0] if len(completion_fields) == 1 else "output",
         )
     else:
         base = get_template(name)

@@ -272,3 +272,16 @@ def test_sft_config_evaluates_only_with_a_validation_set(recipe: Any, tmp_path: 
     plan = plan_run(r, CPU, SMALL)
     assert val(get_sft_config(r, plan, str(tmp_path), has_eval=True).eval_strategy) == "steps"
     assert val(get_sft_config(r, plan, str(tmp_path), has_eval=False).eval_strategy) == "no"
+
+
+def test_gpu_auto_packing_stays_off_without_max_length(recipe: Any) -> None:
+    plan = plan_run(recipe(training={"max_length": None}), H100, SMALL)
+    assert plan.packing is False
+    assert choice(plan, "training.packing") == (False, True, "packing needs training.max_length")
+
+
+def test_tf32_pinned_on_cpu_is_reported_as_not_applied(recipe: Any) -> None:
+    plan = plan_run(recipe(training={"tf32": True}), CPU, SMALL)
+    assert plan.tf32 is False
+    value, automatic, reason = choice(plan, "training.tf32")
+    assert value is False and not automatic and "not applied" in reason

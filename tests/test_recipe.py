@@ -678,3 +678,35 @@ def test_duplicate_keys_are_reported_with_the_line_of_the_repeat(tmp_path: Path)
     assert len(problems) == 1
     assert "'learning_rate' appears twice" in problems[0].message
     assert problems[0].line == 5
+
+
+def _quick(tmp_path: Path, **sections: Any) -> list[Problem]:
+    recipe: dict[str, Any] = {"model": {"name_or_path": "org/model"}, "data": {"path": "org/data"},
+                              "output": {"dir": "out"}, "lora": {}}
+    recipe.update(sections)
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    return rc.check_recipe(str(path))[1]
+
+
+def test_layers_to_transform_needs_named_target_modules(tmp_path: Path) -> None:
+    [problem] = _quick(tmp_path, lora={"layers_to_transform": [1, 2]})
+    assert problem.path == "$.lora.layers_to_transform" and "target_modules to a list" in problem.message
+    assert _quick(tmp_path, lora={"layers_to_transform": [1, 2], "target_modules": ["q_proj"]}) == []
+
+
+def test_save_merged_needs_lora(tmp_path: Path) -> None:
+    [problem] = _quick(tmp_path, lora=None, output={"dir": "out", "save_merged": True})
+    assert problem.path == "$.output.save_merged"
+
+
+def test_custom_classifier_completion_names_one_field_and_it_is_the_label(tmp_path: Path) -> None:
+    template = {"name": "custom", "prompt": "{text}\nLabel:", "completion": " {label} ({text})",
+                "labels": ["up", "down"]}
+    [problem] = _quick(tmp_path, template=template)
+    assert problem.path == "$.template.completion" and "exactly one field" in problem.message
+    template["completion"] = " {label}"
+    assert _quick(tmp_path, template=template, data={"path": "org/data", "group_by": "text"}) == []
+    t = tpl.template_from_recipe(template)
+    assert t.label_field == "label"
+    assert [t.render_label(x) for x in t.labels or ()] == [" up", " down"]
