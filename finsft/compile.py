@@ -167,11 +167,8 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
     if quant.get("load_in_4bit"):
         compute_dtype = choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
                                "the model dtype")
-        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
-        # DeepSpeed ZeRO-3 also shards the weights, and needs the same (PEFT's ZeRO-3 + QLoRA recipe).
-        zero3 = (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-                 and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3")
-        engine = "FSDP" if fsdp else "DeepSpeed ZeRO-3" if zero3 else None
+        # FSDP and DeepSpeed ZeRO-3 shard the weights (PEFT's FSDP/ZeRO-3 + QLoRA recipes).
+        engine = sharding_engine()
         quant_storage = choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
                                dtype if engine else "uint8",
                                f"{engine} shards the 4-bit weights in the compute dtype" if engine
@@ -179,6 +176,16 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
                 compute_dtype=compute_dtype, quant_storage=quant_storage, choices=choices)
+
+
+def sharding_engine() -> str | None:
+    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launch set one up (its environment), else None."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
+        return "FSDP"
+    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
+            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
+        return "DeepSpeed ZeRO-3"
+    return None
 
 
 def _torch_dtype(name: str) -> Any:
@@ -238,9 +245,10 @@ def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
     quant = get_quantization_config(recipe, plan)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        if plan.hardware.is_gpu:
-            # Under DDP every rank holds its own quantized copy on its own GPU.
-            kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    if plan.hardware.is_gpu and (quant is not None or sharding_engine() is None):
+        # Each process holds its model on its own GPU (also for evaluation before the trainer moves it); under
+        # FSDP/ZeRO-3 the engine places the unquantized shards itself.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs
 
 

@@ -36,6 +36,7 @@ from finsft.compile import (
     get_peft_config,
     get_sft_config,
     plan_run,
+    sharding_engine,
 )
 from finsft.data import build_splits, make_formatter, prepared_cache
 from finsft.errors import FinsftError, OutputDirError
@@ -440,16 +441,6 @@ def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
-def sharding_engine() -> str | None:
-    """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launch set one up (its environment), else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "FSDP"
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        return "DeepSpeed ZeRO-3"
-    return None
 
 
 def _model_is_sharded(trainer: Any) -> bool:

@@ -285,3 +285,13 @@ def test_tf32_pinned_on_cpu_is_reported_as_not_applied(recipe: Any) -> None:
     assert plan.tf32 is False
     value, automatic, reason = choice(plan, "training.tf32")
     assert value is False and not automatic and "not applied" in reason
+
+
+def test_gpu_models_load_onto_the_process_gpu_unless_an_engine_shards_them(
+        recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    r = recipe()
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert get_model_kwargs(r, plan_run(r, H100, SMALL))["device_map"] == {"": 1}
+    assert "device_map" not in get_model_kwargs(r, plan_run(r, CPU, SMALL))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "device_map" not in get_model_kwargs(r, plan_run(r, H100, SMALL))
