@@ -27,7 +27,7 @@ LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parque
 # Tokens kept from the end of an over-long prompt: the answer cue ("...Answer:") must survive truncation.
 PROMPT_TAIL = 16
 # Part of the prepared-data cache key: bump it when tokenize_rows changes what it produces.
-PREP_VERSION = 2
+PREP_VERSION = 3
 # Texts per tokenizer call: big batches for the fast tokenizers' parallel encoding, bounded memory.
 TOKENIZE_CHUNK = 20_000
 
@@ -290,6 +290,33 @@ def _ragged(values: Any, starts: Any, lengths: Any) -> tuple[Any, Any]:
     return values[idx], ends
 
 
+# Text that ends on a token boundary in every common tokenizer; see encode_continuation.
+CONTINUATION_ANCHOR = "Answer:"
+
+
+def encode_continuation(tok: Any, texts: list[str]) -> list[list[int]]:
+    """Token ids of texts that continue a prompt (no special tokens), as the model sees them in context.
+
+    Byte-level BPE tokenizers (GPT-2, Llama-3, SmolLM2) encode " negative" alone exactly as after a prompt.
+    SentencePiece-style tokenizers that prepend a dummy space (Llama-2, Mistral) encode it alone as
+    ['▁', '▁negative'] but as ['▁negative'] after the prompt: for those, texts are encoded behind an anchor that
+    ends on a token boundary and the anchor's tokens are dropped.
+    """
+
+    def plain(batch: list[str]) -> list[list[int]]:
+        return list(tok(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+
+    anchor = plain([CONTINUATION_ANCHOR])[0]
+    probe = " negative"
+    in_context = plain([CONTINUATION_ANCHOR + probe])[0]
+    if in_context[: len(anchor)] != anchor or in_context[len(anchor):] == plain([probe])[0]:
+        return plain(texts)
+    out = []
+    for text, ids in zip(texts, plain([CONTINUATION_ANCHOR + t for t in texts]), strict=True):
+        out.append(ids[len(anchor):] if ids[: len(anchor)] == anchor else plain([text])[0])
+    return out
+
+
 def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, num_proc: int | None = None,
                   desc: str = "tokenizing") -> Any:
     """``input_ids`` + ``completion_mask`` for every row. Over-long rows lose the middle of the prompt (its head and
@@ -317,8 +344,7 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
     del cols, table
 
     p_flat, p_start, p_len = _encode_unique(lambda t: encode_prompt(tok, t, formatter.chat), prompts)
-    c_flat, c_start, c_len = _encode_unique(
-        lambda t: tok(t, add_special_tokens=False, return_attention_mask=False)["input_ids"], completions)
+    c_flat, c_start, c_len = _encode_unique(lambda t: encode_continuation(tok, t), completions)
     del prompts, completions
     head, tail_len, c_keep = p_len, np.zeros_like(p_len), c_len
     if max_length is not None:

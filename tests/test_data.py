@@ -367,3 +367,40 @@ def test_prepared_cache_reuses_tokenized_rows(recipe: Any, tokenizer: Any, tmp_p
     chat = Formatter(template, tokenizer, True, None)
     prepared_cache(data, chat, 64, "fp", "train", log=logs.append)
     assert "tokenizing" in logs[3]
+
+
+def _sentencepiece_style_tokenizer() -> Any:
+    """A Llama-2/Mistral-style tokenizer: the normalizer prepends a dummy '▁' and turns spaces into '▁'."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    words = ["Answer", ":", "negative", "neutral", "positive", "news", "shares", "fell"]
+    trainer = trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=sorted(set("".join(words)) | {"▁"}))
+    tok.train_from_iterator(["▁" + w for w in words] * 50 + list(words) * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_completions_are_encoded_as_in_context_for_dummy_prefix_tokenizers() -> None:
+    from finsft.data import encode_continuation
+
+    tok = _sentencepiece_style_tokenizer()
+    alone = tok(" negative", add_special_tokens=False)["input_ids"]
+    prompt = tok("Answer:", add_special_tokens=False)["input_ids"]
+    joint = tok("Answer: negative", add_special_tokens=False)["input_ids"]
+    assert joint[: len(prompt)] == prompt
+    assert alone != joint[len(prompt):]  # the dummy prefix: standalone encoding differs from in-context
+    assert encode_continuation(tok, [" negative"]) == [joint[len(prompt):]]
+
+
+def test_byte_level_completions_are_encoded_plainly(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from finsft.data import encode_continuation
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    texts = [" negative</s>", " The bank cut its dividend."]
+    assert encode_continuation(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
