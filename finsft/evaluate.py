@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Formatter, encode_prompt
+from finsft.data import Formatter, encode_continuation, encode_prompt
 from finsft.errors import FinsftError
 from finsft.recipe import Recipe
 from finsft.templates import FINGPT9, Template, to_three_class
@@ -142,7 +142,7 @@ def score_likelihood(model: Any, formatter: Formatter, rows: Sequence[dict[str, 
     tok = formatter.tokenizer
     labels = formatter.template.labels
     assert labels is not None
-    label_ids = [tok(text, add_special_tokens=False)["input_ids"] for text in label_texts(formatter)]
+    label_ids = encode_continuation(tok, label_texts(formatter))
     if any(not ids for ids in label_ids):
         raise FinsftError(f"a label of template '{formatter.template.name}' encodes to no tokens")
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
@@ -487,12 +487,6 @@ def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _write_jsonl(path: Path, records: Sequence[dict[str, Any]]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-
-
 def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | None = None,
                      split: str | None = None, limit: int | None = None, scorer: str | None = None,
                      out: str | None = None) -> dict[str, Any]:
@@ -501,7 +495,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     from finsft.data import build_splits, make_formatter
     from finsft.progress import console
     from finsft.templates import template_from_recipe
-    from finsft.train import eval_rows
+    from finsft.train import eval_rows, write_jsonl
 
     con = console()
     if limit is not None and limit < 1:
@@ -549,7 +543,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
-    _write_jsonl(out_dir / "predictions.jsonl", result.predictions)
+    write_jsonl(out_dir / "predictions.jsonl", result.predictions)
     title = f"{recipe.name}: {what}, {result.scorer} scorer"
     for table in metrics_tables(result.metrics, title):
         con.print(table)
@@ -601,6 +595,7 @@ def predict_command(recipe: Recipe, *, adapter: str | None = None, inputs: Seque
     from finsft.data import make_formatter
     from finsft.progress import console
     from finsft.templates import template_from_recipe
+    from finsft.train import write_jsonl
 
     con = console()
     if bool(inputs) == bool(file):
@@ -625,7 +620,7 @@ def predict_command(recipe: Recipe, *, adapter: str | None = None, inputs: Seque
     if out:
         path = Path(out).expanduser().absolute()
         path.parent.mkdir(parents=True, exist_ok=True)
-        _write_jsonl(path, records)
+        write_jsonl(path, records)
         con.print(f"wrote {len(records)} predictions to {path}")
         return records
     from rich.table import Table
