@@ -18,6 +18,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -464,9 +465,12 @@ def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int, random_we
                                 stdout=logf, stderr=subprocess.STDOUT, env=env)
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
+        except BaseException:  # Ctrl-C, or SIGTERM (see bench): the worker must not outlive us
             proc.terminate()
-            proc.wait()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             raise
     answer = json.loads(out_path.read_text()) if out_path.exists() else {}
     if "error" in answer:
@@ -490,11 +494,24 @@ def bench(recipe: Recipe, *, steps: int = 10, warmup: int = 2, random_weights: b
         raise FinsftError("finsft bench times one process: run it directly, not under accelerate launch/torchrun")
     results: dict[str, Any] = {"recipe": None, "baseline": None, "ratio": None}
     shared: dict[str, Any] = {}
-    with tempfile.TemporaryDirectory(prefix="finsft-bench-") as tmp:
-        for which in ("recipe", "baseline") if baseline else ("recipe",):
-            echo(f"timing the {which}: {warmup} warm-up + {steps} timed steps in a fresh process ...")
-            results[which] = run_worker(recipe, which, steps=steps, warmup=warmup, random_weights=random_weights,
-                                        workdir=Path(tmp), shared=shared, echo=echo)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, on_term)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        with tempfile.TemporaryDirectory(prefix="finsft-bench-") as tmp:
+            for which in ("recipe", "baseline") if baseline else ("recipe",):
+                echo(f"timing the {which}: {warmup} warm-up + {steps} timed steps in a fresh process ...")
+                results[which] = run_worker(recipe, which, steps=steps, warmup=warmup,
+                                            random_weights=random_weights, workdir=Path(tmp), shared=shared,
+                                            echo=echo)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if results["baseline"] and results["baseline"]["tokens_per_s"] > 0:
         results["ratio"] = round(results["recipe"]["tokens_per_s"] / results["baseline"]["tokens_per_s"], 3)
     return results
