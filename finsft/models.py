@@ -169,6 +169,12 @@ def load_model(source: ModelSource, model_kwargs: dict[str, Any], *, random_weig
                     del model
                 return AutoModelForCausalLM.from_pretrained(tmp, quantization_config=quant, device_map=device_map,
                                                             **kw)
+            target = device_map.get("") if isinstance(device_map, dict) else None
+            if isinstance(target, int):  # initialise the random weights on the GPU itself (minutes faster for 7B)
+                import torch
+
+                with torch.device(f"cuda:{target}"):
+                    return AutoModelForCausalLM.from_config(config, **kw)
             return AutoModelForCausalLM.from_config(config, **kw)
         return AutoModelForCausalLM.from_pretrained(source.path, **model_kwargs)
     except (OSError, ValueError) as exc:  # a folder without a usable config.json raises ValueError
