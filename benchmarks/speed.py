@@ -164,9 +164,9 @@ def export_rows(recipe_path: Path, steps: int, warmup: int, rows_path: Path) -> 
     """The rows ``finsft bench`` times on, written as JSONL for the hand-written script, and the plans (defaults and
     notebook baseline) finsft chooses on this hardware."""
     from finsft.bench import baseline_plan, plan_settings, timing_rows
-    from finsft.compile import detect_hardware, plan_run
     from finsft.data import build_splits, make_formatter, prepared_cache
     from finsft.models import load_tokenizer, model_shape, resolve_model
+    from finsft.plan import detect_hardware, plan_run
     from finsft.quiet import quiet_libraries
     from finsft.recipe import load_recipe
     from finsft.templates import template_from_recipe

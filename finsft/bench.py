@@ -4,7 +4,7 @@ same run.
 
 Each configuration runs in its own Python process (``python -m finsft.bench worker ...``) so that peak memory is
 honest: process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Both build their trainer with the
-same code as ``finsft train`` (:func:`finsft.train.load_training_model`, :func:`finsft.train.build_trainer`).
+same code as ``finsft train`` (:func:`finsft.models.load_training_model`, :func:`finsft.train.build_trainer`).
 Nothing is written to the recipe's output folder; checkpoints go to a temporary folder.
 
 Also here: synthetic data shaped like the FinGPT sets (for data-preparation benchmarks, and for ``--random-weights``
@@ -166,7 +166,7 @@ def synthetic_tokenizer(config: Any, texts: list[str], *, max_trained: int = 32_
 def baseline_plan(plan: Any) -> Any:
     """The notebook way on the same hardware: padded batches in random order, no packing, gradient checkpointing,
     no Liger kernels; precision, attention, optimizer and everything else as the recipe's plan."""
-    from finsft.compile import Choice
+    from finsft.plan import Choice
 
     why = "notebook-style baseline"
     changed = {"training.packing": False, "training.group_by_length": False,
@@ -321,9 +321,9 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
             shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
     run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
-    from finsft.compile import detect_hardware, get_sft_config, plan_run
     from finsft.data import build_splits, make_formatter, prepared_cache
     from finsft.models import model_shape, resolve_model
+    from finsft.plan import detect_hardware, get_sft_config, plan_run
     from finsft.quiet import quiet_libraries
     from finsft.templates import template_from_recipe
 
@@ -373,8 +373,9 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     import torch
     from transformers import set_seed
 
+    from finsft.models import load_training_model
     from finsft.progress import ProgressCallback
-    from finsft.train import build_trainer, load_training_model
+    from finsft.train import build_trainer
 
     cfg = json.loads(json.dumps(recipe.config))
     cfg["training"].update({"max_steps": warmup + steps, "eval_steps": None})

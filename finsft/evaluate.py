@@ -333,8 +333,8 @@ def load_for_inference(recipe: Recipe, adapter: str | None, log: Callable[[str],
     A folder with ``adapter_config.json`` is a LoRA adapter for the recipe's model; a folder with only
     ``config.json`` is a fully fine-tuned model (a run with ``lora: null``) and replaces the base.
     """
-    from finsft.compile import detect_hardware, get_model_kwargs, plan_run
     from finsft.models import ModelSource, load_model, load_tokenizer, model_shape, resolve_model
+    from finsft.plan import detect_hardware, get_model_kwargs, plan_run
 
     path = check_adapter(adapter)
     source = resolve_model(recipe, log=log)

@@ -197,9 +197,9 @@ def merge_into(model: Any, tokenizer: Any, path: str | Path) -> dict[str, Any]:
 
 def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
     """``finsft merge``: load the recipe's base as it was trained, apply the adapter, merge, verify and save."""
-    from finsft.compile import _torch_dtype, detect_hardware, get_model_kwargs, plan_run
     from finsft.evaluate import check_adapter
     from finsft.models import ModelSource, load_model, load_tokenizer, model_shape, resolve_model
+    from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
     from finsft.progress import console
 
     con = console()
@@ -212,7 +212,7 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
                           "already loads with from_pretrained")
     source = resolve_model(recipe, log=con.print)
     plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
-    dtype = _torch_dtype(plan.compute_dtype or plan.dtype)
+    dtype = torch_dtype(plan.compute_dtype or plan.dtype)
     kwargs = get_model_kwargs(recipe, plan)
     tok_source = ModelSource(str(path), True, str(path)) if (path / "tokenizer_config.json").exists() else source
     tokenizer = load_tokenizer(tok_source, recipe)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import ModelLoadError
+from finsft.plan import Plan, get_model_kwargs, sharding_engine
 from finsft.recipe import PACKAGE_PREFIX, Recipe
 
 
@@ -194,3 +195,15 @@ def model_shape(source: ModelSource, trust_remote_code: bool = False) -> tuple[i
     vocab = getattr(cfg, "vocab_size", 32000)
     n = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
     return int(n), int(hidden), int(layers)
+
+
+def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, random_weights: bool = False) -> Any:
+    """The model as training uses it: loaded as the plan says, prepared for k-bit training when quantized."""
+    model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
+    # Not when FSDP/ZeRO-3 shard the weights: it upcasts the non-quantized weights to float32, and a shard must hold
+    # one dtype (the 4-bit storage dtype, see finsft.plan.plan_run). Gradient checkpointing comes from the trainer.
+    if recipe["quantization"] and not sharding_engine():
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
+    return model

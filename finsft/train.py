@@ -29,18 +29,16 @@ from typing import Any
 
 from rich.console import Console
 
-from finsft.compile import (
+from finsft.data import build_splits, make_formatter, prepared_cache
+from finsft.errors import FinsftError, OutputDirError
+from finsft.models import load_tokenizer, load_training_model, model_shape, resolve_model
+from finsft.plan import (
     Plan,
     detect_hardware,
-    get_model_kwargs,
     get_peft_config,
     get_sft_config,
     plan_run,
-    sharding_engine,
 )
-from finsft.data import build_splits, make_formatter, prepared_cache
-from finsft.errors import FinsftError, OutputDirError
-from finsft.models import ModelSource, load_model, load_tokenizer, model_shape, resolve_model
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
@@ -451,18 +449,6 @@ def _model_is_sharded(trainer: Any) -> bool:
         plugin = trainer.accelerator.state.deepspeed_plugin
         return plugin is not None and plugin.zero_stage == 3
     return False
-
-
-def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, random_weights: bool = False) -> Any:
-    """The model as training uses it: loaded as the plan says, prepared for k-bit training when quantized."""
-    model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
-    # Not when FSDP/ZeRO-3 shard the weights: it upcasts the non-quantized weights to float32, and a shard must hold
-    # one dtype (the 4-bit storage dtype, see compile.plan_run). Gradient checkpointing comes from the trainer.
-    if recipe["quantization"] and not sharding_engine():
-        from peft import prepare_model_for_kbit_training
-
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
-    return model
 
 
 def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None) -> Any:

@@ -23,8 +23,8 @@ from finsft.bench import (
     synthetic_tokenizer,
     timing_rows,
 )
-from finsft.compile import Hardware, plan_run
 from finsft.errors import FinsftError
+from finsft.plan import Hardware, plan_run
 from finsft.recipe import load_recipe
 
 REPO = Path(__file__).resolve().parent.parent

@@ -16,8 +16,8 @@ import pytest
 from _runs import BIN, adapter, loss_steps, max_abs_diff, metrics, subprocess_env
 
 from finsft.cli import main as cli
-from finsft.compile import Hardware, get_model_kwargs, get_quantization_config, plan_run
 from finsft.errors import FinsftError
+from finsft.plan import Hardware, get_model_kwargs, get_quantization_config, plan_run
 from finsft.recipe import load_recipe
 from finsft.train import WORKING_CPU_LAUNCH, check_world_size, launcher_warning, sharding_engine
 
@@ -109,7 +109,7 @@ def test_accelerate_accepts_the_shipped_config(name: str, kind: str, clean_env: 
     env = _process_env(args)
     assert env["ACCELERATE_MIXED_PRECISION"] == "no"  # the recipe's training.precision decides
     if kind == "FSDP":
-        assert env["ACCELERATE_USE_FSDP"] == "true"  # what compile.plan_run reads
+        assert env["ACCELERATE_USE_FSDP"] == "true"  # what plan.plan_run reads
         assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
         assert env["FSDP_USE_ORIG_PARAMS"] == "false" and env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "true"
         assert env["FSDP_SYNC_MODULE_STATES"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "SHARDED_STATE_DICT"

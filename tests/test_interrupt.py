@@ -14,7 +14,7 @@ from _runs import start_finsft, wait_for
 
 import finsft.train as train_module
 from finsft.cli import main as cli
-from finsft.compile import Hardware, plan_run
+from finsft.plan import Hardware, plan_run
 from finsft.progress import ProgressCallback
 from finsft.recipe import load_recipe
 from finsft.train import latest_checkpoint, oom_message

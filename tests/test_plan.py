@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from finsft.compile import (
+from finsft.plan import (
     Hardware,
     Plan,
     estimate_training_bytes,

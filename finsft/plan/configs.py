@@ -1,0 +1,144 @@
+"""Compile a recipe and its plan into library objects: ``trl.SFTConfig``, ``peft.LoraConfig``,
+``transformers.BitsAndBytesConfig`` and model-loading kwargs. Pure functions: testable without training."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from finsft.plan.plan import Plan, sharding_engine
+from finsft.recipe import Recipe
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
+
+
+def get_quantization_config(recipe: Recipe, plan: Plan) -> Any:
+    """``transformers.BitsAndBytesConfig`` for the recipe, or None."""
+    quant = recipe["quantization"]
+    if not quant:
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if quant["load_in_8bit"]:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant["bnb_4bit_quant_type"],
+        bnb_4bit_use_double_quant=quant["bnb_4bit_use_double_quant"],
+        bnb_4bit_compute_dtype=torch_dtype(plan.compute_dtype or plan.dtype),
+        bnb_4bit_quant_storage=torch_dtype(plan.quant_storage or "uint8"),
+    )
+
+
+def get_peft_config(recipe: Recipe) -> Any:
+    """``peft.LoraConfig`` for the recipe, or None for a full fine-tune."""
+    lora = recipe["lora"]
+    if not lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        task_type="CAUSAL_LM",
+        r=lora["r"],
+        lora_alpha=lora["lora_alpha"],
+        lora_dropout=lora["lora_dropout"],
+        target_modules=lora["target_modules"],
+        layers_to_transform=lora["layers_to_transform"],
+        bias=lora["bias"],
+        use_rslora=lora["use_rslora"],
+        use_dora=lora["use_dora"],
+        modules_to_save=lora["modules_to_save"],
+    )
+
+
+def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``."""
+    model = recipe["model"]
+    kwargs: dict[str, Any] = {
+        "revision": model["revision"],
+        "trust_remote_code": model["trust_remote_code"],
+        "dtype": torch_dtype(plan.dtype),
+        "attn_implementation": plan.attn_implementation,
+    }
+    quant = get_quantization_config(recipe, plan)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+    if plan.hardware.is_gpu and (quant is not None or sharding_engine() is None):
+        # Each process holds its model on its own GPU (also for evaluation before the trainer moves it); under
+        # FSDP/ZeRO-3 the engine places the unquantized shards itself.
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    return kwargs
+
+
+def _checkpointing_kwargs(config_cls: Any, enabled: bool) -> dict[str, Any]:
+    """Gradient checkpointing settings under the name this transformers version uses (5.x renamed them to
+    activation checkpointing and warns about the old names)."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    prefix = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return {prefix: enabled, f"{prefix}_kwargs": {"use_reentrant": False} if enabled else None}
+
+
+def _sampling_kwargs(config_cls: Any, grouped: bool) -> dict[str, Any]:
+    """Length-grouped sampling under the name this transformers version uses."""
+    import dataclasses
+
+    if "train_sampling_strategy" in {f.name for f in dataclasses.fields(config_cls)}:
+        return {"train_sampling_strategy": "group_by_length" if grouped else "random"}
+    return {"group_by_length": grouped}
+
+
+def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: bool = False) -> Any:
+    """``trl.SFTConfig`` for the recipe."""
+    from trl import SFTConfig
+
+    train = recipe["training"]
+    on_cpu = not plan.hardware.is_gpu
+    save_steps = train["save_steps"]
+    return SFTConfig(
+        output_dir=output_dir,
+        num_train_epochs=train["num_train_epochs"],
+        max_steps=train["max_steps"],
+        per_device_train_batch_size=train["per_device_train_batch_size"],
+        per_device_eval_batch_size=train["per_device_eval_batch_size"],
+        gradient_accumulation_steps=train["gradient_accumulation_steps"],
+        learning_rate=train["learning_rate"],
+        lr_scheduler_type=train["lr_scheduler_type"],
+        warmup_steps=train["warmup_steps"],
+        weight_decay=train["weight_decay"],
+        max_grad_norm=train["max_grad_norm"],
+        optim=plan.optim,
+        max_length=train["max_length"],
+        packing=plan.packing,
+        packing_strategy="bfd",
+        padding_free=plan.packing,
+        completion_only_loss=recipe["template"]["completion_only_loss"],
+        **_sampling_kwargs(SFTConfig, plan.group_by_length),
+        **_checkpointing_kwargs(SFTConfig, plan.gradient_checkpointing),
+        bf16=plan.precision == "bf16",
+        fp16=plan.precision == "fp16",
+        tf32=plan.tf32 if plan.hardware.is_gpu else None,
+        use_cpu=on_cpu,
+        use_liger_kernel=plan.use_liger_kernel,
+        logging_steps=train["logging_steps"],
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval and train["eval_steps"] else "no",
+        eval_steps=train["eval_steps"],
+        save_strategy="steps" if save_steps else "epoch",
+        save_steps=save_steps or 500,
+        save_total_limit=train["save_total_limit"],
+        seed=train["seed"],
+        data_seed=train["seed"],
+        dataloader_num_workers=train["dataloader_num_workers"],
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        remove_unused_columns=True,
+        dataset_kwargs={"skip_prepare_dataset": False},
+        ddp_find_unused_parameters=False if recipe["lora"] else None,
+    )
