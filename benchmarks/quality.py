@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from finsft.evaluate import evaluate_command
-    from finsft.train import train
+    from finsft.commands.evaluate import evaluate_command
+    from finsft.training import train
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,10 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     train_min = (manifest["train"]["runtime_s"] or train_wall) / 60
     name = f"{recipe.name} (finsft LoRA)"
     # The run evaluated itself on TFNS valid with the recipe's scorer (likelihood) right after training.
-    after = json.loads((run / "eval.json").read_text())
-    scorer = after.get("scorer", "likelihood")
-    rows.append(row(name, scorer, "TFNS valid", {"rows": after["after"]["n"], "metrics": after["after"],
-                                                 "seconds": {"scoring": None}}, train_min))
+    after = json.loads((run / "eval.json").read_text())  # the same shape as finsft eval's report
+    scorer = after["settings"]["scorer"]
+    rows.append(row(name, scorer, "TFNS valid", after, train_min))
     other = "generate" if scorer == "likelihood" else "likelihood"
     report = evaluate_command(recipe, adapter=str(run), data=valid, scorer=other, out=str(out / f"tuned-tfns-{other}"))
     rows.append(row(name, other, "TFNS valid", report, train_min))

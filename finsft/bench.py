@@ -4,7 +4,7 @@ same run.
 
 Each configuration runs in its own Python process (``python -m finsft.bench worker ...``) so that peak memory is
 honest: process peak RSS on CPU, ``torch.cuda.max_memory_allocated`` on CUDA. Both build their trainer with the
-same code as ``finsft train`` (:func:`finsft.models.load_training_model`, :func:`finsft.train.build_trainer`).
+same code as ``finsft train`` (:func:`finsft.models.load_training_model`, :func:`finsft.training.trainer.build_trainer`).
 Nothing is written to the recipe's output folder; checkpoints go to a temporary folder.
 
 Also here: synthetic data shaped like the FinGPT sets (for data-preparation benchmarks, and for ``--random-weights``
@@ -375,7 +375,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
 
     from finsft.models import load_training_model
     from finsft.progress import ProgressCallback
-    from finsft.train import build_trainer
+    from finsft.training.trainer import build_trainer
 
     cfg = json.loads(json.dumps(recipe.config))
     cfg["training"].update({"max_steps": warmup + steps, "eval_steps": None})

@@ -11,7 +11,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 
 from finsft import __version__
@@ -105,63 +104,17 @@ def _normalise(argv: list[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------- commands
 
 
-def _gh_data(text: str) -> str:
-    """Escape the message of a GitHub Actions workflow command."""
-    return text.replace("%", "%25").replace("\r", "%0D").replace("\n", "%0A")
-
-
-def _gh_property(text: str) -> str:
-    """Escape a property value (file=...) of a GitHub Actions workflow command."""
-    return _gh_data(text).replace(":", "%3A").replace(",", "%2C")
-
-
 def cmd_validate(args: argparse.Namespace) -> int:
-    from finsft.recipe import check_recipe, expand_paths
+    from finsft.commands.validate import REPORTER_BY_NAME, validate_files
+    from finsft.recipe import expand_paths
 
-    start = time.perf_counter()
     files, unmatched = expand_paths(args.paths)
     if unmatched:
         print(f"finsft validate: no recipe files match: {', '.join(unmatched)}", file=sys.stderr)
         return EXIT_USAGE
-    results = []
-    for path in files:
-        _, problems = check_recipe(path, args.overrides)
-        results.append((path, problems))
-    elapsed = time.perf_counter() - start
-    n_bad = sum(1 for _, p in results if p)
-    n_problems = sum(len(p) for _, p in results)
-    if args.format == "json":
-        print(json.dumps({
-            "valid": n_bad == 0,
-            "files": [{"file": f, "valid": not p, "errors": [x.as_dict() for x in p]} for f, p in results],
-            "seconds": round(elapsed, 4),
-        }, indent=2))
-    elif args.format == "github":
-        for _, problems in results:
-            for x in problems:
-                loc = f"file={_gh_property(x.file.split(' (override')[0])}"
-                if x.line is not None:
-                    loc += f",line={x.line}" + (f",col={x.column}" if x.column is not None else "")
-                override = x.file.partition(" (override ")[2][:-1]
-                msg = f"{x.path}: {x.message}" + (f" (override {override})" if override else "")
-                print(f"::error {loc},title=finsft validate::{_gh_data(msg)}")
-        print(f"{len(files) - n_bad}/{len(files)} recipes valid")
-    else:
-        # Plain print (ANSI colour on terminals): validating needs nothing beyond jsonschema.
-        colour = sys.stdout.isatty() and "NO_COLOR" not in os.environ
-        ok_word, bad_word = ("\033[32mok\033[0m", "\033[31minvalid\033[0m") if colour else ("ok", "invalid")
-        for path, problems in results:
-            if not problems:
-                print(f"{ok_word}      {path}")
-            else:
-                print(f"{bad_word} {path}")
-                for x in problems:
-                    print(f"  {x}")
-        summary = f"{len(files) - n_bad}/{len(files)} recipes valid"
-        if n_problems:
-            summary += f", {n_problems} problem{'s' if n_problems != 1 else ''}"
-        print(f"{summary} ({elapsed * 1000:.0f} ms)")
-    return EXIT_INVALID if n_bad else EXIT_OK
+    result = validate_files(files, args.overrides)
+    REPORTER_BY_NAME[args.format]().report(result)
+    return EXIT_INVALID if result.n_invalid else EXIT_OK
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
@@ -216,7 +169,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
-    from finsft.train import train
+    from finsft.training import train
 
     train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force,
           command=["finsft", "train", args.recipe, *args.overrides])  # for the resume hint
@@ -228,7 +181,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
-    from finsft.evaluate import evaluate_command
+    from finsft.commands.evaluate import evaluate_command
 
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
                      scorer=args.scorer, out=args.out)
@@ -240,7 +193,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
-    from finsft.evaluate import predict_command
+    from finsft.commands.predict import predict_command
 
     predict_command(recipe, adapter=args.adapter, inputs=args.input, file=args.file, out=args.out,
                     max_new_tokens=args.max_new_tokens)
@@ -252,7 +205,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
-    from finsft.merge import merge_command
+    from finsft.commands.merge import merge_command
 
     merge_command(recipe, adapter=args.adapter, out=args.out)
     return EXIT_OK

@@ -16,9 +16,11 @@ class Problem:
     message: str
     line: int | None = None
     column: int | None = None
+    override: str | None = None  # the command-line override ``key.path=value`` the problem comes from
+    severity: str = "error"  # "error" makes the recipe invalid; "warning" is shown and allowed
 
     def location(self) -> str:
-        where = self.file
+        where = self.file + (f" (override {self.override})" if self.override else "")
         if self.line is not None:
             where += f":{self.line}"
             if self.column is not None:
@@ -29,7 +31,8 @@ class Problem:
         return f"{self.location()}: {self.path}: {self.message}"
 
     def as_dict(self) -> dict[str, object]:
-        return {"file": self.file, "path": self.path, "message": self.message, "line": self.line, "column": self.column}
+        return {"file": self.file, "path": self.path, "message": self.message, "line": self.line, "column": self.column,
+                "override": self.override, "severity": self.severity}
 
 
 class FinsftError(Exception):

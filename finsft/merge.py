@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
-from finsft.recipe import Recipe
 
 VERIFY_TEXTS = (
     "Instruction: What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.\n"
@@ -43,7 +42,7 @@ RELATIVE_TOLERANCE = {"float32": 1e-4, "float16": 1e-2, "bfloat16": 4e-2}
 DEQUANTIZED_TOLERANCE = 0.1
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -63,7 +62,7 @@ def target_dtype(peft_model: Any) -> Any:
 
         compute = get("bnb_4bit_compute_dtype") if get("load_in_4bit") else None
         dtype = compute or getattr(base.config, "dtype", None) or torch.float32
-        return getattr(torch, _dtype_name(dtype)) if isinstance(dtype, str) else dtype
+        return getattr(torch, dtype_name(dtype)) if isinstance(dtype, str) else dtype
     for p in base.parameters():
         if p.is_floating_point():
             return p.dtype
@@ -117,7 +116,7 @@ def _max_diff(a: list[Any], b: list[Any]) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
 
 
-def _check_out(out: Path) -> None:
+def check_out(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinsftError(f"output folder {out} exists and is not empty: choose a new folder for the merged model")
 
@@ -133,14 +132,14 @@ def merge_and_save(peft_model: Any, tokenizer: Any, out: str | Path, *, dtype: A
     from transformers import AutoModelForCausalLM
 
     out = Path(out).absolute()
-    _check_out(out)
+    check_out(out)
     dtype = dtype or target_dtype(peft_model)
     base = peft_model.get_base_model()
     quantized = _is_quantized(base)
     trained = _logits(peft_model, tokenizer)  # the model as trained: on the quantized base for QLoRA
     scale = max(1.0, *(float(t.abs().max()) for t in trained))
-    tolerance = RELATIVE_TOLERANCE.get(_dtype_name(dtype), 1e-2) * scale
-    report: dict[str, Any] = {"dtype": _dtype_name(dtype), "dequantized_base": quantized,
+    tolerance = RELATIVE_TOLERANCE.get(dtype_name(dtype), 1e-2) * scale
+    report: dict[str, Any] = {"dtype": dtype_name(dtype), "dequantized_base": quantized,
                               "prompts": len(VERIFY_TEXTS), "tolerance": tolerance}
     if quantized:
         fresh = load_quantized() if load_quantized else reload_quantized(base, dtype)
@@ -158,9 +157,13 @@ def merge_and_save(peft_model: Any, tokenizer: Any, out: str | Path, *, dtype: A
     in_memory = _max_diff(reference, _logits(merged, tokenizer))
     if in_memory > tolerance:
         raise FinsftError(f"the merged model disagrees with the adapter model: max |logit difference| "
-                          f"{in_memory:.3g} > tolerance {tolerance:.3g} ({_dtype_name(dtype)}); nothing was written")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+                          f"{in_memory:.3g} > tolerance {tolerance:.3g} ({dtype_name(dtype)}); nothing was written")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    except OSError as exc:
+        raise FinsftError(f"cannot write the merged model next to {out}: {exc.strerror or exc} (choose a folder you "
+                          "can write to with --out)") from exc
     try:
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -168,20 +171,24 @@ def merge_and_save(peft_model: Any, tokenizer: Any, out: str | Path, *, dtype: A
         saved = _max_diff(reference, _logits(AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype), tokenizer))
         if saved > tolerance:
             raise FinsftError(f"the saved merged model disagrees with the adapter model: max |logit difference| "
-                              f"{saved:.3g} > tolerance {tolerance:.3g} ({_dtype_name(dtype)}); nothing was written")
+                              f"{saved:.3g} > tolerance {tolerance:.3g} ({dtype_name(dtype)}); nothing was written")
         report["max_abs_logit_diff"] = {"in_memory": in_memory, "saved": saved}
         (tmp / "finsft_merge.json").write_text(json.dumps(report, indent=2) + "\n")
-        _check_out(out)
+        check_out(out)
         if out.exists():
             out.rmdir()  # empty (checked above)
         os.replace(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FinsftError(f"saving the merged model to {out} failed: {exc.strerror or exc} (is the disk full?); "
+                          "nothing was written") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     note = ""
     if quantized:
         note = f"; de-quantized vs quantized: {report['dequantized_vs_quantized']['max_abs_logit_diff']:.2e}"
-    log(f"merged model saved to {out} ({_dtype_name(dtype)}{', de-quantized base' if quantized else ''}); "
+    log(f"merged model saved to {out} ({dtype_name(dtype)}{', de-quantized base' if quantized else ''}); "
         f"max |logit difference| vs the adapter model on {len(VERIFY_TEXTS)} prompts: {in_memory:.2e} in memory, "
         f"{saved:.2e} after reloading (tolerance {tolerance:.2e}){note}")
     return report
@@ -193,38 +200,3 @@ def merge_into(model: Any, tokenizer: Any, path: str | Path) -> dict[str, Any]:
     from finsft.progress import console
 
     return merge_and_save(model, tokenizer, path, log=console().print)
-
-
-def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
-    """``finsft merge``: load the recipe's base as it was trained, apply the adapter, merge, verify and save."""
-    from finsft.evaluate import check_adapter
-    from finsft.models import ModelSource, load_model, load_tokenizer, model_shape, resolve_model
-    from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
-    from finsft.progress import console
-
-    con = console()
-    out_dir = Path(out).expanduser().absolute()
-    _check_out(out_dir)
-    path = check_adapter(adapter)
-    assert path is not None
-    if not (path / "adapter_config.json").exists():
-        raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "
-                          "already loads with from_pretrained")
-    source = resolve_model(recipe, log=con.print)
-    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
-    dtype = torch_dtype(plan.compute_dtype or plan.dtype)
-    kwargs = get_model_kwargs(recipe, plan)
-    tok_source = ModelSource(str(path), True, str(path)) if (path / "tokenizer_config.json").exists() else source
-    tokenizer = load_tokenizer(tok_source, recipe)
-    from peft import PeftModel
-
-    try:
-        peft_model = PeftModel.from_pretrained(load_model(source, kwargs), str(path))
-    except (RuntimeError, ValueError, KeyError) as exc:
-        raise FinsftError(f"the adapter in '{adapter}' does not fit the recipe's model {source.description}: "
-                          f"{exc}") from exc
-    con.print(f"merging {path} into {source.description}"
-              + (f" (loaded quantized as in training, de-quantized to {_dtype_name(dtype)})"
-                 if recipe["quantization"] else ""))
-    return merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
-                          load_quantized=lambda: load_model(source, kwargs))

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -207,3 +209,80 @@ def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, rand
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
     return model
+
+
+# ------------------------------------------------------------------------------------- inference and adapters
+
+
+@dataclass
+class Loaded:
+    """A model ready for inference, with what it was loaded from."""
+
+    model: Any
+    tokenizer: Any
+    description: str  # the base model
+    adapter: str | None
+
+
+def check_adapter(adapter: str | None) -> Path | None:
+    """The adapter (or fully fine-tuned model) folder, checked before anything heavy is loaded."""
+    if adapter is None:
+        return None
+    path = Path(adapter).expanduser().absolute()
+    if not path.is_dir():
+        hint = ""
+        partial = path.with_name(path.name + ".partial")
+        if partial.is_dir():
+            hint = f" ({partial} holds an unfinished run: finish it with finsft train --resume)"
+        raise ModelLoadError(f"adapter folder '{adapter}' does not exist{hint}")
+    if not (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        raise ModelLoadError(f"'{adapter}' holds neither a LoRA adapter (adapter_config.json) nor a model (config.json); "
+                          "pass the output folder of a finished finsft train run")
+    return path
+
+
+def apply_adapter(model: Any, path: Path, source: ModelSource, log: Callable[[str], None] = print) -> Any:
+    """``model`` (the recipe's base) with the LoRA adapter in ``path`` applied, or an error for people when the
+    adapter does not fit it."""
+    from peft import PeftModel
+
+    try:
+        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"cannot read {path / 'adapter_config.json'}: {exc}") from exc
+    if base_name and os.path.realpath(str(base_name)) != os.path.realpath(source.path):
+        log(f"note: the adapter was trained on '{base_name}'; the recipe's model is '{source.path}'")
+    try:
+        return PeftModel.from_pretrained(model, str(path))
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+        raise ModelLoadError(f"the adapter in '{path}' does not fit the recipe's model {source.description}: "
+                             f"{exc}") from exc
+
+
+def adapter_tokenizer_source(path: Path | None, source: ModelSource) -> ModelSource:
+    """A run folder saves its tokenizer next to the adapter: use it when it is there."""
+    if path is not None and (path / "tokenizer_config.json").exists():
+        return ModelSource(str(path), True, str(path))
+    return source
+
+
+def load_for_inference(recipe: Recipe, adapter: str | None, log: Callable[[str], None] = print) -> Loaded:
+    """The recipe's base model on this machine's hardware, with the adapter applied when one is given.
+
+    A folder with ``adapter_config.json`` is a LoRA adapter for the recipe's model; a folder with only
+    ``config.json`` is a fully fine-tuned model (a run with ``lora: null``) and replaces the base.
+    """
+    from finsft.plan import detect_hardware, plan_run
+
+    path = check_adapter(adapter)
+    source = resolve_model(recipe, log=log)
+    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
+    kwargs = get_model_kwargs(recipe, plan)
+    full = path is not None and not (path / "adapter_config.json").exists()
+    weights = ModelSource(str(path), True, str(path)) if full and path is not None else source
+    tokenizer = load_tokenizer(adapter_tokenizer_source(path, source), recipe)
+    model = load_model(weights, kwargs)
+    if path is not None and not full:
+        model = apply_adapter(model, path, source, log)
+    model.eval()
+    return Loaded(model, tokenizer, source.description, str(path) if path else None)

@@ -17,9 +17,9 @@ from _runs import BIN, adapter, loss_steps, max_abs_diff, metrics, subprocess_en
 
 from finsft.cli import main as cli
 from finsft.errors import FinsftError
-from finsft.plan import Hardware, get_model_kwargs, get_quantization_config, plan_run
+from finsft.plan import Hardware, get_model_kwargs, get_quantization_config, plan_run, sharding_engine
 from finsft.recipe import load_recipe
-from finsft.train import WORKING_CPU_LAUNCH, check_world_size, launcher_warning, sharding_engine
+from finsft.training.launch import WORKING_CPU_LAUNCH, check_world_size, launcher_warning
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = REPO / "recipes" / "accelerate"

@@ -14,7 +14,7 @@ import pytest
 from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
 
 from finsft.cli import main
-from finsft.evaluate import (
+from finsft.evaluation import (
     classification_metrics,
     evaluate_model,
     map_answer,
@@ -100,7 +100,7 @@ def test_metrics_equal_scikit_learn() -> None:
 
 
 def test_nine_label_gold_maps_to_three_classes() -> None:
-    from finsft.evaluate import gold_label
+    from finsft.evaluation.metrics import gold_label
 
     template = template_from_recipe({"name": "fingpt_sentiment", "labels": "fingpt9"})
     assert gold_label("strong negative", template) == "negative"
@@ -167,7 +167,7 @@ def label_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(label_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A 2-step LoRA run on the tiny model that evaluates during and after training."""
     from finsft.recipe import load_recipe
-    from finsft.train import train
+    from finsft.training import train
 
     folder = tmp_path_factory.mktemp("eval-run")
     path = folder / "recipe.json"
@@ -181,7 +181,7 @@ def trained(label_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
 @pytest.fixture(scope="module")
 def loaded(trained: dict[str, Any]) -> Any:
     from finsft.data import make_formatter
-    from finsft.evaluate import load_for_inference
+    from finsft.models import load_for_inference
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(str(trained["recipe"]))
@@ -197,7 +197,7 @@ def test_eval_during_training(trained: dict[str, Any]) -> None:
     assert [r["step"] for r in evals] == [1, 2]
     assert all(r["eval_loss"] > 0 for r in evals)
     result = json.loads((run / "eval.json").read_text())
-    assert result["after"]["n"] == 8 and 0 <= result["after"]["weighted_f1"] <= 1
+    assert result["metrics"]["n"] == 8 and 0 <= result["metrics"]["weighted_f1"] <= 1
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
@@ -229,7 +229,7 @@ def test_likelihood_paths_agree(loaded: Any) -> None:
 @pytest.mark.slow
 def test_likelihood_multi_token_labels(trained: dict[str, Any]) -> None:
     from finsft.data import Formatter
-    from finsft.evaluate import load_for_inference
+    from finsft.models import load_for_inference
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(str(trained["recipe"]))
@@ -275,22 +275,26 @@ def test_eval_cli_base_and_adapter(trained: dict[str, Any], tmp_path: Path) -> N
     assert (tmp_path / "base" / "confusion.png").stat().st_size > 0
 
     run = trained["run"]
-    # Relative --data (to the current folder), generate scorer, results into the adapter folder by default.
+    # Relative --data (to the current folder), generate scorer; results go under the run (RUN/eval/<data name>/)
+    # by default, never over the training run's own eval.json.
+    training_eval = (run / "eval.json").read_bytes()
     data = os.path.relpath(QUICKSTART_TEST, tmp_path)
     tuned = _cli("eval", recipe, "--adapter", str(run), "--data", data, "--limit", "5", "--scorer", "generate",
                  cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr
-    report = json.loads((run / "eval.json").read_text())
+    assert (run / "eval.json").read_bytes() == training_eval
+    results = run / "eval" / Path(QUICKSTART_TEST).stem
+    report = json.loads((results / "eval.json").read_text())
     assert report["adapter"] == str(run) and report["settings"]["scorer"] == "generate"
     assert report["settings"]["max_new_tokens"] == 8 and report["rows"] == 5
     assert str(QUICKSTART_TEST) in report["data"]
-    preds = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    preds = [json.loads(line) for line in (results / "predictions.jsonl").read_text().splitlines()]
     assert all(p["pred"] == fingpt_change_target(p["answer"]) for p in preds)
 
 
 @pytest.mark.slow
 def test_eval_qa_template(tiny_model: Path, tmp_path: Path) -> None:
-    from finsft.evaluate import evaluate_command
+    from finsft.commands.evaluate import evaluate_command
     from finsft.recipe import load_recipe
 
     qa = tmp_path / "qa.jsonl"
@@ -361,9 +365,10 @@ def test_eval_likelihood_needs_labels(tiny_model: Path, tmp_path: Path, capsys: 
 @pytest.mark.slow
 def test_eval_full_fine_tune_folder(label_model: Path, tmp_path: Path) -> None:
     """A run with lora: null saves a whole model; eval loads it in place of the base."""
-    from finsft.evaluate import evaluate_command, load_for_inference
+    from finsft.commands.evaluate import evaluate_command
+    from finsft.models import load_for_inference
     from finsft.recipe import load_recipe
-    from finsft.train import train
+    from finsft.training import train
 
     path = tmp_path / "full.json"
     path.write_text(json.dumps(_recipe(label_model, tmp_path, lora=None,
@@ -374,7 +379,7 @@ def test_eval_full_fine_tune_folder(label_model: Path, tmp_path: Path) -> None:
     assert not (run / "adapter_config.json").exists()
     report = evaluate_command(recipe, adapter=str(run), limit=4)
     assert report["adapter"] == str(run) and report["rows"] == 4
-    assert json.loads((run / "eval.json").read_text()) == report
+    assert json.loads((run / "eval" / QUICKSTART_TEST.stem / "eval.json").read_text()) == report
     tuned = load_for_inference(recipe, str(run)).model
     base = load_for_inference(recipe, None).model
     assert any(not (a == b).all() for a, b in zip(tuned.parameters(), base.parameters(), strict=True))

@@ -12,12 +12,13 @@ from typing import Any
 import pytest
 from _runs import start_finsft, wait_for
 
-import finsft.train as train_module
+import finsft.training.run as train_module
 from finsft.cli import main as cli
 from finsft.plan import Hardware, plan_run
 from finsft.progress import ProgressCallback
 from finsft.recipe import load_recipe
-from finsft.train import latest_checkpoint, oom_message
+from finsft.training.advice import oom_message
+from finsft.training.output import latest_checkpoint
 
 # ------------------------------------------------------------------------------------------------- signals
 

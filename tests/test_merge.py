@@ -33,7 +33,7 @@ def _recipe(tiny_model: Path, out: Path, **extra: Any) -> dict[str, Any]:
 
 def _train(tiny_model: Path, folder: Path, **extra: Any) -> dict[str, Path]:
     from finsft.recipe import load_recipe
-    from finsft.train import train
+    from finsft.training import train
 
     path = folder / "recipe.json"
     path.write_text(json.dumps(_recipe(tiny_model, folder, **extra)))

@@ -32,7 +32,7 @@ def _recipe(tiny_model: Path, out: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def trained(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from finsft.recipe import load_recipe
-    from finsft.train import train
+    from finsft.training import train
 
     folder = tmp_path_factory.mktemp("predict-run")
     path = folder / "recipe.json"
@@ -61,7 +61,7 @@ def test_predict_inputs_prints_a_table(trained: dict[str, Path]) -> None:
 
 @pytest.mark.slow
 def test_predict_file_writes_jsonl(trained: dict[str, Path], tmp_path: Path) -> None:
-    from finsft.evaluate import predict_command
+    from finsft.commands.predict import predict_command
     from finsft.recipe import load_recipe
 
     rows = [json.loads(line) for line in QUICKSTART_TEST.read_text().splitlines()[:5]]

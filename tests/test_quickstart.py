@@ -34,7 +34,7 @@ def test_quickstart_recipe_trains_offline_and_reports_before_after(tmp_path: Pat
     assert "before training (likelihood, 12 rows): accuracy" in proc.stdout
     assert "after training (likelihood, 12 rows): accuracy" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
-    for phase in ("before", "after"):
+    for phase in ("base_metrics", "metrics"):  # before and after training
         assert result[phase]["n"] == 12
         assert 0.0 <= result[phase]["accuracy"] <= 1.0
         assert set(result[phase]["per_class"]) == {"negative", "neutral", "positive"}

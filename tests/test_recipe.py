@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from finsft import recipe as rc
-from finsft.recipe import loading
 from finsft import templates as tpl
 from finsft.errors import Problem, RecipeError, did_you_mean
+from finsft.recipe import loading
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
@@ -417,7 +417,8 @@ def test_override_is_applied_and_validated() -> None:
 
     _, problems = rc.check_recipe(path, ["training.learning_rate=2"])
     (problem,) = problems
-    assert problem.file == f"{path} (override training.learning_rate=2)"
+    assert problem.file == str(path) and problem.override == "training.learning_rate=2"
+    assert str(problem).startswith(f"{path} (override training.learning_rate=2): $.training.learning_rate")
     assert problem.path == "$.training.learning_rate" and "greater than the maximum of 1" in problem.message
 
 
@@ -426,7 +427,7 @@ def test_override_with_unknown_key_gets_did_you_mean_and_names_the_override() ->
     (problem,) = rc.check_recipe(path, ["training.learnig_rate=1e-4"])[1]
     assert problem.path == "$.training.learnig_rate"
     assert "Did you mean 'learning_rate'?" in problem.message
-    assert "(override training.learnig_rate=1e-4)" in problem.file
+    assert problem.override == "training.learnig_rate=1e-4"
     assert "(override training.learnig_rate=1e-4)" in str(problem)
 
 
@@ -457,13 +458,13 @@ def test_override_local_path_resolves_against_the_working_directory(tmp_path: Pa
     recipe = rc.load_recipe(path, ["data.path=train.jsonl"])
     assert recipe["data"]["path"] == str(tmp_path / "work" / "train.jsonl")
     (problem,) = rc.check_recipe(path, ["data.path=missing.jsonl"])[1]
-    assert problem.path == "$.data.path" and "(override data.path=missing.jsonl)" in problem.file
+    assert problem.path == "$.data.path" and problem.override == "data.path=missing.jsonl"
 
 
 def test_override_can_replace_a_section_with_a_wrong_type() -> None:
     (problem,) = rc.check_recipe(str(FIXTURES / "valid" / "minimal.json"), ["training=5"])[1]
     assert problem.path == "$.training" and problem.message == "expected object, got integer 5"
-    assert "(override training=5)" in problem.file
+    assert problem.override == "training=5"
 
 
 def test_override_deep_key_on_a_null_section_creates_it() -> None:
@@ -659,7 +660,8 @@ def test_expand_paths(tmp_path: Path) -> None:
 def test_problem_formatting() -> None:
     p = Problem("r.json", "$.a", "bad", 3, 7)
     assert str(p) == "r.json:3:7: $.a: bad"
-    assert p.as_dict() == {"file": "r.json", "path": "$.a", "message": "bad", "line": 3, "column": 7}
+    assert p.as_dict() == {"file": "r.json", "path": "$.a", "message": "bad", "line": 3, "column": 7,
+                           "override": None, "severity": "error"}
     assert str(Problem("r.json", "$", "bad")) == "r.json: $: bad"
     assert Problem("r.json", "$", "bad", 2).location() == "r.json:2"
 

@@ -10,17 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from _runs import adapter, loss_steps, max_abs_diff, metrics, start_finsft, wait_for
+from safetensors.torch import save_file
 
 from finsft.cli import main as cli
 from finsft.errors import OutputDirError
 from finsft.recipe import load_recipe
-from finsft.train import (
+from finsft.training.launch import resume_command
+from finsft.training.output import (
     RunDirs,
     latest_checkpoint,
     mean_train_loss,
-    prepare_dirs,
-    resume_command,
+    prepare,
     trim_metrics,
 )
 
@@ -28,7 +30,7 @@ from finsft.train import (
 def _checkpoint(work: Path, step: int, complete: bool = True) -> Path:
     ckpt = work / "checkpoints" / f"checkpoint-{step}"
     ckpt.mkdir(parents=True)
-    (ckpt / "adapter_model.safetensors").write_bytes(b"x")
+    save_file({"w": torch.zeros(4, 4)}, str(ckpt / "adapter_model.safetensors"))
     if complete:
         (ckpt / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return ckpt
@@ -45,6 +47,19 @@ def test_latest_checkpoint_skips_one_cut_short(tmp_path: Path) -> None:
     bad = _checkpoint(tmp_path, 14)
     (bad / "trainer_state.json").write_text('{"global_st')  # cut mid-write
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-10")  # numeric, not "2" > "10"
+
+
+def test_latest_checkpoint_skips_a_truncated_weight_or_optimizer_file(tmp_path: Path) -> None:
+    """A full disk or a kill can cut a weights/optimizer file short after trainer_state.json of a checkpoint was
+    written: such a checkpoint is skipped, so that the resume hint never points at the same broken one."""
+    _checkpoint(tmp_path, 2)
+    torch.save({"state": torch.zeros(8)}, tmp_path / "checkpoints" / "checkpoint-2" / "optimizer.pt")
+    adapter = _checkpoint(tmp_path, 4) / "adapter_model.safetensors"
+    adapter.write_bytes(adapter.read_bytes()[:-10])
+    optim = _checkpoint(tmp_path, 6) / "optimizer.pt"
+    torch.save({"state": torch.zeros(1000)}, optim)
+    optim.write_bytes(optim.read_bytes()[:200])
+    assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoints" / "checkpoint-2")
 
 
 def test_trim_metrics_keeps_steps_up_to_the_checkpoint(tmp_path: Path) -> None:
@@ -74,24 +89,24 @@ def test_resume_refuses_a_changed_recipe_with_a_diff_unless_forced(make_recipe: 
     recipe = load_recipe(str(path))
     dirs = RunDirs.for_recipe(recipe)
     with pytest.raises(OutputDirError, match="nothing to resume"):
-        prepare_dirs(recipe, dirs, overwrite=False, resume=True, force=False)
-    assert prepare_dirs(recipe, dirs, overwrite=False, resume=False, force=False) is None
+        prepare(recipe, dirs, overwrite=False, resume=True, force=False)
+    assert prepare(recipe, dirs, overwrite=False, resume=False, force=False) is None
     ckpt = _checkpoint(dirs.work, 4)
-    assert prepare_dirs(recipe, dirs, overwrite=False, resume=True, force=False) == str(ckpt)
+    assert prepare(recipe, dirs, overwrite=False, resume=True, force=False) == str(ckpt)
 
     changed = load_recipe(str(path), ["training.learning_rate=0.5", "lora.r=8"])
     with pytest.raises(OutputDirError) as err:
-        prepare_dirs(changed, dirs, overwrite=False, resume=True, force=False)
+        prepare(changed, dirs, overwrite=False, resume=True, force=False)
     text = str(err.value)
     assert "--force" in text and "--overwrite" in text
     assert '-    "learning_rate": 0.001,' in text and '+    "learning_rate": 0.5,' in text
     assert '-    "r": 4,' in text and '+    "r": 8,' in text
     # forced: the checkpoint is used and the new recipe becomes the run's recipe
-    assert prepare_dirs(changed, dirs, overwrite=False, resume=True, force=True) == str(ckpt)
+    assert prepare(changed, dirs, overwrite=False, resume=True, force=True) == str(ckpt)
     assert json.loads((dirs.work / "recipe.json").read_text()) == changed.config
     # a plain run refuses to touch the interrupted run
     with pytest.raises(OutputDirError, match="--resume"):
-        prepare_dirs(recipe, dirs, overwrite=False, resume=False, force=False)
+        prepare(recipe, dirs, overwrite=False, resume=False, force=False)
 
 
 def test_resume_command_repeats_the_command_line(make_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -168,7 +183,7 @@ def test_resume_before_any_checkpoint_starts_over_cleanly(make_recipe: Any, tmp_
     path = make_recipe(training={"max_steps": 2, "save_steps": 100})
     recipe = load_recipe(str(path))
     dirs = RunDirs.for_recipe(recipe)
-    prepare_dirs(recipe, dirs, overwrite=False, resume=False, force=False)
+    prepare(recipe, dirs, overwrite=False, resume=False, force=False)
     (dirs.work / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 99.0}) + "\n")
     assert cli([str(path), "--resume"]) == 0
     assert loss_steps(dirs.final) == [1, 2]

@@ -21,7 +21,7 @@ from conftest import QUICKSTART_TRAIN
 from finsft.errors import DataError, ModelLoadError
 from finsft.recipe import load_recipe
 from finsft.testing import write_jsonl
-from finsft.train import train
+from finsft.training import train
 
 pytestmark = pytest.mark.slow
 
@@ -323,7 +323,7 @@ def test_validation_loss_and_task_evaluation(make_recipe: Any) -> None:
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "eval_loss" in r] == [1, 2]
     result = json.loads((out / "eval.json").read_text())
-    assert result["scorer"] == "likelihood" and 0 <= result["after"]["accuracy"] <= 1
+    assert result["settings"]["scorer"] == "likelihood" and 0 <= result["metrics"]["accuracy"] <= 1
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 6
 
 

@@ -136,10 +136,10 @@ def test_format_json(two_bad_files: list[Path]) -> None:
     files = {f["file"]: f for f in report["files"]}
     assert list(files) == [str(p.relative_to(REPO)) for p in SHIPPED] + [str(p) for p in two_bad_files]
     for f in report["files"]:
-        assert set(f) == {"file", "valid", "errors"}
+        assert set(f) == {"file", "valid", "errors", "warnings"}
         assert f["valid"] is (not f["errors"])
         for err in f["errors"]:
-            assert set(err) == {"file", "path", "message", "line", "column"}
+            assert set(err) == {"file", "path", "message", "line", "column", "override", "severity"}
             assert err["path"].startswith("$") and err["message"]
             assert err["line"] is None or isinstance(err["line"], int)
     a, b = (files[str(p)] for p in two_bad_files)

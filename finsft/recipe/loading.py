@@ -11,14 +11,14 @@ import json
 import math
 import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from finsft.errors import Problem, RecipeError
 from finsft.recipe.model import Recipe
 from finsft.recipe.paths import PATH_FIELDS, is_local_path, resolve_paths
-from finsft.recipe.rules import semantic_problems
+from finsft.recipe.rules import recipe_warnings, semantic_problems
 from finsft.recipe.schema import apply_defaults, json_type, schema, schema_problems
 
 
@@ -222,8 +222,8 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
             problems.append(Problem(path, "$", str(exc)))
             continue
         if parts[0] == "extends":
-            problems.append(Problem(f"{path} (override {text})", "$.extends",
-                                    "'extends' cannot be overridden: it is read from the recipe files"))
+            problems.append(Problem(path, "$.extends", "'extends' cannot be overridden: it is read from the recipe "
+                                    "files", override=text))
             continue
         apply_override(merged, parts, value)
         layer_dir = os.getcwd()
@@ -236,7 +236,7 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
         key = tuple(str(p) for p in parts)
         for n in range(len(key), 0, -1):
             if key[:n] in override_origin:
-                return Problem(f"{path} (override {override_origin[key[:n]]})", json_path(parts), message)
+                return Problem(path, json_path(parts), message, override=override_origin[key[:n]])
             if key[:n] in origin:
                 layer = origin[key[:n]]
                 return Problem(layer.file, json_path(parts), message, *locate(layer.text, list(parts)))
@@ -252,7 +252,9 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
     problems.extend(problem(p, m) for p, m in semantic_problems(merged, cfg, bad_sections))
     if problems:
         return None, problems
-    return Recipe(source=path, raw=merged, config=cfg, files=[layer.file for layer in reversed(chain)]), problems
+    warnings = [replace(problem(p, m), severity="warning") for p, m in recipe_warnings(cfg)]
+    return Recipe(source=path, raw=merged, config=cfg, files=[layer.file for layer in reversed(chain)],
+                  warnings=warnings), problems
 
 
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:

@@ -227,3 +227,13 @@ def model_rules(model: Any) -> Found:
         elif model.get("gguf_file") and not os.path.exists(os.path.join(ref, model["gguf_file"])):
             out.append((["model", "gguf_file"], f"'{model['gguf_file']}' is not in '{ref}'"))
     return out
+
+
+def recipe_warnings(cfg: Mapping[str, Any]) -> Found:
+    """Settings that are allowed but deserve a word before anything runs."""
+    model = cfg.get("model")
+    if isinstance(model, dict) and model.get("trust_remote_code"):
+        return [(["model", "trust_remote_code"], f"trust_remote_code is true: loading "
+                 f"'{model.get('name_or_path')}' runs the Python code that ships with the model, with your "
+                 "permissions; keep it only for a model whose code you trust")]
+    return []

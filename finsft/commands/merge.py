@@ -1,0 +1,43 @@
+"""``finsft merge``: load the recipe's base as it was trained, apply the adapter, merge, verify and save."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finsft.errors import FinsftError
+from finsft.merge import check_out, dtype_name, merge_and_save
+from finsft.models import (
+    adapter_tokenizer_source,
+    apply_adapter,
+    check_adapter,
+    load_model,
+    load_tokenizer,
+    model_shape,
+    resolve_model,
+)
+from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
+from finsft.progress import console
+from finsft.recipe import Recipe
+
+
+def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
+    con = console()
+    out_dir = Path(out).expanduser().absolute()
+    check_out(out_dir)
+    path = check_adapter(adapter)
+    assert path is not None
+    if not (path / "adapter_config.json").exists():
+        raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "
+                          "already loads with from_pretrained")
+    source = resolve_model(recipe, log=con.print)
+    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
+    dtype = torch_dtype(plan.compute_dtype or plan.dtype)
+    kwargs = get_model_kwargs(recipe, plan)
+    tokenizer = load_tokenizer(adapter_tokenizer_source(path, source), recipe)
+    peft_model = apply_adapter(load_model(source, kwargs), path, source, con.print)
+    con.print(f"merging {path} into {source.description}"
+              + (f" (loaded quantized as in training, de-quantized to {dtype_name(dtype)})"
+                 if recipe["quantization"] else ""))
+    return merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
+                          load_quantized=lambda: load_model(source, kwargs))

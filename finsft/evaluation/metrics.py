@@ -1,0 +1,93 @@
+"""Metrics: FinGPT's answer-to-label mapping, classification metrics (scikit-learn: accuracy, macro and weighted F1,
+per-class precision/recall, confusion matrix) and QA metrics (ROUGE-L from rouge-score, SQuAD-style token F1)."""
+
+from __future__ import annotations
+
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+from finsft.templates import FINGPT9, Template, to_three_class
+
+
+def uses_fingpt_mapping(template: Template) -> bool:
+    """FinGPT's answer mapping applies when the label set is the 3- or 9-label FinGPT vocabulary."""
+    return template.labels is not None and set(template.labels) <= set(FINGPT9)
+
+
+def map_answer(text: str, template: Template) -> str:
+    """The label a generated answer stands for."""
+    if uses_fingpt_mapping(template):
+        return to_three_class(text)
+    assert template.labels is not None
+    lowered = text.lower()
+    hits = [(lowered.find(lab.lower()), -len(lab), lab) for lab in template.labels if lab.lower() in lowered]
+    return min(hits)[2] if hits else "(none)"
+
+
+def gold_label(value: str, template: Template) -> str:
+    value = str(value).strip()
+    return to_three_class(value) if uses_fingpt_mapping(template) else value
+
+
+def classification_metrics(gold: Sequence[str], pred: Sequence[str], labels: Sequence[str]) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labels = list(labels)
+    p, r, f, s = precision_recall_fscore_support(gold, pred, labels=labels, zero_division=0)
+    return {
+        "n": len(gold),
+        "accuracy": float(accuracy_score(gold, pred)),
+        "macro_f1": float(f1_score(gold, pred, labels=labels, average="macro", zero_division=0)),
+        "weighted_f1": float(f1_score(gold, pred, labels=labels, average="weighted", zero_division=0)),
+        "per_class": {lab: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, lab in enumerate(labels)},
+        "labels": labels,
+        "confusion_matrix": confusion_matrix(gold, pred, labels=labels).tolist(),
+    }
+
+
+def _normalize(text: str) -> list[str]:
+    text = text.lower()
+    text = "".join(ch for ch in text if ch not in set(string.punctuation))
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return text.split()
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style token-overlap F1."""
+    p, r = _normalize(prediction), _normalize(reference)
+    if not p or not r:
+        return float(p == r)
+    common = sum((Counter(p) & Counter(r)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(p), common / len(r)
+    return 2 * precision * recall / (precision + recall)
+
+
+def qa_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    pairs = list(zip(predictions, references, strict=True))
+    rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in pairs]
+    f1 = [token_f1(pred, ref) for pred, ref in pairs]
+    n = max(1, len(predictions))
+    return {
+        "n": len(predictions),
+        "rougeL": sum(rouge) / n,
+        "token_f1": sum(f1) / n,
+        "mean_generated_words": sum(len(p.split()) for p in predictions) / n,
+        "mean_reference_words": sum(len(r.split()) for r in references) / n,
+    }
+
+
+def headline(m: dict[str, Any]) -> str:
+    if "accuracy" in m:
+        return f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, weighted F1 {m['weighted_f1']:.3f}"
+    return f"ROUGE-L {m['rougeL']:.3f}, token F1 {m['token_f1']:.3f}, {m['mean_generated_words']:.0f} words"
+
+

@@ -1,0 +1,231 @@
+"""Score a model on template rows.
+
+Classification templates: ``likelihood`` ranks the label strings by the model's log-likelihood after the prompt;
+``generate`` decodes greedily and maps the text to a label as FinGPT's benchmarks do. Generation templates are
+scored on greedy generations (ROUGE-L, token F1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from finsft.data import Formatter, encode_continuation, encode_prompt
+from finsft.errors import FinsftError
+from finsft.evaluation.metrics import (
+    classification_metrics,
+    gold_label,
+    map_answer,
+    qa_metrics,
+    uses_fingpt_mapping,
+)
+from finsft.recipe import Recipe
+from finsft.templates import Template
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class EvalResult:
+    scorer: str
+    metrics: dict[str, Any]
+    predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _device(model: Any) -> Any:
+    return next(model.parameters()).device
+
+
+def label_texts(formatter: Formatter) -> list[str]:
+    """The text that follows the prompt for each label (without the end-of-sequence token)."""
+    t = formatter.template
+    assert t.labels is not None
+    if formatter.chat:
+        return [lab for lab in t.labels]
+    return [t.render_label(lab) for lab in t.labels]
+
+
+def _by_length(seqs: Sequence[Sequence[int]]) -> list[int]:
+    """Indices of ``seqs`` from longest to shortest: batches of similar length waste little on padding."""
+    return sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+
+
+def score_likelihood(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
+                     progress: Progress | None = None, path: str = "auto") -> list[dict[str, float]]:
+    """Log-likelihood of each label's tokens after each row's prompt.
+
+    When every label is one distinct token (``path="next_token"``), one forward pass per batch of prompts reads
+    the next-token distribution at each prompt's end. Otherwise (``path="sequence"``) each (prompt, label) pair
+    is scored in full. Both give the same numbers when both apply; ``path`` forces one (tests compare them).
+    """
+    import torch
+
+    tok = formatter.tokenizer
+    labels = formatter.template.labels
+    assert labels is not None
+    label_ids = encode_continuation(tok, label_texts(formatter))
+    if any(not ids for ids in label_ids):
+        raise FinsftError(f"a label of template '{formatter.template.name}' encodes to no tokens")
+    single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
+    if path == "auto":
+        path = "next_token" if single else "sequence"
+    elif path == "next_token" and not single:
+        raise FinsftError("the next-token path needs labels that are distinct single tokens")
+    prompts = encode_prompt(tok, [formatter.prompt(r) for r in rows], formatter.chat)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = _device(model)
+    out: list[dict[str, float] | None] = [None] * len(prompts)
+    order = _by_length(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            first = torch.tensor([ids[0] for ids in label_ids], device=device)
+            # The sequence path scores every (prompt, label) pair: about batch_size pairs per forward pass.
+            step = batch_size if path == "next_token" else max(1, batch_size // len(label_ids))
+            for start in range(0, len(order), step):
+                idx = order[start:start + step]
+                chunk = [prompts[i] for i in idx]
+                if path == "next_token":
+                    ids, mask, last = _right_pad(chunk, pad, device)
+                    # Only the logits at each prompt's last position are needed: skip the head elsewhere.
+                    keep, where = torch.unique(last, return_inverse=True)
+                    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+                    logp = torch.log_softmax(logits[torch.arange(len(chunk), device=device), where].float(), -1)
+                    scores = logp[:, first].tolist()
+                else:
+                    scores = _sequence_scores(model, chunk, label_ids, pad, device)
+                for i, row in zip(idx, scores, strict=True):
+                    out[i] = dict(zip(labels, row, strict=True))
+                if progress:
+                    progress(min(start + step, len(order)), len(order))
+    finally:
+        model.train(was_training)
+    return [s for s in out if s is not None]
+
+
+def _sequence_scores(model: Any, prompts: list[list[int]], label_ids: list[list[int]], pad: int,
+                     device: Any) -> list[list[float]]:
+    """For each prompt, the summed log-probabilities of each label's tokens after it (one forward pass)."""
+    import torch
+
+    seqs = [p + c for p in prompts for c in label_ids]
+    ids, mask, _ = _right_pad(seqs, pad, device)
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.float(), -1)
+    out = []
+    for n, p in enumerate(prompts):
+        row = []
+        for k, c in enumerate(label_ids):
+            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1, device=device)
+            row.append(float(logp[n * len(label_ids) + k, positions, torch.tensor(c, device=device)].sum()))
+        out.append(row)
+    return out
+
+
+def _right_pad(seqs: Sequence[Sequence[int]], pad: int, device: Any) -> tuple[Any, Any, Any]:
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    last = torch.tensor([len(s) - 1 for s in seqs])
+    return ids.to(device), mask.to(device), last.to(device)
+
+
+def generate(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
+             max_new_tokens: int, progress: Progress | None = None) -> list[str]:
+    """Greedy completions of each row's prompt (left-padded batches of similar length), special tokens removed."""
+    import torch
+
+    tok = formatter.tokenizer
+    prompts = encode_prompt(tok, [formatter.prompt(r) for r in rows], formatter.chat)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = _device(model)
+    texts: list[str] = [""] * len(prompts)
+    order = _by_length(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                chunk = [prompts[i] for i in idx]
+                width = max(len(p) for p in chunk)
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, p in enumerate(chunk):
+                    ids[j, width - len(p):] = torch.tensor(p)
+                    mask[j, width - len(p):] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                     eos_token_id=_stop_ids(tok))
+                for i, row in zip(idx, out[:, width:], strict=True):
+                    texts[i] = tok.decode(row, skip_special_tokens=True).strip()
+                if progress:
+                    progress(min(start + batch_size, len(order)), len(order))
+    finally:
+        model.train(was_training)
+    return texts
+
+
+def _stop_ids(tok: Any) -> list[int]:
+    ids = {tok.eos_token_id}
+    for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
+        tid = tok.convert_tokens_to_ids(name) if name in tok.get_vocab() else None
+        if tid is not None:
+            ids.add(tid)
+    return sorted(i for i in ids if i is not None)
+
+
+def resolve_scorer(scorer: str, template: Template) -> str:
+    if scorer == "auto":
+        return "likelihood" if template.is_classification else "generate"
+    if scorer == "likelihood" and not template.is_classification:
+        raise FinsftError(f"the likelihood scorer ranks labels; template '{template.name}' has none")
+    return scorer
+
+
+def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], *, scorer: str,
+                   batch_size: int, max_new_tokens: int | None, progress: Progress | None = None) -> EvalResult:
+    """Score ``model`` on template rows (dicts of template fields)."""
+    template = formatter.template
+    scorer = resolve_scorer(scorer, template)
+    if not rows:
+        raise FinsftError("no rows to evaluate")
+    if template.is_classification:
+        assert template.labels is not None
+        gold = [gold_label(r[template.label_field], template) for r in rows]
+        label_space = ["negative", "neutral", "positive"] if uses_fingpt_mapping(template) else list(template.labels)
+        if scorer == "likelihood":
+            scores = score_likelihood(model, formatter, rows, batch_size, progress)
+            raw = [max(s, key=s.__getitem__) for s in scores]
+            pred = [gold_label(p, template) for p in raw]
+            preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": a, "scores": s}
+                     for r, g, p, a, s in zip(rows, gold, pred, raw, scores, strict=True)]
+        else:
+            texts = generate(model, formatter, rows, batch_size, max_new_tokens or 8, progress)
+            pred = [map_answer(t, template) for t in texts]
+            preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": t}
+                     for r, g, p, t in zip(rows, gold, pred, texts, strict=True)]
+        return EvalResult(scorer, classification_metrics(gold, pred, label_space), preds)
+    refs = [str(r[template.label_field]) for r in rows]
+    texts = generate(model, formatter, rows, batch_size, max_new_tokens or 256, progress)
+    preds = [{"input": r.get("input"), "reference": ref, "answer": t}
+             for r, ref, t in zip(rows, refs, texts, strict=True)]
+    return EvalResult(scorer, qa_metrics(texts, refs), preds)
+
+
+def default_max_new_tokens(template: Template, recipe: Recipe) -> int:
+    configured = (recipe["evaluation"] or {}).get("max_new_tokens")
+    return int(configured or (8 if template.is_classification else 256))
+
+
+def prompt_template(template: Template) -> Template:
+    """The template without its completion: what predict needs from a row."""
+    return replace(template, completion="")
+
+

@@ -1,0 +1,31 @@
+"""TRL's SFTTrainer as finsft builds it (also used by ``finsft bench``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finsft.plan import get_peft_config
+from finsft.recipe import Recipe
+
+
+def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None) -> Any:
+    """TRL's SFTTrainer as finsft trains with it (the recipe's LoRA), without TRL's console printer."""
+    from transformers.trainer_callback import PrinterCallback
+    from trl import SFTTrainer
+
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                         processing_class=tokenizer, peft_config=get_peft_config(recipe))
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+def model_is_sharded(trainer: Any) -> bool:
+    """FSDP and DeepSpeed ZeRO-3 split the weights across processes: a forward pass needs every process."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return True
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        plugin = trainer.accelerator.state.deepspeed_plugin
+        return plugin is not None and plugin.zero_stage == 3
+    return False
+
+
