@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import DataError, FinsftError, ModelLoadError
-from finsft.recipe import Recipe
+from finsft.recipe import Recipe, recipe_from_dict
 
 # ------------------------------------------------------------------------------------------- synthetic data
 
@@ -183,10 +183,6 @@ def plan_settings(plan: Any) -> dict[str, Any]:
             "tf32": plan.tf32}
 
 
-def with_config(recipe: Recipe, config: dict[str, Any]) -> Recipe:
-    return Recipe(source=recipe.source, raw=recipe.raw, config=config, files=list(recipe.files))
-
-
 def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
     """The rows a bench times on: a seeded random sample of the prepared training rows, the same for the recipe and
     the baseline, large enough for every timed step (also when packed) and for length grouping at full strength
@@ -194,7 +190,7 @@ def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
     import numpy as np
     import pyarrow.compute as pc
 
-    train = recipe["training"]
+    train = recipe.training
     per_step = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"]
     lengths = pc.list_value_length(train_ds.with_format("arrow")["input_ids"])
     mean_len = float(np.mean(np.asarray(lengths))) if len(train_ds) else 1.0
@@ -259,7 +255,7 @@ def _fallback_data(recipe: Recipe, template: Any, workdir: Path, exc: DataError,
     labels = template.labels
     path = workdir / f"synthetic_{kind}.jsonl"
     if not path.exists():
-        rows = list(synthetic_rows(kind, 20_000, seed=recipe["training"]["seed"]))
+        rows = list(synthetic_rows(kind, 20_000, seed=recipe.training["seed"]))
         if labels:
             rng = random.Random(0)
             for r in rows:
@@ -268,9 +264,8 @@ def _fallback_data(recipe: Recipe, template: Any, workdir: Path, exc: DataError,
             f.writelines(json.dumps(r) + "\n" for r in rows)
     log(f"data '{recipe['data']['path']}' is not available ({exc}); timing on 20,000 synthetic rows shaped like "
         f"FinGPT {kind} instead")
-    cfg = json.loads(json.dumps(recipe.config))
-    cfg["data"].update({"path": str(path), "columns": {}, "validation_path": None, "validation_size": 0})
-    return with_config(recipe, cfg)
+    return recipe.with_changes({"data": {"path": str(path), "columns": {}, "validation_path": None,
+                                         "validation_size": 0}})
 
 
 def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: Callable[[], list[str]],
@@ -284,7 +279,7 @@ def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: C
             raise
     from transformers import AutoConfig, AutoTokenizer
 
-    ref = recipe["model"]["name_or_path"]
+    ref = recipe.model["name_or_path"]
     if source.path.endswith(".json"):  # a config shipped with finsft: the real tokenizer if it was downloaded
         try:
             tok = AutoTokenizer.from_pretrained(ref, local_files_only=True)
@@ -295,7 +290,7 @@ def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: C
             pass
     if shared.get("tokenizer_dir"):
         return AutoTokenizer.from_pretrained(shared["tokenizer_dir"]), "synthetic"
-    config = AutoConfig.from_pretrained(source.path, trust_remote_code=recipe["model"]["trust_remote_code"])
+    config = AutoConfig.from_pretrained(source.path, trust_remote_code=recipe.model["trust_remote_code"])
     log(f"no tokenizer for '{ref}' here: training a synthetic byte-level BPE tokenizer on the data "
         f"(ids within the model's vocabulary of {config.get_text_config().vocab_size:,})")
     tok = synthetic_tokenizer(config, texts())
@@ -309,7 +304,7 @@ def _check_config(recipe: Recipe, source: Any) -> None:
     from finsft.models import shipped_models
 
     try:
-        AutoConfig.from_pretrained(source.path, trust_remote_code=recipe["model"]["trust_remote_code"])
+        AutoConfig.from_pretrained(source.path, trust_remote_code=recipe.model["trust_remote_code"])
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
             f"--random-weights needs the config of '{recipe['model']['name_or_path']}' and cannot read it ({exc}). "
@@ -329,16 +324,14 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
 
     quiet_libraries()
     hw = detect_hardware()
-    template = template_from_recipe(recipe["template"])
+    template = template_from_recipe(recipe.template)
     if shared.get("data_path"):
-        cfg = json.loads(json.dumps(recipe.config))
-        cfg["data"].update({"path": shared["data_path"], "columns": {}, "validation_path": None,
-                            "validation_size": 0})
-        recipe = with_config(recipe, cfg)
+        recipe = recipe.with_changes({"data": {"path": shared["data_path"], "columns": {}, "validation_path": None,
+                                               "validation_size": 0}})
     source = resolve_model(recipe, log=log, random_weights=random_weights)
     if random_weights:
         _check_config(recipe, source)
-    plan = plan_run(recipe, hw, model_shape(source, recipe["model"]["trust_remote_code"]))
+    plan = plan_run(recipe, hw, model_shape(source, recipe.model["trust_remote_code"]))
     if which == "baseline":
         plan = baseline_plan(plan)
 
@@ -349,7 +342,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         if not random_weights:
             raise
         recipe = _fallback_data(recipe, template, workdir, exc, log)
-        shared["data_path"] = recipe["data"]["path"]
+        shared["data_path"] = recipe.data["path"]
         t0 = time.perf_counter()
         splits = build_splits(recipe, template)
     split_s = time.perf_counter() - t0
@@ -365,7 +358,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     formatter = make_formatter(recipe, template, tokenizer)
     messages: list[str] = []
     t1 = time.perf_counter()
-    train_ds = prepared_cache(splits.train, formatter, recipe["training"]["max_length"], splits.fingerprint,
+    train_ds = prepared_cache(splits.train, formatter, recipe.training["max_length"], splits.fingerprint,
                               "train", log=messages.append)
     prep_s = split_s + time.perf_counter() - t1
     rows = timing_rows(train_ds, recipe, steps, warmup)
@@ -377,10 +370,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     from finsft.progress import ProgressCallback
     from finsft.training.trainer import build_trainer
 
-    cfg = json.loads(json.dumps(recipe.config))
-    cfg["training"].update({"max_steps": warmup + steps, "eval_steps": None})
-    run_recipe = with_config(recipe, cfg)
-    set_seed(recipe["training"]["seed"])
+    run_recipe = recipe.with_changes({"training": {"max_steps": warmup + steps, "eval_steps": None}})
+    set_seed(recipe.training["seed"])
     t2 = time.perf_counter()
     model = load_training_model(source, run_recipe, plan, random_weights=random_weights)
     load_s = time.perf_counter() - t2
@@ -400,7 +391,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     elapsed = clock.t1 - clock.t0
     tokens = clock.n1 - clock.n0
     peak, memory_kind = _peak_memory()
-    train, quant = recipe["training"], recipe["quantization"] or {}
+    train, quant = recipe.training, recipe.quantization
     return {
         "config": which,
         "tokens_per_s": round(tokens / elapsed, 2),
@@ -427,7 +418,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "torch_threads": torch.get_num_threads(),
         "model": source.description + (", random weights" if random_weights else ""),
         "tokenizer": tokenizer_kind,
-        "quantization": ("4-bit" if quant.get("load_in_4bit") else "8-bit" if quant.get("load_in_8bit") else None),
+        "quantization": (None if quant is None else "4-bit" if quant["load_in_4bit"] else "8-bit"),
         "data": (f"{'synthetic rows' if shared.get('data_path') else recipe['data']['path']} ({len(train_ds):,} "
                  f"training rows; {len(rows):,} sampled for timing)"),
     }
@@ -439,9 +430,9 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
 def _worker_main(argv: list[str]) -> int:
     spec = json.loads(Path(argv[0]).read_text())
     out = Path(argv[1])
-    recipe = Recipe(source=spec["source"], raw=spec["config"], config=spec["config"], files=spec["files"])
     shared = dict(spec["shared"])
     try:
+        recipe = recipe_from_dict(spec["raw"], spec["source"], spec["files"])  # validated again, like a file
         result = measure(recipe, spec["which"], steps=spec["steps"], warmup=spec["warmup"],
                          random_weights=spec["random_weights"], workdir=Path(spec["workdir"]), shared=shared,
                          log=lambda m: print(m, file=sys.stderr, flush=True))
@@ -455,7 +446,7 @@ def _worker_main(argv: list[str]) -> int:
 def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
                shared: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
     """Run :func:`measure` in a fresh Python process; returns its result and updates ``shared``."""
-    spec = {"source": recipe.source, "config": recipe.config, "files": recipe.files, "which": which,
+    spec = {"source": recipe.source, "raw": recipe.raw, "files": recipe.files, "which": which,
             "steps": steps, "warmup": warmup, "random_weights": random_weights, "workdir": str(workdir),
             "shared": shared}
     spec_path, out_path, log_path = (workdir / f"{which}.{ext}" for ext in ("spec.json", "out.json", "log"))

@@ -383,7 +383,7 @@ def prepared_cache(rows: Any, formatter: Formatter, max_length: int | None, data
     """Tokenized rows, from the cache when (data, template, tokenizer, max_length) was prepared before."""
     import datasets
 
-    from finsft.models import cache_dir
+    from finsft.files import cache_dir
 
     t = formatter.template
     key = json.dumps([data_fp, name, len(rows), rows._fingerprint, t.prompt, t.completion, t.defaults, formatter.chat,

@@ -9,6 +9,13 @@ from pathlib import Path
 from typing import Any
 
 
+def cache_dir() -> Path:
+    """finsft's cache (converted GGUF models, tokenized data): $FINSFT_CACHE, else $XDG_CACHE_HOME/finsft."""
+    root = os.environ.get("FINSFT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "finsft")
+    return Path(root)
+
+
 def write_jsonl(path: Path, records: Iterable[dict[str, Any]]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for r in records:

@@ -18,14 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import ModelLoadError
+from finsft.files import cache_dir
 from finsft.plan import Plan, get_model_kwargs, sharding_engine
 from finsft.recipe import PACKAGE_PREFIX, Recipe
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("FINSFT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "finsft")
-    return Path(root)
 
 
 @dataclass(frozen=True)

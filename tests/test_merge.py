@@ -122,7 +122,7 @@ def test_merge_lora(tiny_model: Path, lora_run: dict[str, Path], tmp_path: Path)
 
 @pytest.mark.slow
 def test_merge_qlora_into_dequantized_base(tiny_model: Path, qlora_run: dict[str, Path], tmp_path: Path) -> None:
-    from finsft.merge import merge_command
+    from finsft.commands.merge import merge_command
     from finsft.recipe import load_recipe
 
     out = tmp_path / "merged"

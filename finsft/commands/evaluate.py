@@ -58,12 +58,12 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     adapter_dir = check_adapter(adapter)
     if out is None and adapter_dir is None:
         results_folder(out, adapter_dir, "")  # the error, before anything heavy
-    template = template_from_recipe(recipe["template"])
-    ev = recipe["evaluation"] or {}
-    scorer = resolve_scorer(scorer or ev.get("scorer", "auto"), template)
+    template = template_from_recipe(recipe.template)
+    ev = recipe.evaluation_settings
+    scorer = resolve_scorer(scorer or ev["scorer"], template)
     data = local_or_hub(data)
     validation = None
-    if not data and not ev.get("path"):
+    if not data and not ev["path"]:
         validation = build_splits(recipe, template).validation
     rows = eval_set(recipe, template, validation, data, split, limit)
     out_dir = results_folder(out, adapter_dir, rows.name)

@@ -31,13 +31,13 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
         raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "
                           "already loads with from_pretrained")
     source = resolve_model(recipe, log=con.print)
-    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
+    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
     dtype = torch_dtype(plan.compute_dtype or plan.dtype)
     kwargs = get_model_kwargs(recipe, plan)
     tokenizer = load_tokenizer(adapter_tokenizer_source(path, source), recipe)
     peft_model = apply_adapter(load_model(source, kwargs), path, source, con.print)
     con.print(f"merging {path} into {source.description}"
               + (f" (loaded quantized as in training, de-quantized to {dtype_name(dtype)})"
-                 if recipe["quantization"] else ""))
+                 if recipe.quantization else ""))
     return merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
                           load_quantized=lambda: load_model(source, kwargs))

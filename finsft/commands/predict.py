@@ -51,7 +51,7 @@ def predict_rows(template: Template, recipe: Recipe, inputs: Sequence[str] | Non
     if not os.path.isabs(path):
         raise FinsftError(f"--file '{file}' does not exist")
     ds, _ = load_table(path, "train")
-    ds = to_template_rows(ds, need, recipe["data"]["columns"], file)
+    ds = to_template_rows(ds, need, recipe.data["columns"], file)
     return [dict(r) for r in ds]
 
 
@@ -68,12 +68,12 @@ def predict_command(recipe: Recipe, *, adapter: str | None = None, inputs: Seque
         raise FinsftError("--input is empty: give the text to complete, e.g. --input \"Shares of X jumped 5%\"")
     target = output_file(out) if out else None
     check_adapter(adapter)
-    template = template_from_recipe(recipe["template"])
+    template = template_from_recipe(recipe.template)
     rows = predict_rows(template, recipe, inputs, file)
     loaded = load_for_inference(recipe, adapter, log=con.print)
     formatter = make_formatter(recipe, prompt_template(template), loaded.tokenizer)
     max_new = max_new_tokens or default_max_new_tokens(template, recipe)
-    batch_size = int((recipe["evaluation"] or {}).get("batch_size", 16))
+    batch_size = recipe.evaluation_settings["batch_size"]
     with ScoringProgress(con, "generating", len(rows)) as progress:
         texts = generate(loaded.model, formatter, rows, batch_size, max_new, progress)
     records = []

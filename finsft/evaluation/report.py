@@ -154,18 +154,18 @@ def eval_set(recipe: Recipe, template: Template, validation: Any, data: str | No
     ``limit`` or evaluation.max_samples with a seeded sample."""
     from finsft.data import load_split
 
-    ev = recipe["evaluation"] or {}
-    path = data or ev.get("path")
+    ev = recipe.evaluation_settings
+    path = data or ev["path"]
     if path:
-        ds, fp = load_split(path, split or ev.get("split") or "test", template, recipe["data"]["columns"])
+        ds, fp = load_split(path, split or ev["split"] or "test", template, recipe.data["columns"])
         source, name = path, _slug(path.rstrip("/"))
     elif validation is not None:
         ds, fp, source, name = validation, str(getattr(validation, "_fingerprint", "")), "validation split", "validation"
     else:
         raise FinsftError("nothing to evaluate on: set evaluation.path, data.validation_path or data.validation_size"
                           " (or pass --data)")
-    cap = limit or ev.get("max_samples")
-    seed = recipe["training"]["seed"]
+    cap = limit or ev["max_samples"]
+    seed = recipe.training["seed"]
     if cap and cap < len(ds):
         # A seeded random sample: the first rows of a file are often sorted (FPB's first 200 are 87% positive).
         ds = ds.shuffle(seed=seed).select(range(cap))
@@ -175,11 +175,11 @@ def eval_set(recipe: Recipe, template: Template, validation: Any, data: str | No
 
 def eval_settings(recipe: Recipe, formatter: Formatter, scorer: str, limit: int | None = None) -> dict[str, Any]:
     """How the rows are scored: part of every eval.json."""
-    ev = recipe["evaluation"] or {}
+    ev = recipe.evaluation_settings
     template = formatter.template
-    return {"scorer": scorer, "batch_size": ev.get("batch_size", 16),
+    return {"scorer": scorer, "batch_size": ev["batch_size"],
             "max_new_tokens": default_max_new_tokens(template, recipe) if scorer == "generate" else None,
-            "limit": limit or ev.get("max_samples"), "template": template.name, "chat_template": formatter.chat}
+            "limit": limit or ev["max_samples"], "template": template.name, "chat_template": formatter.chat}
 
 
 def score(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], settings: dict[str, Any], out: Any,

@@ -220,7 +220,7 @@ def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, An
 
 
 def default_max_new_tokens(template: Template, recipe: Recipe) -> int:
-    configured = (recipe["evaluation"] or {}).get("max_new_tokens")
+    configured = recipe.evaluation_settings["max_new_tokens"]
     return int(configured or (8 if template.is_classification else 256))
 
 

@@ -257,6 +257,18 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
                   warnings=warnings), problems
 
 
+def recipe_from_dict(raw: dict[str, Any], source: str, files: Sequence[str] = ()) -> Recipe:
+    """A recipe from an already merged dict (``extends`` resolved, paths absolute), validated like a file: for
+    processes that receive a recipe rather than read one (``finsft bench`` workers)."""
+    found = schema_problems(raw)
+    bad_sections = {str(p[0]) for p, _ in found if p} | {k for k in schema()["required"] if k not in raw}
+    cfg = apply_defaults(schema(), raw)
+    found += semantic_problems(raw, cfg, bad_sections)
+    if found:
+        raise RecipeError([Problem(source, json_path(p), m) for p, m in found])
+    return Recipe(source=source, raw=copy.deepcopy(raw), config=cfg, files=list(files))
+
+
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:
     """A valid recipe, or RecipeError listing every problem."""
     recipe, problems = check_recipe(path, overrides)

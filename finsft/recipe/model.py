@@ -163,6 +163,16 @@ class Recipe:
         return cast("EvaluationSection | None", self.config["evaluation"])
 
     @property
+    def evaluation_settings(self) -> EvaluationSection:
+        """The evaluation section, or the schema's defaults for it when the recipe has none (``finsft eval``
+        scores a recipe without one)."""
+        if self.config["evaluation"] is not None:
+            return cast(EvaluationSection, self.config["evaluation"])
+        from finsft.recipe.schema import apply_defaults, schema
+
+        return cast(EvaluationSection, apply_defaults(schema()["properties"]["evaluation"], {}))
+
+    @property
     def output(self) -> OutputSection:
         return cast(OutputSection, self.config["output"])
 

@@ -8,7 +8,7 @@ from finsft.recipe import Recipe
 
 def oom_message(recipe: Recipe, plan: Plan, where: str, resume_cmd: str | None = None) -> str:
     """What to change when CUDA runs out of memory, as concrete recipe overrides."""
-    t = recipe["training"]
+    t = recipe.training
     bs, ga = t["per_device_train_batch_size"], t["gradient_accumulation_steps"]
     world = plan.hardware.world_size
     options = []
@@ -24,9 +24,9 @@ def oom_message(recipe: Recipe, plan: Plan, where: str, resume_cmd: str | None =
                        "training.gradient_checkpointing=true")
     if not plan.packing:
         options.append("pack examples without padding (padding-free batches are smaller): training.packing=true")
-    quant = recipe["quantization"] or {}
-    if not quant.get("load_in_4bit"):
-        if recipe["lora"]:
+    quant = recipe.quantization
+    if not (quant and quant["load_in_4bit"]):
+        if recipe.lora:
             options.append("load the base model in 4 bits (QLoRA, ~4x less weight memory): "
                            "quantization.load_in_4bit=true")
         else:

@@ -47,7 +47,7 @@ class RunDirs:
 
     @classmethod
     def for_recipe(cls, recipe: Recipe) -> RunDirs:
-        final = Path(os.path.expanduser(recipe["output"]["dir"])).absolute()
+        final = Path(os.path.expanduser(recipe.output["dir"])).absolute()
         final = Path(os.path.normpath(final))
         if not final.name:
             raise OutputDirError(f"output.dir {final} is the root folder, which holds the current folder and "
@@ -81,12 +81,12 @@ def _inside(path: Path, folder: Path) -> bool:
 
 def protected_paths(recipe: Recipe) -> list[tuple[Path, str]]:
     """What a run reads and must never replace, each with what it is."""
-    from finsft.models import cache_dir
+    from finsft.files import cache_dir
 
     out: list[tuple[Path, str]] = [(Path(f).absolute(), "a recipe file") for f in recipe.files]
-    data, ev, model = recipe["data"], recipe["evaluation"] or {}, recipe["model"]
+    data, ev, model = recipe.data, recipe.evaluation_settings, recipe.model
     for value, what in ((data.get("path"), "the training data"), (data.get("validation_path"), "the validation data"),
-                        (ev.get("path"), "the evaluation data"), (model.get("name_or_path"), "the model folder")):
+                        (ev["path"], "the evaluation data"), (model.get("name_or_path"), "the model folder")):
         if isinstance(value, str) and value and os.path.isabs(value):
             out.append((Path(value), what))
     out.append((cache_dir().absolute(), "finsft's cache"))

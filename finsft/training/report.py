@@ -13,7 +13,7 @@ from finsft.recipe import Recipe
 
 
 def print_plan(out: Console, plan: Plan, recipe: Recipe, n_train: int, n_val: int) -> None:
-    train = recipe["training"]
+    train = recipe.training
     world = plan.hardware.world_size
     eff = train["per_device_train_batch_size"] * train["gradient_accumulation_steps"] * world
     rows = [("hardware", f"{plan.hardware.device} ({plan.hardware.name}), {world} process{'es' if world > 1 else ''}"),

@@ -138,10 +138,10 @@ class TrainingRun:
         warning = launcher_warning()
         if warning:
             out.print(f"[yellow]warning:[/] {warning}")
-        if recipe["model"]["trust_remote_code"]:
+        if recipe.model["trust_remote_code"]:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
-        self.template: Template = template_from_recipe(recipe["template"])
+        self.template: Template = template_from_recipe(recipe.template)
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -153,7 +153,7 @@ class TrainingRun:
         self.state.wait_for_everyone()
         self.source: ModelSource = source or resolve_model(recipe, log=lambda *_: None)
         self.plan: Plan = plan_run(recipe, self.hardware, model_shape(self.source,
-                                                                      recipe["model"]["trust_remote_code"]))
+                                                                      recipe.model["trust_remote_code"]))
         self.resume_cmd = resume_command(recipe, self.command)
         self._prepare_output()
         self.tokenizer = load_tokenizer(self.source, recipe)
@@ -184,7 +184,7 @@ class TrainingRun:
         with self.state.main_process_first():
             self.splits = build_splits(recipe, self.template)
             self.formatter: Formatter = make_formatter(recipe, self.template, self.tokenizer)
-            max_length = recipe["training"]["max_length"]
+            max_length = recipe.training["max_length"]
             t0 = time.perf_counter()
             self.train_ds = prepared_cache(self.splits.train, self.formatter, max_length, self.splits.fingerprint,
                                            "train", log=out.print)
@@ -198,9 +198,9 @@ class TrainingRun:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
                       f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
         self.eval_rows: EvalSet | None = None
-        if self.recipe["evaluation"] and self.main:
+        if self.recipe.evaluation and self.main:
             self.eval_rows = eval_set(recipe, self.template, self.splits.validation)
-            scorer = resolve_scorer(recipe["evaluation"]["scorer"], self.template)
+            scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             self.eval_settings = eval_settings(recipe, self.formatter, scorer)
 
     # -------------------------------------------------------------------------------------------- the model
@@ -209,13 +209,13 @@ class TrainingRun:
         """The model as training uses it. Seeded first, so that the same seed builds the same LoRA layers."""
         from transformers import set_seed
 
-        set_seed(self.recipe["training"]["seed"])
+        set_seed(self.recipe.training["seed"])
         with self.phase("model loading"):
             self.model = load_training_model(self.source, self.recipe, self.plan)
 
     def evaluate_before(self) -> None:
         """Score the base model, when the recipe asks and this is not a resumed run."""
-        ev = self.recipe["evaluation"]
+        ev = self.recipe.evaluation
         if not (ev and ev["before_training"] and self.main and not self.checkpoint and self.eval_rows):
             return
         with self.phase("evaluation of the base model"):
@@ -237,7 +237,7 @@ class TrainingRun:
         self.progress.history.extend(self.previous)
         args = get_sft_config(self.recipe, self.plan, str(self.dirs.work / CHECKPOINTS),
                               has_eval=self.val_ds is not None)
-        set_seed(self.recipe["training"]["seed"])
+        set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds)
         self.trainer.add_callback(self.progress)
         return self.trainer
@@ -283,7 +283,7 @@ class TrainingRun:
     def evaluate_after(self) -> None:
         """Score the trained model; eval.json holds both numbers. Rank 0 alone (no collective is left)."""
         recipe = self.recipe
-        if not (recipe["evaluation"] and self.main and self.eval_rows):
+        if not (recipe.evaluation and self.main and self.eval_rows):
             return
         if self.sharded:
             self.out.print(f"evaluation skipped: the model is sharded across {self.world} processes "
@@ -309,9 +309,9 @@ class TrainingRun:
         if not self.main:
             return self.dirs.final
         recipe, work = self.recipe, self.dirs.work
-        if recipe["output"]["plot"]:
+        if recipe.output["plot"]:
             plot_losses(self.progress.history, work / "loss.png")
-        if recipe["output"]["save_merged"] and recipe["lora"]:
+        if recipe.output["save_merged"] and recipe.lora:
             if self.sharded:
                 self.out.print(f"merge skipped: the model is sharded across {self.world} processes; merge the saved "
                                f"adapter with: finsft merge {shlex.quote(recipe.source)} --adapter "
@@ -335,7 +335,7 @@ class TrainingRun:
         train_loss = self.result.training_loss
         if self.checkpoint:
             train_loss = mean_train_loss(self.progress.history) or train_loss
-        t = recipe["training"]
+        t = recipe.training
         return {
             "recipe": recipe.name,
             "recipe_files": recipe.files,
