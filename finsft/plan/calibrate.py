@@ -93,7 +93,7 @@ class _FusedDropout:
                 return x
             return torch.native_dropout(x, module.p, True)[0]
 
-        torch.nn.Dropout.forward = forward  # type: ignore[method-assign]
+        torch.nn.Dropout.forward = forward  # type: ignore[method-assign, assignment]
 
     def __exit__(self, *exc: object) -> None:
         import torch
