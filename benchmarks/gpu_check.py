@@ -95,7 +95,7 @@ def plan_estimate(recipe: str, overrides: list[str], gpu_memory: float | None) -
     args = ["plan", recipe, *overrides, "--format", "json"]
     if gpu_memory:
         args += ["--gpu-memory", str(gpu_memory)]
-    rc, out, err, _ = sh(finsft(*args), 300)
+    _rc, out, err, _ = sh(finsft(*args), 300)
     if not out.strip():
         return {"error": err}
     data = json.loads(out)
@@ -120,7 +120,7 @@ def train_with_eval(model_dir: Path, rows: Path, out_dir: Path, steps: int, tiny
                  "evaluation.max_samples=8", "evaluation.max_new_tokens=16", f"output.dir={out_dir}"]
     if tiny:
         overrides += ["training.max_length=128", "training.per_device_train_batch_size=2"]
-    rc, out, err, secs = sh(finsft("train", "recipes/gemma_qlora.json", *overrides, "--overwrite"), timeout)
+    rc, _out, err, secs = sh(finsft("train", "recipes/gemma_qlora.json", *overrides, "--overwrite"), timeout)
     result: dict[str, Any] = {"rc": rc, "seconds": round(secs, 1)}
     metrics = list(out_dir.rglob("metrics.jsonl"))
     losses = [r["loss"] for m in metrics for r in map(json.loads, m.read_text().splitlines()) if "loss" in r]

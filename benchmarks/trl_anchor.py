@@ -1,3 +1,4 @@
+# ruff: noqa  (a verbatim copy of the hand-written anchor script in the project notes: kept as written)
 """The anchor finsft is measured against: a hand-written TRL + PEFT (+ bitsandbytes) training script, run on
 random-weight models of the real shapes (no hub access). Prints one `RESULT {json}` line: tokens/s (non-padding),
 s/step and peak GPU memory.
