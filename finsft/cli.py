@@ -229,6 +229,36 @@ HANDLERS = {
 }
 
 
+# --- finsft plan (finsft/plan/report.py): registered here as one block on top of the parser above.
+_build_parser_base = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:  # type: ignore[no-redef]
+    parser = _build_parser_base()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.add_parser("plan", help="every resolved choice with its reason and the memory estimate (no GPU, no "
+                                    "weights)")
+    _add_recipe(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hardware", metavar="PROFILE", help="plan for a named GPU: t4-16gb, v100-16gb, l4-24gb, "
+                       "a10g-24gb, rtx4090-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb")
+    where.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for an Ampere-class GPU with GIB GiB")
+    p.add_argument("--format", choices=("text", "json"), default="text")
+    return parser
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from finsft.plan.report import plan_command
+    from finsft.recipe import load_recipe
+
+    return plan_command(load_recipe(args.recipe, args.overrides), hardware=args.hardware,
+                        gpu_memory=args.gpu_memory, fmt=args.format)
+
+
+COMMANDS = (*COMMANDS, "plan")  # type: ignore[assignment]
+HANDLERS["plan"] = cmd_plan
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 

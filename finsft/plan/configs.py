@@ -135,7 +135,9 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         seed=train["seed"],
         data_seed=train["seed"],
         dataloader_num_workers=train["dataloader_num_workers"],
-        include_num_input_tokens_seen="non_padding",
+        # Padding-free batches have no attention mask and no padding: every token counts. The "non_padding" count
+        # falls back to input_ids != pad_token_id there, which drops every EOS when pad == EOS (Mistral, Llama).
+        include_num_input_tokens_seen="all" if plan.packing else "non_padding",
         report_to="none",
         disable_tqdm=True,
         remove_unused_columns=True,

@@ -4,11 +4,27 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from finsft.errors import FinsftError
 from finsft.plan.hardware import Hardware
+from finsft.plan.memory import (
+    ALL_LINEAR,
+    FP16_UNSAFE_MODEL_TYPES,
+    GiB,
+    MemoryEstimate,
+    MemorySettings,
+    ModelShape,
+    estimate_memory,
+    fitting_overrides,
+)
 from finsft.recipe import Recipe
+
+# "auto" gradient checkpointing turns on when the estimate without it exceeds this share of the GPU's memory.
+CHECKPOINTING_SHARE = 0.85
+# A plan fits when the estimated peak is at most this share of the GPU's memory (CUDA context, fragmentation).
+FITS_SHARE = 0.9
 
 
 @dataclass(frozen=True)
@@ -36,28 +52,79 @@ class Plan:
     compute_dtype: str | None
     quant_storage: str | None
     choices: list[Choice] = field(default_factory=list)
+    memory: MemoryEstimate | None = None  # None when the model's shape is unknown
+    evaluate_before_training: bool = False  # evaluation.before_training, unless the plan had to skip it
+    model_shape: ModelShape | None = None
+
+    def choice(self, setting: str) -> Choice:
+        return next(c for c in self.choices if c.setting == setting)
+
+
+ShapeLike = ModelShape | tuple[int, int, int] | None
+
+
+def _shape(model_shape: ShapeLike) -> ModelShape | None:
+    if model_shape is None or isinstance(model_shape, ModelShape):
+        return model_shape
+    return ModelShape.from_legacy(model_shape)
+
+
+def memory_settings(recipe: Recipe, *, precision: str, gradient_checkpointing: bool, packing: bool,
+                    attn_implementation: str, use_liger_kernel: bool, optim: str) -> MemorySettings:
+    """The recipe's settings that the memory estimate depends on."""
+    train, quant, lora = recipe["training"], recipe["quantization"] or {}, recipe["lora"]
+    targets: tuple[str, ...] = ALL_LINEAR
+    if lora and lora["target_modules"] not in ("all-linear", None):
+        names = [lora["target_modules"]] if isinstance(lora["target_modules"], str) else lora["target_modules"]
+        targets = tuple(n for n in ALL_LINEAR if any(n == t or n.endswith(t) for t in names))
+    layers = lora["layers_to_transform"] if lora else None
+    return MemorySettings(
+        batch=train["per_device_train_batch_size"], max_length=train["max_length"] or 1024, precision=precision,
+        quantization="4bit" if quant.get("load_in_4bit") else "8bit" if quant.get("load_in_8bit") else None,
+        double_quant=bool(quant.get("bnb_4bit_use_double_quant", True)),
+        lora_r=lora["r"] if lora else None, lora_targets=targets, lora_dropout=lora["lora_dropout"] if lora else 0.0,
+        lora_layers=(1 if isinstance(layers, int) else len(layers)) if layers is not None else None,
+        gradient_checkpointing=gradient_checkpointing, packing=packing, attn_implementation=attn_implementation,
+        use_liger_kernel=use_liger_kernel, optim=optim,
+        kbit_upcast=bool(quant) and precision == "fp16",  # see finsft.models.load_training_model
+    )
 
 
 def estimate_training_bytes(recipe: Recipe, n_params: int, hidden: int, layers: int, dtype_bytes: int) -> int:
-    """Rough peak memory of a training step without gradient checkpointing, per device.
-
-    Weights (quantized when the recipe says so), LoRA optimizer state, and activations: about 34 x hidden bytes per
-    token per layer in 16-bit (the standard transformer estimate), for batch x max_length tokens.
-    """
-    quant = recipe["quantization"] or {}
-    weight_bytes = 0.55 if quant.get("load_in_4bit") else 1.0 if quant.get("load_in_8bit") else dtype_bytes
-    weights = n_params * weight_bytes
-    train = recipe["training"]
-    if recipe["lora"] is None:
-        weights += n_params * (dtype_bytes + 8)  # gradients + Adam moments
-    tokens = train["per_device_train_batch_size"] * (train["max_length"] or 1024)
-    activations = tokens * hidden * layers * 34 * dtype_bytes / 2
-    return int(weights + activations)
+    """Peak memory of a training step without gradient checkpointing, per device, for a model known only by
+    (parameters, hidden, layers): :func:`finsft.plan.memory.estimate_memory` on a Llama-like guess of the rest."""
+    shape = ModelShape.from_legacy((n_params, hidden, layers))
+    s = memory_settings(recipe, precision="fp32" if dtype_bytes == 4 else "bf16", gradient_checkpointing=False,
+                        packing=True, attn_implementation="sdpa", use_liger_kernel=False,
+                        optim=str(recipe["training"]["optim"]).replace("auto", "adamw_torch"))
+    return estimate_memory(shape, s).peak
 
 
-def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | None = None) -> Plan:
-    """Resolve every "auto" setting. ``model_shape`` = (parameters, hidden size, layers) for the memory estimate."""
+def _model_type(recipe: Recipe, shape: ModelShape | None) -> str:
+    if shape is not None and shape.model_type:
+        return shape.model_type
+    return "gemma" if "gemma" in str(recipe["model"]["name_or_path"]).lower() else ""
+
+
+def _precision(recipe: Recipe, hw: Hardware, model_type: str) -> tuple[str, str]:
+    """(precision, reason) for "auto"."""
+    if not hw.is_gpu:
+        return "fp32", f"{hw.device.upper()} has no fast bf16 (bf16 is ~17x slower than fp32 on such CPUs)"
+    cc = f" (compute capability {hw.compute_capability[0]}.{hw.compute_capability[1]})" if hw.compute_capability else ""
+    if hw.bf16:
+        return "bf16", f"GPU has native bf16{cc}"
+    if model_type in FP16_UNSAFE_MODEL_TYPES:
+        return "fp32", (f"GPU has no native bf16{cc} and {model_type} overflows in fp16: fp32 compute "
+                        "(slower, more memory)")
+    return "fp16", f"GPU has no native bf16{cc} (emulated bf16 is slow): fp16 with loss scaling"
+
+
+def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Plan:
+    """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
+    :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
+    estimate. Raises FinsftError for a pinned setting the model cannot train with (fp16 on Gemma)."""
     train, model, quant = recipe["training"], recipe["model"], recipe["quantization"] or {}
+    shape = _shape(model_shape)
     choices: list[Choice] = []
 
     def choose(setting: str, pinned: Any, auto_value: Any, reason: str) -> Any:
@@ -67,72 +134,132 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: tuple[int, int, int] | N
         choices.append(Choice(setting, pinned, "pinned by the recipe", False))
         return pinned
 
-    if hw.is_gpu:
-        auto_prec, why = ("bf16", "GPU supports bf16") if hw.bf16 else ("fp16", "GPU lacks bf16")
-    else:
-        auto_prec, why = "fp32", f"{hw.device.upper()} has no fast bf16 (bf16 is ~17x slower than fp32 on such CPUs)"
+    model_type = _model_type(recipe, shape)
+    auto_prec, why = _precision(recipe, hw, model_type)
     precision = choose("training.precision", train["precision"], auto_prec, why)
+    if precision == "fp16" and model_type in FP16_UNSAFE_MODEL_TYPES:
+        raise FinsftError(
+            f"{recipe.source}: $.training.precision: fp16 is pinned, but {model_type} models overflow in fp16 "
+            "(activations beyond 65504 turn into inf/NaN). Use \"bf16\" on a GPU with native bf16 (Ampere or "
+            "newer), \"fp32\", or \"auto\" (which picks one of them for the hardware)")
+    if precision == "bf16" and hw.is_gpu and not hw.bf16 and train["precision"] != "auto":
+        choices[-1] = Choice("training.precision", "bf16", "pinned by the recipe; this GPU only emulates bf16 "
+                             "(several times slower)", False)
     prec_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
     dtype = choose("model.dtype", model["dtype"], prec_dtype, f"matches precision {precision}")
 
-    if hw.is_gpu and hw.flash_attn:
-        attn, why = "flash_attention_2", "flash-attn is installed: variable-length kernels for packed batches"
-    else:
-        attn, why = "sdpa", "PyTorch scaled-dot-product attention" + ("" if hw.is_gpu else " (CPU)")
-    attn = choose("model.attn_implementation", model["attn_implementation"], attn, why)
-
-    from finsft.templates import template_from_recipe
-
-    if hw.is_gpu and train["max_length"] is None:
-        auto_pack, why = False, "packing needs training.max_length"
-    elif hw.is_gpu and not template_from_recipe(recipe["template"]).supports_packing:
-        auto_pack, why = False, f"template '{recipe['template']['name']}' does not support packing"
+    if train["max_length"] is None and hw.is_gpu:
+        auto_pack, pack_why = False, "packing needs training.max_length"
     elif hw.is_gpu:
-        auto_pack, why = True, "GPU: padding-free best-fit-decreasing packing removes padding work"
+        from finsft.templates import template_from_recipe
+
+        if not template_from_recipe(recipe["template"]).supports_packing:
+            auto_pack, pack_why = False, f"template '{recipe['template']['name']}' does not support packing"
+        else:
+            auto_pack, pack_why = True, "GPU: padding-free best-fit-decreasing packing removes padding work"
     else:
-        auto_pack, why = False, "CPU: packed attention is slower here (41 vs 54 tokens/s, 2.2x memory)"
-    packing = choose("training.packing", train["packing"], auto_pack, why)
+        auto_pack, pack_why = False, "CPU: packed attention is slower here (41 vs 54 tokens/s, 2.2x memory)"
+    will_pack = auto_pack if train["packing"] == "auto" else bool(train["packing"])
+
+    if hw.is_gpu and hw.flash_attn:
+        attn, why = "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel "
+                                          "keeps packed examples apart without a mask (fastest, least memory)")
+    elif hw.is_gpu:
+        why = ("PyTorch SDPA" + (": packed examples are kept apart by a block-diagonal mask built from "
+                                 "position_ids (SDPA's memory-efficient kernel; k/v expanded to all heads). "
+                                 "flash-attn's varlen kernel would need no mask (pip install flash-attn on "
+                                 "Ampere or newer); flex_attention would need torch.compile"
+                                 if will_pack else " (flash/memory-efficient kernels)"))
+        if hw.compute_capability and hw.compute_capability < (8, 0):
+            why += "; flash-attn needs compute capability >= 8.0"
+        attn = "sdpa"
+    else:
+        attn, why = "sdpa", "PyTorch scaled-dot-product attention (CPU)"
+    attn = choose("model.attn_implementation", model["attn_implementation"], attn, why)
+    packing = choose("training.packing", train["packing"], auto_pack, pack_why)
 
     grouped = choose("training.group_by_length", train["group_by_length"], not packing,
                      "length-grouped batches cut padding" if not packing else "packing already removes padding")
 
+    liger_ok = hw.is_gpu and hw.liger
+    liger_pinned = train["use_liger_kernel"]
+    will_liger = liger_ok if liger_pinned == "auto" else bool(liger_pinned)
+    optim_auto = "adamw_torch_fused" if hw.is_gpu else "adamw_torch"
+    will_optim = optim_auto if train["optim"] == "auto" else train["optim"]
+
+    memory: MemoryEstimate | None = None
+    if shape is not None:
+        settings = memory_settings(recipe, precision=precision, gradient_checkpointing=False, packing=packing,
+                                   attn_implementation=attn, use_liger_kernel=will_liger, optim=will_optim)
+        without = estimate_memory(shape, settings, hw.memory_bytes, FITS_SHARE)
     if not hw.is_gpu:
         ckpt, why = False, "CPU: memory is not the limit; recomputation only costs time"
-    elif model_shape is not None and hw.memory_bytes:
-        n, hidden, layers = model_shape
-        need = estimate_training_bytes(recipe, n, hidden, layers, 2 if precision != "fp32" else 4)
-        ckpt = need > 0.85 * hw.memory_bytes
-        why = (f"estimated {need / 2**30:.1f} GiB {'>' if ckpt else '<='} 85% of "
-               f"{hw.memory_bytes / 2**30:.0f} GiB on the GPU")
+    elif shape is not None and hw.memory_bytes:
+        need = without.peak
+        ckpt = need > CHECKPOINTING_SHARE * hw.memory_bytes
+        why = (f"estimated peak without it {need / GiB:.1f} GiB {'>' if ckpt else '<='} "
+               f"{CHECKPOINTING_SHARE:.0%} of {hw.memory_bytes / GiB:.0f} GiB on the GPU")
     else:
         ckpt, why = True, "model size unknown: saving memory is the safe side"
     ckpt = choose("training.gradient_checkpointing", train["gradient_checkpointing"], ckpt, why)
+    if shape is not None:
+        memory = estimate_memory(shape, replace(settings, gradient_checkpointing=bool(ckpt)), hw.memory_bytes,
+                                 FITS_SHARE)
+        memory.without_checkpointing = without.peak
+        if hw.memory_bytes and memory.fits is False:
+            memory.advice = fitting_overrides(shape, replace(settings, gradient_checkpointing=bool(ckpt)),
+                                              hw.memory_bytes, train["gradient_accumulation_steps"], FITS_SHARE)
 
-    liger_ok = hw.is_gpu and hw.liger
     liger = choose("training.use_liger_kernel", train["use_liger_kernel"], liger_ok,
-                   "liger-kernel installed on CUDA" if liger_ok else
+                   "liger-kernel installed on CUDA: fused norms, GLU and linear cross-entropy" if liger_ok else
                    ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
     tf32 = choose("training.tf32", train["tf32"], hw.tf32,
                   "GPU has TF32 tensor cores" if hw.tf32 else "no TF32 on this hardware")
     if tf32 and not hw.tf32:
         choices[-1] = Choice("training.tf32", False, "pinned true, but this hardware has no TF32: not applied", False)
         tf32 = False
-    optim = choose("training.optim", train["optim"], "adamw_torch_fused" if hw.is_gpu else "adamw_torch",
+    optim = choose("training.optim", train["optim"], optim_auto,
                    "fused AdamW on CUDA" if hw.is_gpu else "plain AdamW on CPU")
 
     compute_dtype = quant_storage = None
+    engine = sharding_engine()
     if quant.get("load_in_4bit"):
         compute_dtype = choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
                                "the model dtype")
         # FSDP and DeepSpeed ZeRO-3 shard the weights (PEFT's FSDP/ZeRO-3 + QLoRA recipes).
-        engine = sharding_engine()
         quant_storage = choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
                                dtype if engine else "uint8",
                                f"{engine} shards the 4-bit weights in the compute dtype" if engine
                                else "bitsandbytes' packing")
+
+    evaluation = recipe["evaluation"] or {}
+    before = bool(evaluation.get("before_training"))
+    if before and engine and not quant:
+        before = False
+        choices.append(Choice("evaluation.before_training", False,
+                              f"skipped: {engine} shards the unquantized model across ranks; generating on rank 0 "
+                              "alone would leave the other ranks waiting at a barrier (30-minute timeout)", False))
+    elif evaluation:
+        choices.append(Choice("evaluation.before_training", before, "as the recipe says", False))
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
-                compute_dtype=compute_dtype, quant_storage=quant_storage, choices=choices)
+                compute_dtype=compute_dtype, quant_storage=quant_storage, choices=choices, memory=memory,
+                evaluate_before_training=before, model_shape=shape)
+
+
+def check_fits(plan: Plan) -> None:
+    """Raise FinsftError when the plan's memory estimate says the step does not fit on the GPU (before any weight
+    is loaded), naming the estimate and the overrides that would fit."""
+    mem = plan.memory
+    if mem is None or mem.fits is not False or not mem.device_bytes:
+        return
+    parts = ", ".join(f"{k} {getattr(mem, k) / GiB:.1f}" for k in (
+        "weights", "activations", "optimizer", "loss_head") if getattr(mem, k) >= GiB // 10)
+    advice = "\n".join(f"  finsft train RECIPE {a}" for a in mem.advice)
+    raise FinsftError(
+        f"this run does not fit on {plan.hardware.name}: estimated peak {mem.peak / GiB:.1f} GiB ({parts} GiB) > "
+        f"{mem.headroom:.0%} of {mem.device_bytes / GiB:.0f} GiB "
+        f"(gradient checkpointing {'on' if mem.gradient_checkpointing else 'off'}). Overrides that fit:\n{advice}")
 
 
 def sharding_engine() -> str | None:
