@@ -19,7 +19,7 @@ from typing import Any
 
 from finsft.errors import ModelLoadError
 from finsft.files import cache_dir
-from finsft.plan import Plan, get_model_kwargs, sharding_engine
+from finsft.plan import ModelShape, Plan, get_model_kwargs, read_model_shape, sharding_engine
 from finsft.recipe import PACKAGE_PREFIX, Recipe
 
 
@@ -179,19 +179,18 @@ def load_model(source: ModelSource, model_kwargs: dict[str, Any], *, random_weig
         raise _load_error("model", source, exc) from exc
 
 
-def model_shape(source: ModelSource, trust_remote_code: bool = False) -> tuple[int, int, int] | None:
-    """(approximate parameter count, hidden size, layers) from the config alone, for memory estimates."""
+def model_shape(source: ModelSource, trust_remote_code: bool = False) -> ModelShape | None:
+    """The model's shapes (hidden, intermediate, heads, kv heads, layers, vocab) from its config alone, for the
+    plan's memory model: the local folder's config.json, else the hub config (cached by transformers)."""
+    if source.is_local:
+        return read_model_shape(source.path)
     from transformers import AutoConfig
 
     try:
-        cfg = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code).get_text_config()
-    except (OSError, ValueError):
+        cfg = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code)
+        return ModelShape.from_config(cfg.to_dict())
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    hidden, layers = cfg.hidden_size, cfg.num_hidden_layers
-    inter = getattr(cfg, "intermediate_size", 4 * hidden)
-    vocab = getattr(cfg, "vocab_size", 32000)
-    n = layers * (4 * hidden * hidden + 3 * hidden * inter) + 2 * vocab * hidden
-    return int(n), int(hidden), int(layers)
 
 
 def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, random_weights: bool = False) -> Any:

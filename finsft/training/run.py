@@ -39,7 +39,7 @@ from finsft.evaluation import (
 from finsft.evaluation.report import EvalSet, write_report
 from finsft.files import write_json
 from finsft.models import ModelSource, load_tokenizer, load_training_model, model_shape, resolve_model
-from finsft.plan import Plan, detect_hardware, get_sft_config, plan_run
+from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
@@ -155,6 +155,7 @@ class TrainingRun:
         self.plan: Plan = plan_run(recipe, self.hardware, model_shape(self.source,
                                                                       recipe.model["trust_remote_code"]))
         self.resume_cmd = resume_command(recipe, self.command)
+        check_fits(self.plan)  # before any weight is loaded: the overrides that would fit, if it does not
         self._prepare_output()
         self.tokenizer = load_tokenizer(self.source, recipe)
         self._prepare_data()
@@ -217,6 +218,9 @@ class TrainingRun:
         """Score the base model, when the recipe asks and this is not a resumed run."""
         ev = self.recipe.evaluation
         if not (ev and ev["before_training"] and self.main and not self.checkpoint and self.eval_rows):
+            return
+        if not self.plan.evaluate_before_training:
+            self.out.print(f"evaluation before training skipped: {self.plan.choice('evaluation.before_training').reason}")
             return
         with self.phase("evaluation of the base model"):
             result = score(self.model, self.formatter, self.eval_rows.rows, self.eval_settings, self.out,
