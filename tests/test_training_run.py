@@ -1,0 +1,30 @@
+"""The run's phases, called one by one (as an extension or a test would): the seed governs the LoRA layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from finsft.recipe import load_recipe
+from finsft.training import TrainingRun
+
+
+def lora_init(make_recipe: Any, seed: int, name: str) -> dict[str, Any]:
+    """The LoRA weights as built, before any training step, by a run with ``seed``."""
+    recipe = load_recipe(str(make_recipe(name)), [f"training.seed={seed}"])
+    with TrainingRun(recipe) as run:
+        run.setup()
+        run.load_model()
+        trainer = run.build_trainer()
+        return {k: v.detach().clone() for k, v in trainer.model.named_parameters() if "lora_A" in k}
+
+
+@pytest.mark.slow
+def test_the_training_seed_governs_lora_initialisation(make_recipe: Any) -> None:
+    a = lora_init(make_recipe, 7, "a")
+    b = lora_init(make_recipe, 7, "b")
+    c = lora_init(make_recipe, 8, "c")
+    assert a and a.keys() == b.keys() == c.keys()
+    assert all((a[k] == b[k]).all() for k in a), "the same seed must build the same LoRA layers"
+    assert any((a[k] != c[k]).any() for k in a), "another seed must build other LoRA layers"
