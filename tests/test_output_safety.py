@@ -180,8 +180,8 @@ def test_cli_overwrite_into_the_model_folder_or_cwd_is_refused(make_recipe: Any,
 @pytest.mark.slow
 def test_cli_a_second_run_on_a_busy_folder_is_refused(make_recipe: Any, tmp_path: Path) -> None:
     """While a run trains, a second train --overwrite / --resume / plain train on its folder is refused with who
-    holds it, and the first run finishes intact."""
-    path = make_recipe(training={"max_steps": 40, "save_steps": 1})
+    holds it, and the first run goes on undisturbed (one writer: no step logged twice)."""
+    path = make_recipe(training={"max_steps": 1_000_000, "save_steps": 1_000_000})
     out = tmp_path / "recipe-out"
     work = Path(str(out) + ".partial")
     proc = start_finsft([str(path)], tmp_path / "first.log")
@@ -192,12 +192,31 @@ def test_cli_a_second_run_on_a_busy_folder_is_refused(make_recipe: Any, tmp_path
             assert second.returncode == 1, second.stdout + second.stderr
             assert f"another finsft run is using {out}" in second.stderr and f"pid {proc.pid}" in second.stderr
             assert "Traceback" not in second.stdout + second.stderr
-        assert proc.wait(600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert proc.poll() is None, "the first run must still be training"
+        proc.send_signal(signal.SIGTERM)  # checkpoint and stop
+        assert proc.wait(300) == 128 + signal.SIGTERM, (tmp_path / "first.log").read_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
-    manifest = json.loads((out / "manifest.json").read_text())
-    assert manifest["train"]["global_step"] == 40 and (out / "recipe.json").is_file()
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()
+    steps = [json.loads(line)["step"] for line in (work / "metrics.jsonl").read_text().splitlines()
              if "loss" in json.loads(line)]
-    assert steps == list(range(1, 41))  # one writer: no step twice
+    assert steps == list(range(1, len(steps) + 1))  # one writer: no step twice
+    assert (work / "recipe.json").is_file() and not out.exists()
+
+
+@pytest.mark.slow
+def test_cli_disk_full_during_a_checkpoint_is_a_message_and_the_run_resumes(make_recipe: Any, tmp_path: Path) -> None:
+    """A file-size limit (as a full disk would) cuts the first checkpoint short: a message with the resume command,
+    no traceback; the broken checkpoint is skipped and --resume (with room again) finishes the run."""
+    path = make_recipe(lora=None, training={"max_steps": 4, "save_steps": 2})  # full model: ~0.6 MB of weights
+    cmd = f"ulimit -f 400; exec {sys.executable} -m finsft train {path}"  # 400 KiB per file
+    proc = subprocess.run(["bash", "-c", cmd], cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "File too large" in proc.stderr and f"continue with: finsft train {path} --resume" in proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    work = tmp_path / "recipe-out.partial"
+    assert work.is_dir() and not (tmp_path / "recipe-out").exists()
+    resumed = _finsft("train", str(path), "--resume", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((tmp_path / "recipe-out" / "manifest.json").read_text())["train"]["global_step"] == 4

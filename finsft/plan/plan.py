@@ -119,24 +119,58 @@ def _precision(recipe: Recipe, hw: Hardware, model_type: str) -> tuple[str, str]
     return "fp16", f"GPU has no native bf16{cc} (emulated bf16 is slow): fp16 with loss scaling"
 
 
-def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Plan:
-    """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
-    :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
-    estimate. Raises FinsftError for a pinned setting the model cannot train with (fp16 on Gemma)."""
-    train, model, quant = recipe["training"], recipe["model"], recipe["quantization"] or {}
-    shape = _shape(model_shape)
-    choices: list[Choice] = []
+class _Choices(list[Choice]):
+    """The plan's choices, in order; ``choose`` resolves one setting."""
 
-    def choose(setting: str, pinned: Any, auto_value: Any, reason: str) -> Any:
+    def choose(self, setting: str, pinned: Any, auto_value: Any, reason: str) -> Any:
         if pinned == "auto":
-            choices.append(Choice(setting, auto_value, reason, True))
+            self.append(Choice(setting, auto_value, reason, True))
             return auto_value
-        choices.append(Choice(setting, pinned, "pinned by the recipe", False))
+        self.append(Choice(setting, pinned, "pinned by the recipe", False))
         return pinned
 
-    model_type = _model_type(recipe, shape)
+
+def _auto_packing(recipe: Recipe, hw: Hardware) -> tuple[bool, str]:
+    if not hw.is_gpu:
+        return False, "CPU: packed attention is slower here (41 vs 54 tokens/s, 2.2x memory)"
+    if recipe["training"]["max_length"] is None:
+        return False, "packing needs training.max_length"
+    from finsft.templates import template_from_recipe
+
+    if not template_from_recipe(recipe["template"]).supports_packing:
+        return False, f"template '{recipe['template']['name']}' does not support packing"
+    return True, "GPU: padding-free best-fit-decreasing packing removes padding work"
+
+
+def _auto_attention(hw: Hardware, will_pack: bool) -> tuple[str, str]:
+    if hw.is_gpu and hw.flash_attn:
+        return "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel keeps packed "
+                                     "examples apart without a mask (fastest, least memory)")
+    if not hw.is_gpu:
+        return "sdpa", "PyTorch scaled-dot-product attention (CPU)"
+    why = ("PyTorch SDPA" + (": packed examples are kept apart by a block-diagonal mask built from position_ids "
+                             "(SDPA's memory-efficient kernel; k/v expanded to all heads). flash-attn's varlen kernel "
+                             "would need no mask (pip install flash-attn on Ampere or newer); flex_attention would "
+                             "need torch.compile" if will_pack else " (flash/memory-efficient kernels)"))
+    if hw.compute_capability and hw.compute_capability < (8, 0):
+        why += "; flash-attn needs compute capability >= 8.0"
+    return "sdpa", why
+
+
+def _auto_checkpointing(hw: Hardware, without: MemoryEstimate | None) -> tuple[bool, str]:
+    if not hw.is_gpu:
+        return False, "CPU: memory is not the limit; recomputation only costs time"
+    if without is None or not hw.memory_bytes:
+        return True, "model size unknown: saving memory is the safe side"
+    ckpt = without.peak > CHECKPOINTING_SHARE * hw.memory_bytes
+    return ckpt, (f"estimated peak without it {without.peak / GiB:.1f} GiB {'>' if ckpt else '<='} "
+                  f"{CHECKPOINTING_SHARE:.0%} of {hw.memory_bytes / GiB:.0f} GiB on the GPU")
+
+
+def _choose_precision(recipe: Recipe, hw: Hardware, model_type: str, choices: _Choices) -> str:
+    train = recipe["training"]
     auto_prec, why = _precision(recipe, hw, model_type)
-    precision = choose("training.precision", train["precision"], auto_prec, why)
+    precision: str = choices.choose("training.precision", train["precision"], auto_prec, why)
     if precision == "fp16" and model_type in FP16_UNSAFE_MODEL_TYPES:
         raise FinsftError(
             f"{recipe.source}: $.training.precision: fp16 is pinned, but {model_type} models overflow in fp16 "
@@ -145,105 +179,96 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Pla
     if precision == "bf16" and hw.is_gpu and not hw.bf16 and train["precision"] != "auto":
         choices[-1] = Choice("training.precision", "bf16", "pinned by the recipe; this GPU only emulates bf16 "
                              "(several times slower)", False)
+    return precision
+
+
+def _choose_quantization(recipe: Recipe, dtype: str, choices: _Choices) -> tuple[str | None, str | None]:
+    """(compute dtype, storage dtype) of a 4-bit model."""
+    quant = recipe["quantization"] or {}
+    if not quant.get("load_in_4bit"):
+        return None, None
+    compute_dtype = choices.choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
+                                   "the model dtype")
+    # FSDP and DeepSpeed ZeRO-3 shard the weights (PEFT's FSDP/ZeRO-3 + QLoRA recipes).
+    engine = sharding_engine()
+    quant_storage = choices.choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
+                                   dtype if engine else "uint8",
+                                   f"{engine} shards the 4-bit weights in the compute dtype" if engine
+                                   else "bitsandbytes' packing")
+    return compute_dtype, quant_storage
+
+
+def _choose_evaluation_before(recipe: Recipe, choices: _Choices) -> bool:
+    evaluation = recipe["evaluation"] or {}
+    before = bool(evaluation.get("before_training"))
+    engine = sharding_engine()
+    if before and engine and not recipe["quantization"]:
+        choices.append(Choice("evaluation.before_training", False,
+                              f"skipped: {engine} shards the unquantized model across ranks; generating on rank 0 "
+                              "alone would leave the other ranks waiting at a barrier (30-minute timeout)", False))
+        return False
+    if evaluation:
+        choices.append(Choice("evaluation.before_training", before, "as the recipe says", False))
+    return before
+
+
+def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Plan:
+    """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
+    :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
+    estimate. Raises FinsftError for a pinned setting the model cannot train with (fp16 on Gemma)."""
+    train, model = recipe["training"], recipe["model"]
+    shape = _shape(model_shape)
+    choices = _Choices()
+
+    precision = _choose_precision(recipe, hw, _model_type(recipe, shape), choices)
     prec_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
-    dtype = choose("model.dtype", model["dtype"], prec_dtype, f"matches precision {precision}")
+    dtype = choices.choose("model.dtype", model["dtype"], prec_dtype, f"matches precision {precision}")
 
-    if train["max_length"] is None and hw.is_gpu:
-        auto_pack, pack_why = False, "packing needs training.max_length"
-    elif hw.is_gpu:
-        from finsft.templates import template_from_recipe
-
-        if not template_from_recipe(recipe["template"]).supports_packing:
-            auto_pack, pack_why = False, f"template '{recipe['template']['name']}' does not support packing"
-        else:
-            auto_pack, pack_why = True, "GPU: padding-free best-fit-decreasing packing removes padding work"
-    else:
-        auto_pack, pack_why = False, "CPU: packed attention is slower here (41 vs 54 tokens/s, 2.2x memory)"
+    auto_pack, pack_why = _auto_packing(recipe, hw)
     will_pack = auto_pack if train["packing"] == "auto" else bool(train["packing"])
-
-    if hw.is_gpu and hw.flash_attn:
-        attn, why = "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel "
-                                          "keeps packed examples apart without a mask (fastest, least memory)")
-    elif hw.is_gpu:
-        why = ("PyTorch SDPA" + (": packed examples are kept apart by a block-diagonal mask built from "
-                                 "position_ids (SDPA's memory-efficient kernel; k/v expanded to all heads). "
-                                 "flash-attn's varlen kernel would need no mask (pip install flash-attn on "
-                                 "Ampere or newer); flex_attention would need torch.compile"
-                                 if will_pack else " (flash/memory-efficient kernels)"))
-        if hw.compute_capability and hw.compute_capability < (8, 0):
-            why += "; flash-attn needs compute capability >= 8.0"
-        attn = "sdpa"
-    else:
-        attn, why = "sdpa", "PyTorch scaled-dot-product attention (CPU)"
-    attn = choose("model.attn_implementation", model["attn_implementation"], attn, why)
-    packing = choose("training.packing", train["packing"], auto_pack, pack_why)
-
-    grouped = choose("training.group_by_length", train["group_by_length"], not packing,
-                     "length-grouped batches cut padding" if not packing else "packing already removes padding")
+    attn = choices.choose("model.attn_implementation", model["attn_implementation"], *_auto_attention(hw, will_pack))
+    packing = choices.choose("training.packing", train["packing"], auto_pack, pack_why)
+    grouped = choices.choose("training.group_by_length", train["group_by_length"], not packing,
+                             "length-grouped batches cut padding" if not packing else "packing already removes padding")
 
     liger_ok = hw.is_gpu and hw.liger
-    liger_pinned = train["use_liger_kernel"]
-    will_liger = liger_ok if liger_pinned == "auto" else bool(liger_pinned)
+    will_liger = liger_ok if train["use_liger_kernel"] == "auto" else bool(train["use_liger_kernel"])
     optim_auto = "adamw_torch_fused" if hw.is_gpu else "adamw_torch"
     will_optim = optim_auto if train["optim"] == "auto" else train["optim"]
 
-    memory: MemoryEstimate | None = None
+    # The memory estimate without checkpointing decides "auto" checkpointing; the one with the plan's setting is
+    # what the run needs.
+    without: MemoryEstimate | None = None
     if shape is not None:
         settings = memory_settings(recipe, precision=precision, gradient_checkpointing=False, packing=packing,
                                    attn_implementation=attn, use_liger_kernel=will_liger, optim=will_optim)
         without = estimate_memory(shape, settings, hw.memory_bytes, FITS_SHARE)
-    if not hw.is_gpu:
-        ckpt, why = False, "CPU: memory is not the limit; recomputation only costs time"
-    elif shape is not None and hw.memory_bytes:
-        need = without.peak
-        ckpt = need > CHECKPOINTING_SHARE * hw.memory_bytes
-        why = (f"estimated peak without it {need / GiB:.1f} GiB {'>' if ckpt else '<='} "
-               f"{CHECKPOINTING_SHARE:.0%} of {hw.memory_bytes / GiB:.0f} GiB on the GPU")
-    else:
-        ckpt, why = True, "model size unknown: saving memory is the safe side"
-    ckpt = choose("training.gradient_checkpointing", train["gradient_checkpointing"], ckpt, why)
-    if shape is not None:
-        memory = estimate_memory(shape, replace(settings, gradient_checkpointing=bool(ckpt)), hw.memory_bytes,
-                                 FITS_SHARE)
+    ckpt = choices.choose("training.gradient_checkpointing", train["gradient_checkpointing"],
+                          *_auto_checkpointing(hw, without))
+    memory: MemoryEstimate | None = None
+    if shape is not None and without is not None:
+        planned = replace(settings, gradient_checkpointing=bool(ckpt))
+        memory = estimate_memory(shape, planned, hw.memory_bytes, FITS_SHARE)
         memory.without_checkpointing = without.peak
         if hw.memory_bytes and memory.fits is False:
-            memory.advice = fitting_overrides(shape, replace(settings, gradient_checkpointing=bool(ckpt)),
-                                              hw.memory_bytes, train["gradient_accumulation_steps"], FITS_SHARE)
+            memory.advice = fitting_overrides(shape, planned, hw.memory_bytes, train["gradient_accumulation_steps"],
+                                              FITS_SHARE)
 
-    liger = choose("training.use_liger_kernel", train["use_liger_kernel"], liger_ok,
-                   "liger-kernel installed on CUDA: fused norms, GLU and linear cross-entropy" if liger_ok else
-                   ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
-    tf32 = choose("training.tf32", train["tf32"], hw.tf32,
-                  "GPU has TF32 tensor cores" if hw.tf32 else "no TF32 on this hardware")
+    liger = choices.choose("training.use_liger_kernel", train["use_liger_kernel"], liger_ok,
+                           "liger-kernel installed on CUDA: fused norms, GLU and linear cross-entropy" if liger_ok else
+                           ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
+    tf32 = choices.choose("training.tf32", train["tf32"], hw.tf32,
+                          "GPU has TF32 tensor cores" if hw.tf32 else "no TF32 on this hardware")
     if tf32 and not hw.tf32:
         choices[-1] = Choice("training.tf32", False, "pinned true, but this hardware has no TF32: not applied", False)
         tf32 = False
-    optim = choose("training.optim", train["optim"], optim_auto,
-                   "fused AdamW on CUDA" if hw.is_gpu else "plain AdamW on CPU")
-
-    compute_dtype = quant_storage = None
-    engine = sharding_engine()
-    if quant.get("load_in_4bit"):
-        compute_dtype = choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
-                               "the model dtype")
-        # FSDP and DeepSpeed ZeRO-3 shard the weights (PEFT's FSDP/ZeRO-3 + QLoRA recipes).
-        quant_storage = choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
-                               dtype if engine else "uint8",
-                               f"{engine} shards the 4-bit weights in the compute dtype" if engine
-                               else "bitsandbytes' packing")
-
-    evaluation = recipe["evaluation"] or {}
-    before = bool(evaluation.get("before_training"))
-    if before and engine and not quant:
-        before = False
-        choices.append(Choice("evaluation.before_training", False,
-                              f"skipped: {engine} shards the unquantized model across ranks; generating on rank 0 "
-                              "alone would leave the other ranks waiting at a barrier (30-minute timeout)", False))
-    elif evaluation:
-        choices.append(Choice("evaluation.before_training", before, "as the recipe says", False))
+    optim = choices.choose("training.optim", train["optim"], optim_auto,
+                           "fused AdamW on CUDA" if hw.is_gpu else "plain AdamW on CPU")
+    compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices)
+    before = _choose_evaluation_before(recipe, choices)
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
-                compute_dtype=compute_dtype, quant_storage=quant_storage, choices=choices, memory=memory,
+                compute_dtype=compute_dtype, quant_storage=quant_storage, choices=list(choices), memory=memory,
                 evaluate_before_training=before, model_shape=shape)
 
 

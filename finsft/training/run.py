@@ -82,6 +82,19 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
         return run.finish()
 
 
+def io_problem(exc: BaseException) -> str | None:
+    """The file-system error behind ``exc`` (a full disk, a file-size limit, a read-only folder...), in words; None
+    when ``exc`` is something else. safetensors and torch.save report such errors in their own exception types."""
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+    text = str(exc)
+    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
+        return text.split("I/O error:", 1)[1].strip()
+    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text):
+        return text.splitlines()[0]
+    return None
+
+
 class TrainingRun:
     """One training run and its state between phases."""
 
@@ -119,8 +132,11 @@ class TrainingRun:
         except torch.cuda.OutOfMemoryError as exc:
             raise FinsftError(oom_message(self.recipe, self.plan, name,
                                           self.resume_cmd if name == "training" else None)) from exc
-        except OSError as exc:
-            what = f"{name} failed: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+        except Exception as exc:
+            problem = io_problem(exc)
+            if problem is None:
+                raise
+            what = f"{name} failed: {problem}"
             if not self.main or name in ("model loading", "evaluation of the base model"):
                 raise FinsftError(what) from exc
             raise FinsftError(
@@ -258,7 +274,7 @@ class TrainingRun:
                 except Exception as exc:
                     import torch
 
-                    if self.main and not isinstance(exc, (torch.cuda.OutOfMemoryError, OSError)):
+                    if self.main and not isinstance(exc, torch.cuda.OutOfMemoryError) and io_problem(exc) is None:
                         self.out.print(
                             f"[red]training failed at step {trainer.state.global_step}[/]; the run is kept in "
                             f"{self.dirs.work} (newest checkpoint: {latest_checkpoint(self.dirs.work) or 'none'}). "
