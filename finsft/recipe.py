@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import Problem, RecipeError, did_you_mean
+from finsft.recipe_rules_training import training_rules
 
 DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 PACKAGE_PREFIX = "package:"
@@ -266,7 +267,8 @@ def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
         return obj
     out = dict(obj)
     for key, sub in sch["properties"].items():
-        if key not in out and "default" in sub and key not in ("$schema", "extends"):
+        # Library keys (x-library) keep the library's default by being absent: they are passed through when set.
+        if key not in out and "default" in sub and key not in ("$schema", "extends") and "x-library" not in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
             out[key] = apply_defaults(sub, out[key])
@@ -341,11 +343,16 @@ def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]
         kind = err.validator
         if kind == "additionalProperties":
             allowed = list(err.schema.get("properties", {}))
+            excluded = err.schema.get("x-excluded", {})
             for key in sorted(set(err.instance) - set(allowed)):
-                out.append((
-                    [*path, key],
-                    f"unknown key '{key}'.{did_you_mean(key, allowed)} Allowed keys here: {', '.join(allowed)}",
-                ))
+                if key in excluded:
+                    out.append(([*path, key], f"'{key}' of {err.schema['x-library-class']} cannot be set in a recipe: "
+                                              f"{excluded[key]}"))
+                    continue
+                listed = ", ".join(allowed) if len(allowed) <= 30 else \
+                    f"{len(allowed)} keys, listed by `finsft schema` and in the README's recipe reference"
+                out.append(([*path, key], f"unknown key '{key}'.{did_you_mean(key, allowed)} Allowed keys here: "
+                                          f"{listed}"))
         elif kind == "required":
             out.append((path, f"missing required key {err.message.split(' ')[0]}"))
         elif kind == "enum":
@@ -491,6 +498,8 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any],
     if ok("training", "data") and isinstance(train, dict) and train.get("eval_steps") and not has_validation:
         out.append((["training", "eval_steps"], "eval_steps needs a validation set: set data.validation_path or "
                                                 "data.validation_size"))
+    if ok("training", "data") and isinstance(train, dict):
+        out.extend(training_rules(train, has_validation))
 
     ev = cfg.get("evaluation")
     if ok("evaluation") and isinstance(ev, dict):
