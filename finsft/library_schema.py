@@ -54,7 +54,7 @@ _SHARDING = "chosen with `accelerate launch --config_file` (finsft reads the eng
 # Library fields that a recipe cannot set, with the reason (shown in the README and in the error for such a key).
 EXCLUDED: dict[str, dict[str, str]] = {
     "training": {
-        "output_dir": "finsft writes checkpoints to <output.dir>.partial/checkpoints and the result to output.dir",
+        "output_dir": "finsft writes checkpoints under the run folder (output.dir) itself",
         "bf16": "set by training.precision",
         "fp16": "set by training.precision",
         "use_cpu": "chosen by the hardware (CPU when no GPU is visible)",
@@ -226,7 +226,7 @@ def _union_schema(args: Sequence[Any]) -> dict[str, Any]:
     # "SchedulerType | str", "dict | str": the string is the command line's spelling of the enum or of the object.
     if str in alts and any(_is_enum(a) or a is dict or typing.get_origin(a) is dict for a in alts):
         alts.remove(str)
-    schemas = []
+    schemas: list[dict[str, Any]] = []
     for a in alts:
         sch = json_schema_of(a)
         schemas += sch["anyOf"] if set(sch) == {"anyOf"} else [sch]

@@ -43,6 +43,7 @@ from finsft.progress import ProgressCallback, console, is_main_process, summary_
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import template_from_recipe
+from finsft.tracking import add_training_callbacks, check_trackers, write_results
 
 CHECKPOINTS = "checkpoints"
 
@@ -459,6 +460,7 @@ def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_d
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=get_peft_config(recipe))
     trainer.remove_callback(PrinterCallback)
+    add_training_callbacks(trainer, recipe)  # early stopping; trackers' log folder and the recipe as their config
     return trainer
 
 
@@ -477,6 +479,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
         out.print(f"[yellow]warning:[/] {warning}")
 
     template = template_from_recipe(recipe["template"])
+    check_trackers(recipe["training"]["report_to"])
     source = resolve_model(recipe, log=out.print) if main else None
     # Every rank needs the probe/plan; only the main process converts a GGUF file (others wait below).
     plan = plan_run(recipe, hw, None)
@@ -616,6 +619,8 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
     train_loss = result.training_loss
     if checkpoint:
         train_loss = mean_train_loss(progress.history) or train_loss
+    write_results(dirs.work, dirs.final, trainer.state, {**result.metrics, "train_loss": train_loss},
+                  results.get("after"))  # trainer_state.json, *_results.json at the top, as HF users expect
     manifest = {
         "recipe": recipe.name,
         "recipe_files": recipe.files,

@@ -9,6 +9,7 @@ from typing import Any
 
 from finsft.plan.plan import Plan, sharding_engine
 from finsft.recipe import Recipe, schema
+from finsft.recipe_rules_training import best_at_end, strategies
 
 
 def torch_dtype(name: str) -> Any:
@@ -33,7 +34,7 @@ def library_kwargs(recipe: Recipe, section: str, cls: Any) -> dict[str, Any]:
             if isinstance(value, dict):
                 targets = [t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)]
                 if targets:
-                    kwargs[key] = targets[0](**value)
+                    kwargs[key] = typing.cast(Any, targets[0])(**value)
     return kwargs
 
 
@@ -118,16 +119,18 @@ def _sampling_kwargs(config_cls: Any, grouped: bool) -> dict[str, Any]:
 
 
 def _strategy_kwargs(train: dict[str, Any], passed: dict[str, Any], has_eval: bool) -> dict[str, Any]:
-    """When to evaluate and save ('auto': by eval_steps and save_steps), and the metric that early stopping and
-    save_strategy "best" compare (the validation loss unless the recipe names one)."""
-    evaluate = train["eval_strategy"]
-    if evaluate == "auto":
-        evaluate = "steps" if train["eval_steps"] else "no"
-    save = train["save_strategy"]
-    if save == "auto":
-        save = "steps" if train["save_steps"] else "epoch"
-    out: dict[str, Any] = {"eval_strategy": evaluate if has_eval else "no", "save_strategy": save}
-    if (train["early_stopping_patience"] or save == "best") and "metric_for_best_model" not in passed:
+    """When to evaluate and save (finsft.recipe_rules_training.strategies), and with evaluation, the best-model
+    settings: early stopping loads the best checkpoint at the end unless the recipe says otherwise, and compares
+    the validation loss unless the recipe names another metric. Without evaluation they have nothing to compare
+    and are left out."""
+    out = strategies(train, has_eval)
+    if out["eval_strategy"] == "no":
+        for key in ("load_best_model_at_end", "metric_for_best_model", "greater_is_better"):
+            passed.pop(key, None)
+        return out
+    if best_at_end(train) and "load_best_model_at_end" not in passed:
+        out["load_best_model_at_end"] = True
+    if (best_at_end(train) or out["save_strategy"] == "best") and "metric_for_best_model" not in passed:
         out["metric_for_best_model"] = "loss"
     return out
 
@@ -138,7 +141,6 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
 
     train = recipe["training"]
     on_cpu = not plan.hardware.is_gpu
-    save_steps = train["save_steps"]
     passed = library_kwargs(recipe, "training", SFTConfig)
     return SFTConfig(
         **passed,
@@ -172,7 +174,6 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         logging_steps=train["logging_steps"],
         logging_first_step=True,
         eval_steps=train["eval_steps"],
-        save_steps=save_steps or 500,
         save_total_limit=train["save_total_limit"],
         seed=train["seed"],
         data_seed=train["seed"],
