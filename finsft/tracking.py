@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -107,7 +108,7 @@ def write_results(work: Path, final: Path, state: Any, train_metrics: dict[str, 
     """``trainer_state.json`` (paths of checkpoints as they will be after the run folder is published),
     ``train_results.json``, ``eval_results.json`` (the last validation loss, when the run evaluated) and
     ``all_results.json`` (both, plus the task evaluation's numbers as ``task_*``) in the run folder ``work``."""
-    state_json = json.loads(state.to_json_string() if hasattr(state, "to_json_string") else json.dumps(state))
+    state_json = json.loads(json.dumps(dataclasses.asdict(state), default=str))  # as TrainerState.save_to_json
     for key in ("best_model_checkpoint",):
         if isinstance(state_json.get(key), str) and state_json[key].startswith(str(work)):
             state_json[key] = str(final) + state_json[key][len(str(work)):]
