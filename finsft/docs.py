@@ -174,7 +174,8 @@ def render(sch: Mapping[str, Any] | None = None) -> str:
         "",
         f"{sch.get('description', '')} `finsft schema` prints the JSON Schema; `finsft validate` checks recipes "
         "against it and against the cross-field rules; `finsft show RECIPE.json` prints a recipe with every "
-        "default filled in.",
+        "finsft default filled in (a library key appears when the recipe sets it; absent, it keeps the library's "
+        "default).",
         "",
         "### Top level",
         "",

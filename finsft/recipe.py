@@ -333,10 +333,15 @@ def _choices(sch: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+@cache
+def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
-    validator = Draft202012Validator(schema())
+    return Draft202012Validator(schema())
+
+
+def _schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+    validator = _validator()
     out: list[tuple[list[str | int], str]] = []
     for err in sorted(validator.iter_errors(recipe), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(err.absolute_path)

@@ -4,6 +4,7 @@ Output folder layout (``output.dir``)::
 
     adapter_config.json, adapter_model.safetensors   LoRA adapter (or the full model without lora)
     tokenizer files, recipe.json (fully resolved), manifest.json, metrics.jsonl, loss.png
+    trainer_state.json, train_results.json, all_results.json (eval_results.json), runs/ (TensorBoard)
     eval.json, predictions.jsonl (when the recipe evaluates), checkpoints/
 
 The run works in ``<dir>.partial`` and renames it to ``<dir>`` when everything is written, so ``<dir>`` is never
