@@ -249,6 +249,8 @@ def test_explicit_strategies_and_metric_are_kept(make_recipe: Any, tmp_path: Any
     sft = get_sft_config(recipe, plan_run(recipe, CPU, SMALL), str(tmp_path), has_eval=True)
     assert (val(sft.eval_strategy), val(sft.save_strategy)) == ("epoch", "epoch")
     assert sft.metric_for_best_model == "eval_loss" and sft.load_best_model_at_end
+    probe = get_sft_config(recipe, plan_run(recipe, CPU, SMALL), str(tmp_path), has_eval=False)
+    assert not probe.load_best_model_at_end and probe.metric_for_best_model is None
 
 
 RULES = {

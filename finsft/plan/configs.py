@@ -142,9 +142,10 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
     train = recipe["training"]
     on_cpu = not plan.hardware.is_gpu
     passed = library_kwargs(recipe, "training", SFTConfig)
+    strategy = _strategy_kwargs(train, passed, has_eval)  # (may drop best-model keys from passed)
     return SFTConfig(
         **passed,
-        **_strategy_kwargs(train, passed, has_eval),
+        **strategy,
         report_to=train["report_to"],
         run_name=train["run_name"] or recipe.name,
         output_dir=output_dir,
