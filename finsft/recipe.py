@@ -303,6 +303,8 @@ def describe_allowed(sch: Mapping[str, Any]) -> str:
             what = "unique " + what
         n = sch.get("minItems", 0)
         return "a non-empty list of " + what if n == 1 else (f"a list of at least {n} {what}" if n else "a list of " + what)
+    if kind == "string" and "pattern" in sch:
+        return f"a string matching {sch['pattern']}"
     return str(kind or "a value")
 
 
