@@ -17,7 +17,7 @@ from finsft import __version__
 from finsft.errors import FinsftError, RecipeError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench")
+COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench", "plan")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--adapter", required=True, help="trained run folder or adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
+
+    p = sub.add_parser("plan", help="every resolved choice with its reason and the memory estimate (no GPU, no "
+                                    "weights)")
+    _add_recipe(p)
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hardware", metavar="PROFILE", help="plan for a named GPU: t4-16gb, v100-16gb, l4-24gb, "
+                       "a10g-24gb, rtx4090-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb")
+    where.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for an Ampere-class GPU with GIB GiB")
+    p.add_argument("--format", choices=("text", "json"), default="text")
 
     p = sub.add_parser("bench", help="time training steps of the recipe against the notebook-style baseline")
     _add_recipe(p)
@@ -211,6 +220,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from finsft.commands.plan import plan_command
+    from finsft.recipe import load_recipe
+
+    return plan_command(load_recipe(args.recipe, args.overrides), hardware=args.hardware,
+                        gpu_memory=args.gpu_memory, fmt=args.format)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
@@ -226,37 +243,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 HANDLERS = {
     "validate": cmd_validate, "schema": cmd_schema, "show": cmd_show, "templates": cmd_templates,
     "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "bench": cmd_bench,
+    "plan": cmd_plan,
 }
 
 
-# --- finsft plan (finsft/plan/report.py): registered here as one block on top of the parser above.
-_build_parser_base = build_parser
-
-
-def build_parser() -> argparse.ArgumentParser:  # type: ignore[no-redef]
-    parser = _build_parser_base()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    p = sub.add_parser("plan", help="every resolved choice with its reason and the memory estimate (no GPU, no "
-                                    "weights)")
-    _add_recipe(p)
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--hardware", metavar="PROFILE", help="plan for a named GPU: t4-16gb, v100-16gb, l4-24gb, "
-                       "a10g-24gb, rtx4090-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb")
-    where.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for an Ampere-class GPU with GIB GiB")
-    p.add_argument("--format", choices=("text", "json"), default="text")
-    return parser
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from finsft.plan.report import plan_command
-    from finsft.recipe import load_recipe
-
-    return plan_command(load_recipe(args.recipe, args.overrides), hardware=args.hardware,
-                        gpu_memory=args.gpu_memory, fmt=args.format)
-
-
-COMMANDS = (*COMMANDS, "plan")  # type: ignore[assignment]
-HANDLERS["plan"] = cmd_plan
 
 
 def _is_main_process() -> bool:

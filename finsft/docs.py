@@ -19,6 +19,8 @@ from finsft.recipe import schema
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
 COMMAND = "python -m finsft.docs README.md"
+LIBRARY = "x-library"  # a key generated from a library class (finsft/library_schema.py)
+EXCLUDED = "x-excluded"  # library fields finsft sets itself, with the reason
 TYPE_NAMES = {"string": "string", "integer": "integer", "number": "number", "boolean": "boolean",
               "null": "null", "object": "object", "array": "list"}
 
@@ -105,6 +107,36 @@ def _table(node: Mapping[str, Any], prefix: str, link_sections: bool) -> list[st
     return lines
 
 
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of a library's help text (at least 30 characters, at most about ``limit``)."""
+    text = " ".join(text.split())
+    end = next((m for m in range(30, len(text)) if text[m] == "." and text[m + 1:m + 2] in (" ", "")), None)
+    if end is not None and end < limit:
+        return text[:end + 1]
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " …"
+
+
+def _library_tables(sub: Mapping[str, Any]) -> list[str]:
+    """The long tail of a section: the library's other fields in a compact table, then the fields finsft sets."""
+    lib = {k: v for k, v in sub["properties"].items() if LIBRARY in v}
+    source = sub.get(LIBRARY + "-class", "the library")
+    out: list[str] = []
+    if lib:
+        out += ["", f"Every other field of `{source}` ({len(lib)}), passed through unchanged when set (absent: the "
+                    "library's default, shown here). Description: the library's help, first sentence "
+                    "(`finsft schema` has it in full).", "",
+                "| Key | Type / allowed values | Default | Description |", "|---|---|---|---|"]
+        out += [f"| `{k}` | {describe_type(v)} | {_code(v['default'])} | {_cell(_first_sentence(v['description']))} |"
+                for k, v in lib.items()]
+    excluded: dict[str, list[str]] = {}
+    for key, reason in sub.get(EXCLUDED, {}).items():
+        excluded.setdefault(reason, []).append(key)
+    if excluded:
+        out += ["", f"Fields of `{source}` that finsft sets itself (an error in a recipe, with the reason):", ""]
+        out += [f"- {', '.join(f'`{k}`' for k in keys)}: {_cell(reason)}" for reason, keys in excluded.items()]
+    return out
+
+
 def _anchor(dotted: str) -> str:
     """GitHub's anchor of a heading "`dotted`"."""
     return "".join(c for c in dotted.lower() if c.isalnum() or c in "-_ ").replace(" ", "-")
@@ -125,7 +157,9 @@ def _sections(node: Mapping[str, Any], prefix: str = "") -> list[str]:
         else:
             status = " Optional: every key has a default."
         out += ["", f"### `{dotted}`", "", f"{sub.get('description', '')}{status}", ""]
-        out += _table(sub, dotted + ".", link_sections=False)
+        own = {k: v for k, v in sub["properties"].items() if LIBRARY not in v}
+        out += _table({**sub, "properties": own}, dotted + ".", link_sections=False)
+        out += _library_tables(sub)
         for example in sub.get("examples", [])[:1]:
             out += ["", "Example:", "", "```json", json.dumps({key: example}, indent=2), "```"]
         out += _sections(sub, dotted + ".")
@@ -140,7 +174,8 @@ def render(sch: Mapping[str, Any] | None = None) -> str:
         "",
         f"{sch.get('description', '')} `finsft schema` prints the JSON Schema; `finsft validate` checks recipes "
         "against it and against the cross-field rules; `finsft show RECIPE.json` prints a recipe with every "
-        "default filled in.",
+        "finsft default filled in (a library key appears when the recipe sets it; absent, it keeps the library's "
+        "default).",
         "",
         "### Top level",
         "",

@@ -22,7 +22,7 @@ LAYERS: dict[str, int] = {
     "finsft.models": 5,
     "finsft.merge": 6, "finsft.evaluation": 6,
     "finsft.training": 7,
-    "finsft.bench": 8, "finsft.commands": 8, "finsft.docs": 8, "finsft.cli": 9, "finsft.__main__": 10,
+    "finsft.bench": 8, "finsft.commands": 8, "finsft.docs": 8, "finsft.library_schema": 8, "finsft.cli": 9, "finsft.__main__": 10,
 }
 
 
@@ -102,3 +102,16 @@ def test_the_checker_sees_function_level_and_relative_imports(tmp_path: Path) ->
     """The rules above cannot pass vacuously: the parser finds imports written inside functions."""
     found = finsft_imports(MODULES["finsft.cli"])
     assert "finsft.training" in found and "finsft.commands.validate" in found  # both inside functions
+
+
+def test_typed_recipe_views_name_exactly_finsft_own_schema_keys() -> None:
+    """A key renamed in the schema must be renamed in the typed views (and then mypy finds every use)."""
+    from typing import get_type_hints
+
+    from finsft.recipe import schema
+    from finsft.recipe.model import SECTION_VIEWS
+
+    props = schema()["properties"]
+    for section, view in SECTION_VIEWS.items():
+        own = {k for k, v in props[section]["properties"].items() if "x-library" not in v}
+        assert set(get_type_hints(view)) == own, section

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from finsft.commands.plan import plan_command, recipe_model_shape
 from finsft.errors import FinsftError
 from finsft.plan import PROFILES, check_fits, flash_attn_usable, hardware_profile, plan_run, read_model_shape
 from finsft.plan.memory import (
@@ -23,7 +24,6 @@ from finsft.plan.memory import (
     estimate_memory,
     layer_activation_bytes,
 )
-from finsft.plan.report import plan_command, recipe_model_shape
 from finsft.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -3,17 +3,39 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any
 
 from finsft.plan.plan import Plan, sharding_engine
-from finsft.recipe import Recipe
+from finsft.recipe import Recipe, schema
+from finsft.recipe.training_rules import best_at_end, strategies
 
 
 def torch_dtype(name: str) -> Any:
     import torch
 
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "uint8": torch.uint8}[name]
+
+
+def library_kwargs(recipe: Recipe, section: str, cls: Any) -> dict[str, Any]:
+    """The library keys (``x-library`` in the schema: the fields of ``cls`` that finsft does not manage) that the
+    recipe sets, for ``cls``'s constructor. Absent keys keep the library's default. An object given for a field
+    typed as a dataclass (peft's EvaConfig, CordaConfig ...) becomes that dataclass."""
+    import dataclasses
+    import typing
+
+    values = recipe[section] or {}
+    props = schema()["properties"][section]["properties"]
+    kwargs = {k: copy.deepcopy(v) for k, v in values.items() if "x-library" in props.get(k, {})}
+    if dataclasses.is_dataclass(cls):
+        hints = typing.get_type_hints(cls)
+        for key, value in kwargs.items():
+            if isinstance(value, dict):
+                targets = [t for t in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(t)]
+                if targets:
+                    kwargs[key] = typing.cast(Any, targets[0])(**value)
+    return kwargs
 
 
 def get_quantization_config(recipe: Recipe, plan: Plan) -> Any:
@@ -23,9 +45,11 @@ def get_quantization_config(recipe: Recipe, plan: Plan) -> Any:
         return None
     from transformers import BitsAndBytesConfig
 
+    passed = library_kwargs(recipe, "quantization", BitsAndBytesConfig)
     if quant["load_in_8bit"]:
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **passed)
     return BitsAndBytesConfig(
+        **passed,
         load_in_4bit=True,
         bnb_4bit_quant_type=quant["bnb_4bit_quant_type"],
         bnb_4bit_use_double_quant=quant["bnb_4bit_use_double_quant"],
@@ -52,6 +76,7 @@ def get_peft_config(recipe: Recipe) -> Any:
         use_rslora=lora["use_rslora"],
         use_dora=lora["use_dora"],
         modules_to_save=lora["modules_to_save"],
+        **library_kwargs(recipe, "lora", LoraConfig),
     )
 
 
@@ -93,14 +118,36 @@ def _sampling_kwargs(config_cls: Any, grouped: bool) -> dict[str, Any]:
     return {"group_by_length": grouped}
 
 
+def _strategy_kwargs(train: dict[str, Any], passed: dict[str, Any], has_eval: bool) -> dict[str, Any]:
+    """When to evaluate and save (finsft.recipe.training_rules.strategies), and with evaluation, the best-model
+    settings: early stopping loads the best checkpoint at the end unless the recipe says otherwise, and compares
+    the validation loss unless the recipe names another metric. Without evaluation they have nothing to compare
+    and are left out."""
+    out = strategies(train, has_eval)
+    if out["eval_strategy"] == "no":
+        for key in ("load_best_model_at_end", "metric_for_best_model", "greater_is_better"):
+            passed.pop(key, None)
+        return out
+    if best_at_end(train) and "load_best_model_at_end" not in passed:
+        out["load_best_model_at_end"] = True
+    if (best_at_end(train) or out["save_strategy"] == "best") and "metric_for_best_model" not in passed:
+        out["metric_for_best_model"] = "loss"
+    return out
+
+
 def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: bool = False) -> Any:
     """``trl.SFTConfig`` for the recipe."""
     from trl import SFTConfig
 
     train = recipe["training"]
     on_cpu = not plan.hardware.is_gpu
-    save_steps = train["save_steps"]
+    passed = library_kwargs(recipe, "training", SFTConfig)
+    strategy = _strategy_kwargs(train, passed, has_eval)  # (may drop best-model keys from passed)
     return SFTConfig(
+        **passed,
+        **strategy,
+        report_to=train["report_to"],
+        run_name=train["run_name"] or recipe.name,
         output_dir=output_dir,
         num_train_epochs=train["num_train_epochs"],
         max_steps=train["max_steps"],
@@ -127,10 +174,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         use_liger_kernel=plan.use_liger_kernel,
         logging_steps=train["logging_steps"],
         logging_first_step=True,
-        eval_strategy="steps" if has_eval and train["eval_steps"] else "no",
         eval_steps=train["eval_steps"],
-        save_strategy="steps" if save_steps else "epoch",
-        save_steps=save_steps or 500,
         save_total_limit=train["save_total_limit"],
         seed=train["seed"],
         data_seed=train["seed"],
@@ -138,7 +182,6 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         # Padding-free batches have no attention mask and no padding: every token counts. The "non_padding" count
         # falls back to input_ids != pad_token_id there, which drops every EOS when pad == EOS (Mistral, Llama).
         include_num_input_tokens_seen="all" if plan.packing else "non_padding",
-        report_to="none",
         disable_tqdm=True,
         remove_unused_columns=True,
         dataset_kwargs={"skip_prepare_dataset": False},

@@ -1,7 +1,8 @@
 """The validated recipe object and typed views of its sections.
 
-The views name the keys finsft's code reads, so that mypy catches a renamed key; the schema stays the one place
-for defaults and documentation (``tests/test_recipe.py`` checks every key here exists in the schema).
+The views name finsft's own keys (the library keys of training/lora/quantization that the schema generates from
+the libraries are passed through untyped), so that mypy catches a renamed key; the schema stays the one place for
+defaults and documentation (``tests/test_architecture.py`` checks the views against the schema).
 """
 
 from __future__ import annotations
@@ -87,10 +88,16 @@ class TrainingSection(TypedDict):
     tf32: bool | str
     logging_steps: int
     eval_steps: int | None
+    eval_strategy: str
     save_steps: int | None
     save_total_limit: int | None
+    save_strategy: str
+    early_stopping_patience: int | None
+    early_stopping_threshold: float
     seed: int
     dataloader_num_workers: int
+    report_to: str | list[str]
+    run_name: str | None
 
 
 class EvaluationSection(TypedDict):

@@ -10,6 +10,7 @@ from typing import Any
 
 from finsft.errors import did_you_mean
 from finsft.recipe.paths import PACKAGE_PREFIX
+from finsft.recipe.training_rules import training_rules as training_rules_for_evaluation
 
 
 def _explicit(raw: Mapping[str, Any], section: str, key: str) -> bool:
@@ -49,6 +50,8 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sectio
     has_validation = isinstance(data, dict) and bool(data.get("validation_path") or data.get("validation_size"))
     if ok("training", "data"):
         out += eval_steps_rules(cfg.get("training"), has_validation)
+        if isinstance(cfg.get("training"), dict):
+            out += training_rules_for_evaluation(cfg["training"], has_validation)
     out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data"))
     out += model_rules(section("model"))
     return out

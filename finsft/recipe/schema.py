@@ -27,7 +27,8 @@ def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
         return obj
     out = dict(obj)
     for key, sub in sch["properties"].items():
-        if key not in out and "default" in sub and key not in ("$schema", "extends"):
+        # Library keys (x-library) keep the library's default by being absent: they are passed through when set.
+        if key not in out and "default" in sub and key not in ("$schema", "extends") and "x-library" not in sub:
             out[key] = copy.deepcopy(sub["default"])
         if key in out:
             out[key] = apply_defaults(sub, out[key])
@@ -59,6 +60,8 @@ def describe_allowed(sch: Mapping[str, Any]) -> str:
             what = "unique " + what
         n = sch.get("minItems", 0)
         return "a non-empty list of " + what if n == 1 else (f"a list of at least {n} {what}" if n else "a list of " + what)
+    if kind == "string" and "pattern" in sch:
+        return f"a string matching {sch['pattern']}"
     return str(kind or "a value")
 
 
@@ -89,21 +92,31 @@ def _choices(sch: Mapping[str, Any]) -> list[str]:
     return out
 
 
-def schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+@cache
+def _validator() -> Any:
     from jsonschema import Draft202012Validator
 
-    validator = Draft202012Validator(schema())
+    return Draft202012Validator(schema())
+
+
+def schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]:
+    validator = _validator()
     out: list[tuple[list[str | int], str]] = []
     for err in sorted(validator.iter_errors(recipe), key=lambda e: [str(p) for p in e.absolute_path]):
         path = list(err.absolute_path)
         kind = err.validator
         if kind == "additionalProperties":
             allowed = list(err.schema.get("properties", {}))
+            excluded = err.schema.get("x-excluded", {})
             for key in sorted(set(err.instance) - set(allowed)):
-                out.append((
-                    [*path, key],
-                    f"unknown key '{key}'.{did_you_mean(key, allowed)} Allowed keys here: {', '.join(allowed)}",
-                ))
+                if key in excluded:
+                    out.append(([*path, key], f"'{key}' of {err.schema['x-library-class']} cannot be set in a recipe: "
+                                              f"{excluded[key]}"))
+                    continue
+                listed = ", ".join(allowed) if len(allowed) <= 30 else \
+                    f"{len(allowed)} keys, listed by `finsft schema` and in the README's recipe reference"
+                out.append(([*path, key], f"unknown key '{key}'.{did_you_mean(key, allowed)} Allowed keys here: "
+                                          f"{listed}"))
         elif kind == "required":
             out.append((path, f"missing required key {err.message.split(' ')[0]}"))
         elif kind == "enum":

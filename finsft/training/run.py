@@ -65,6 +65,7 @@ from finsft.training.output import (
 )
 from finsft.training.report import library_versions, plot_losses, print_plan
 from finsft.training.signals import RunInterrupted, graceful_signals, stop_callback
+from finsft.training.tracking import check_trackers, write_results
 from finsft.training.trainer import build_trainer, model_is_sharded
 
 
@@ -158,6 +159,7 @@ class TrainingRun:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
         self.template: Template = template_from_recipe(recipe.template)
+        check_trackers(recipe.training["report_to"])  # a missing tracker package, before anything heavy
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -343,6 +345,10 @@ class TrainingRun:
                     merge_into(self.trainer.model, self.tokenizer, work / "merged")
         manifest = self.manifest()
         with self.phase("writing the manifest"):
+            # trainer_state.json and *_results.json at the top, as Hugging Face scripts write them
+            write_results(work, self.dirs.final, self.trainer.state,
+                          {**self.result.metrics, "train_loss": manifest["train"]["train_loss"]},
+                          self.report.metrics if self.report else None)
             write_json(work / "manifest.json", manifest)
             publish(self.dirs)
         self.print_summary(manifest)

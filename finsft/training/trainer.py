@@ -6,6 +6,7 @@ from typing import Any
 
 from finsft.plan import get_peft_config
 from finsft.recipe import Recipe
+from finsft.training.tracking import add_training_callbacks
 
 
 def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None) -> Any:
@@ -16,6 +17,7 @@ def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_d
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                          processing_class=tokenizer, peft_config=get_peft_config(recipe))
     trainer.remove_callback(PrinterCallback)
+    add_training_callbacks(trainer, recipe)  # early stopping; trackers' log folder and the recipe as their config
     return trainer
 
 

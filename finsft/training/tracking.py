@@ -1,0 +1,127 @@
+"""Experiment tracking, early stopping, and the Hugging Face-style result files of a run.
+
+* ``training.report_to`` / ``run_name`` go to transformers' integrations (the Trainer builds their callbacks);
+  finsft checks the trackers are installed before loading anything, writes TensorBoard events to the run
+  folder's ``runs/`` and logs the resolved recipe to each tracker it knows (TensorBoard, W&B, MLflow).
+* ``training.early_stopping_patience`` adds transformers' ``EarlyStoppingCallback``.
+* ``write_results`` puts ``trainer_state.json``, ``train_results.json``, ``eval_results.json`` and
+  ``all_results.json`` at the top of the run folder, where Hugging Face users look for them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from finsft.errors import FinsftError
+
+TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
+# integration -> (modules, any of which makes it available; the pip package)
+PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio"), "comet_ml": (("comet_ml",), "comet-ml"),
+    "neptune": (("neptune",), "neptune"), "clearml": (("clearml",), "clearml"), "dvclive": (("dvclive",), "dvclive"),
+    "codecarbon": (("codecarbon",), "codecarbon"), "swanlab": (("swanlab",), "swanlab"),
+    "dagshub": (("dagshub",), "dagshub"), "flyte": (("flytekit",), "flytekit"),
+    "azure_ml": (("azureml",), "azureml-core"), "kubeflow": (("kubeflow",), "kubeflow"),
+}
+
+
+def requested_trackers(report_to: Any) -> list[str]:
+    if report_to in (None, "none"):
+        return []
+    return [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def missing_trackers(report_to: Any) -> list[str]:
+    """The trackers training.report_to names whose package is not installed."""
+    import importlib.util
+
+    def installed(modules: tuple[str, ...]) -> bool:
+        return any(importlib.util.find_spec(m) is not None for m in modules)
+
+    return [t for t in requested_trackers(report_to) if t in PACKAGES and not installed(PACKAGES[t][0])]
+
+
+def check_trackers(report_to: Any) -> None:
+    """Refuse to start when training.report_to names a tracker whose package is not installed (the Trainer
+    would fail only after the model has loaded)."""
+    missing = missing_trackers(report_to)
+    if missing:
+        pips = " ".join(PACKAGES[t][1] for t in missing)
+        extra = " (or pip install 'finsft[tensorboard]')" if missing == ["tensorboard"] else ""
+        raise FinsftError(f"training.report_to names {', '.join(missing)}, not installed here: pip install {pips}"
+                          f"{extra}; or remove it from training.report_to")
+
+
+def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:
+    """Logs the resolved recipe to the trackers once they have started (callbacks run in the order they were
+    added, and the Trainer adds its integrations first)."""
+    from transformers import TrainerCallback
+
+    text = json.dumps(config, indent=2, default=str)
+
+    class RecipeToTrackers(TrainerCallback):
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if not state.is_world_process_zero:
+                return
+            for cb in trainer.callback_handler.callbacks:
+                name = type(cb).__name__
+                if name == "TensorBoardCallback" and getattr(cb, "tb_writer", None) is not None:
+                    # TensorBoard renders text as Markdown: indent it as a code block
+                    cb.tb_writer.add_text("finsft_recipe", "\n".join("    " + line for line in text.splitlines()))
+                    cb.tb_writer.flush()
+                elif name == "WandbCallback" and getattr(cb, "_wandb", None) is not None \
+                        and cb._wandb.run is not None:
+                    cb._wandb.run.config.update({"finsft_recipe": config}, allow_val_change=True)
+                elif name == "MLflowCallback" and getattr(cb, "_initialized", False):
+                    cb._ml_flow.log_dict(config, "finsft_recipe.json")
+
+    return RecipeToTrackers()
+
+
+def add_training_callbacks(trainer: Any, recipe: Any) -> None:
+    """Early stopping and the trackers' set-up for a trainer built from ``recipe``."""
+    train = recipe["training"]
+    if train["early_stopping_patience"] is not None:
+        from transformers import EarlyStoppingCallback
+
+        trainer.add_callback(EarlyStoppingCallback(early_stopping_patience=train["early_stopping_patience"],
+                                                   early_stopping_threshold=train["early_stopping_threshold"]))
+    if requested_trackers(train["report_to"]):
+        run_dir = Path(trainer.args.output_dir).parent  # output_dir is <run folder>/checkpoints
+        for cb in trainer.callback_handler.callbacks:
+            # TENSORBOARD_LOGGING_DIR, when set, wins (the callback read it when it was built).
+            if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "") is None:
+                cb.logging_dir = str(run_dir / TENSORBOARD_DIR)
+        trainer.add_callback(_recipe_callback(trainer, recipe.config))
+
+
+def _dump(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+
+
+def write_results(work: Path, final: Path, state: Any, train_metrics: dict[str, Any],
+                  task_metrics: dict[str, Any] | None = None) -> None:
+    """``trainer_state.json`` (paths of checkpoints as they will be after the run folder is published),
+    ``train_results.json``, ``eval_results.json`` (the last validation loss, when the run evaluated) and
+    ``all_results.json`` (both, plus the task evaluation's numbers as ``task_*``) in the run folder ``work``."""
+    state_json = json.loads(json.dumps(dataclasses.asdict(state), default=str))  # as TrainerState.save_to_json
+    for key in ("best_model_checkpoint",):
+        if isinstance(state_json.get(key), str) and state_json[key].startswith(str(work)):
+            state_json[key] = str(final) + state_json[key][len(str(work)):]
+    _dump(work / "trainer_state.json", state_json)
+    train = {k: v for k, v in train_metrics.items() if v is not None}
+    _dump(work / "train_results.json", train)
+    evals = [r for r in state_json.get("log_history", []) if "eval_loss" in r]
+    results = dict(train)
+    if evals:
+        last = {k: v for k, v in evals[-1].items() if k.startswith("eval_") or k == "epoch"}
+        _dump(work / "eval_results.json", last)
+        results.update(last)
+    for key, value in (task_metrics or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            results[f"task_{key}"] = value
+    _dump(work / "all_results.json", results)
