@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -312,29 +312,27 @@ def _check_config(recipe: Recipe, source: Any) -> None:
             "a local folder holding the model's config.json") from exc
 
 
-def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
-            shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
-    run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
+@dataclass
+class BenchData:
+    """The recipe's data as the timed run sees it (synthetic rows stand in when --random-weights meets missing
+    data)."""
+
+    recipe: Recipe
+    tokenizer: Any
+    tokenizer_kind: str
+    train_rows: int
+    rows: Any  # the rows sampled for timing
+    prep_s: float
+    from_cache: bool
+
+
+def prepare_bench_data(recipe: Recipe, source: Any, *, steps: int, warmup: int, random_weights: bool,
+                       workdir: Path, shared: dict[str, Any], log: Callable[[str], None]) -> BenchData:
+    """Split, tokenize (through finsft's cache, timed) and sample the rows for ``warmup`` + ``steps`` steps."""
     from finsft.data import build_splits, make_formatter, prepared_cache
-    from finsft.models import model_shape, resolve_model
-    from finsft.plan import detect_hardware, get_sft_config, plan_run
-    from finsft.quiet import quiet_libraries
     from finsft.templates import template_from_recipe
 
-    quiet_libraries()
-    hw = detect_hardware()
     template = template_from_recipe(recipe.template)
-    if shared.get("data_path"):
-        recipe = recipe.with_changes({"data": {"path": shared["data_path"], "columns": {}, "validation_path": None,
-                                               "validation_size": 0}})
-    source = resolve_model(recipe, log=log, random_weights=random_weights)
-    if random_weights:
-        _check_config(recipe, source)
-    plan = plan_run(recipe, hw, model_shape(source, recipe.model["trust_remote_code"]))
-    if which == "baseline":
-        plan = baseline_plan(plan)
-
     t0 = time.perf_counter()
     try:
         splits = build_splits(recipe, template)
@@ -361,14 +359,38 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     train_ds = prepared_cache(splits.train, formatter, recipe.training["max_length"], splits.fingerprint,
                               "train", log=messages.append)
     prep_s = split_s + time.perf_counter() - t1
-    rows = timing_rows(train_ds, recipe, steps, warmup)
+    return BenchData(recipe, tokenizer, tokenizer_kind, len(train_ds), timing_rows(train_ds, recipe, steps, warmup),
+                     prep_s, any("from cache" in m for m in messages))
 
+
+def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
+            shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
+    run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
     import torch
+    from rich.console import Console
     from transformers import set_seed
 
-    from finsft.models import load_training_model
+    from finsft.models import load_training_model, model_shape, resolve_model
+    from finsft.plan import detect_hardware, get_sft_config, plan_run
     from finsft.progress import ProgressCallback
+    from finsft.quiet import quiet_libraries
     from finsft.training.trainer import build_trainer
+
+    quiet_libraries()
+    hw = detect_hardware()
+    if shared.get("data_path"):
+        recipe = recipe.with_changes({"data": {"path": shared["data_path"], "columns": {}, "validation_path": None,
+                                               "validation_size": 0}})
+    source = resolve_model(recipe, log=log, random_weights=random_weights)
+    if random_weights:
+        _check_config(recipe, source)
+    plan = plan_run(recipe, hw, model_shape(source, recipe.model["trust_remote_code"]))
+    if which == "baseline":
+        plan = baseline_plan(plan)
+    data = prepare_bench_data(recipe, source, steps=steps, warmup=warmup, random_weights=random_weights,
+                              workdir=workdir, shared=shared, log=log)
+    recipe = data.recipe
 
     run_recipe = recipe.with_changes({"training": {"max_steps": warmup + steps, "eval_steps": None}})
     set_seed(recipe.training["seed"])
@@ -379,10 +401,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     args.save_strategy = "no"
     clock = _clock(warmup, steps)
     t3 = time.perf_counter()
-    trainer = build_trainer(run_recipe, model, args, tokenizer, rows)
+    trainer = build_trainer(run_recipe, model, args, data.tokenizer, data.rows)
     setup_s = time.perf_counter() - t3
-    from rich.console import Console
-
     trainer.add_callback(ProgressCallback(None, Console(quiet=True), live=False))
     trainer.add_callback(clock)
     trainer.train()
@@ -402,8 +422,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "tokens_per_cpu_s": round(tokens / max(clock.cpu1 - clock.cpu0, 1e-9), 2),
         "peak_memory_gib": round(peak, 3),
         "memory_kind": memory_kind,
-        "data_prep_s": round(prep_s, 2),
-        "data_from_cache": any("from cache" in m for m in messages),
+        "data_prep_s": round(data.prep_s, 2),
+        "data_from_cache": data.from_cache,
         "model_load_s": round(load_s, 2),
         "trainer_setup_s": round(setup_s, 2),
         "timed_steps": steps,
@@ -417,10 +437,10 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "device": f"{hw.device} ({hw.name})",
         "torch_threads": torch.get_num_threads(),
         "model": source.description + (", random weights" if random_weights else ""),
-        "tokenizer": tokenizer_kind,
+        "tokenizer": data.tokenizer_kind,
         "quantization": (None if quant is None else "4-bit" if quant["load_in_4bit"] else "8-bit"),
-        "data": (f"{'synthetic rows' if shared.get('data_path') else recipe['data']['path']} ({len(train_ds):,} "
-                 f"training rows; {len(rows):,} sampled for timing)"),
+        "data": (f"{'synthetic rows' if shared.get('data_path') else recipe.data['path']} ({data.train_rows:,} "
+                 f"training rows; {len(data.rows):,} sampled for timing)"),
     }
 
 

@@ -289,3 +289,27 @@ def test_the_schema_file_is_written_compactly() -> None:
     assert json.loads(text) == schema()
     assert '"examples": ["auto"]' in text  # short lists stay on one line
     assert max(len(line) for line in text.splitlines() if '"description"' not in line) <= 118
+
+
+def test_finsfts_own_keys_bind_to_the_library_constructors() -> None:
+    """finsft's own lora / quantization / training keys that carry a library name bind to that library's
+    constructor with their schema defaults (as torchtune's config validation does): a renamed library argument
+    fails here, not in a user's run."""
+    import inspect
+
+    from peft import LoraConfig
+    from transformers import BitsAndBytesConfig
+    from trl import SFTConfig
+
+    # finsft's own settings (compiled into several library arguments, or into callbacks)
+    finsft_only = {"training": {"precision", "group_by_length", "gradient_checkpointing", "early_stopping_patience",
+                                "early_stopping_threshold"}}
+    props = schema()["properties"]
+    for section, cls in (("lora", LoraConfig), ("quantization", BitsAndBytesConfig), ("training", SFTConfig)):
+        params = inspect.signature(cls).parameters
+        own = {k: v.get("default") for k, v in props[section]["properties"].items()
+               if "x-library" not in v and k not in finsft_only.get(section, set())}
+        missing = sorted(set(own) - set(params))
+        assert not missing, f"{section}: {missing} are not arguments of {cls.__name__}"
+        values = {k: v for k, v in own.items() if v != "auto"}
+        inspect.signature(cls).bind(**values)
