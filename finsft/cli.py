@@ -259,6 +259,34 @@ COMMANDS = (*COMMANDS, "plan")  # type: ignore[assignment]
 HANDLERS["plan"] = cmd_plan
 
 
+# --- finsft push (finsft/commands/push.py): registered here as one block on top of the parsers above.
+_build_parser_with_plan = build_parser
+
+
+def build_parser() -> argparse.ArgumentParser:  # type: ignore[no-redef]
+    parser = _build_parser_with_plan()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    p = sub.add_parser("push", help="upload a finished run folder (adapter or model, tokenizer, model card) to the "
+                                    "Hugging Face hub")
+    p.add_argument("run", help="the output folder of a finished finsft train run")
+    p.add_argument("--repo", metavar="ID", help="hub repository: NAME (under your account) or NAMESPACE/NAME "
+                   "(default: the run's output.hub_model_id, else its recipe name)")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private, unless "
+                   "the run's recipe says output.hub_private_repo=false)")
+    return parser
+
+
+def cmd_push(args: argparse.Namespace) -> int:
+    from finsft.commands.push import push_command
+
+    push_command(args.run, repo=args.repo, public=args.public)
+    return EXIT_OK
+
+
+COMMANDS = (*COMMANDS, "push")  # type: ignore[assignment]
+HANDLERS["push"] = cmd_push
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
 

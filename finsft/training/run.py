@@ -38,9 +38,17 @@ from finsft.evaluation import (
 )
 from finsft.evaluation.report import EvalSet, write_report
 from finsft.files import write_json
-from finsft.models import ModelSource, load_tokenizer, load_training_model, model_shape, resolve_model
+from finsft.models import (
+    ModelSource,
+    load_tokenizer,
+    load_training_model,
+    model_shape,
+    portable_adapter,
+    resolve_model,
+)
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
+from finsft.publish import check_can_push, default_repo_id, push_run, write_model_card
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
@@ -134,6 +142,9 @@ class TrainingRun:
         """Hardware, the distributed state, the plan, the output folder, the tokenizer and the data."""
         quiet_libraries()
         recipe, out = self.recipe, self.out
+        self.repo_id = default_repo_id(dict(recipe.output), recipe.name)
+        if recipe.output["push_to_hub"] and self.main:
+            check_can_push(self.repo_id, "output.hub_model_id")  # a missing token fails now, not after training
         self.hardware = detect_hardware()
         warning = launcher_warning()
         if warning:
@@ -283,6 +294,10 @@ class TrainingRun:
             trainer.save_model(str(self.dirs.work))
         self.sharded = model_is_sharded(trainer)
         self.state.wait_for_everyone()
+        if self.main:  # adapter_config.json names the base's hub id, not finsft's cache: the adapter is portable
+            note = portable_adapter(self.dirs.work, self.source)
+            if note:
+                self.out.print(note)
 
     def evaluate_after(self) -> None:
         """Score the trained model; eval.json holds both numbers. Rank 0 alone (no collective is left)."""
@@ -328,8 +343,17 @@ class TrainingRun:
         manifest = self.manifest()
         with self.phase("writing the manifest"):
             write_json(work / "manifest.json", manifest)
+            report = self.report.as_dict() if self.report else None
+            for folder in (work, work / "merged"):  # a model card (README.md) in every output folder
+                if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+                    write_model_card(folder, manifest, recipe.config, report)
             publish(self.dirs)
         self.print_summary(manifest)
+        if recipe.output["push_to_hub"]:
+            result = push_run(self.dirs.final, self.repo_id, private=recipe.output["hub_private_repo"],
+                              log=self.out.print)
+            self.out.print(f"pushed {len(result.files)} files to {result.url} "
+                           f"({'private' if result.private else 'public'} if new): {result.commit_url}")
         return self.dirs.final
 
     def manifest(self) -> dict[str, Any]:
@@ -350,6 +374,8 @@ class TrainingRun:
             "plan": [{"setting": c.setting, "value": c.value, "reason": c.reason, "automatic": c.automatic}
                      for c in self.plan.choices],
             "model": self.source.description,
+            "base_model": {"name_or_path": recipe.model["name_or_path"], "gguf_file": recipe.model["gguf_file"],
+                           "hub_id": self.source.hub_id, "hub_id_reason": self.source.hub_id_reason},
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
                      "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2)},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
