@@ -118,8 +118,7 @@ def _eval_results(report: Mapping[str, Any] | None, datasets: list[dict[str, Any
         dataset_name, split = f"{dataset_type} (held-out validation split)", "validation"
     else:
         dataset_type, dataset_name, split = evaluation["name"], evaluation["name"], evaluation["split"]
-    common: dict[str, Any] = {"dataset_type": dataset_type, "dataset_name": dataset_name, "dataset_split": split,
-              "source_name": "finsft eval.json"}
+    common: dict[str, Any] = {"dataset_type": dataset_type, "dataset_name": dataset_name, "dataset_split": split}
     template = recipe.get("template", {}).get("name")
     if "accuracy" in m:
         task: dict[str, Any] = {"task_type": "text-classification", "task_name": f"sentiment / classification ({template})"}
@@ -246,7 +245,7 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
               f"{t.get('max_length')}, seed {t.get('seed')}",
               f"- final mean training loss: {_fmt(train.get('train_loss'))}",
               f"- hardware: {hw.get('device', '-')} ({hw.get('name', '-')}), {hw.get('world_size', 1)} process(es); "
-              f"wall time {_fmt(manifest.get('wall_seconds'))} s"]
+              f"wall time {manifest.get('wall_seconds') or 0:.0f} s"]
     plan = manifest.get("plan") or []
     if plan:
         lines += ["", "Choices finsft made for this hardware (the plan):", "", "| setting | value | reason |",
@@ -266,7 +265,7 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
               "trained on. It is not financial advice and must not be the sole basis of investment decisions.",
               "- It inherits the biases and failure modes of its base model and its training data; scores hold for "
               "the evaluation data above and may not carry over to other sources, periods or phrasing.",
-              "- A small model trained on a few thousand rows can answer confidently and wrongly: check its outputs."]
+              "- Like any language model it can answer confidently and wrongly: check its outputs."]
     if nc:
         lines.append(f"- Trained on data under a non-commercial licence ({', '.join(d['license'] for d in nc)}): "
                      "check whether your use of this model is allowed.")

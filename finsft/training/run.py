@@ -346,7 +346,11 @@ class TrainingRun:
             report = self.report.as_dict() if self.report else None
             for folder in (work, work / "merged"):  # a model card (README.md) in every output folder
                 if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-                    write_model_card(folder, manifest, recipe.config, report)
+                    try:
+                        write_model_card(folder, manifest, recipe.config, report)
+                    except (ValueError, KeyError, TypeError) as exc:  # a card must never cost the finished run
+                        self.out.print(f"[yellow]warning:[/] the model card {folder / 'README.md'} was not written: "
+                                       f"{exc}")
             publish(self.dirs)
         self.print_summary(manifest)
         if recipe.output["push_to_hub"]:
