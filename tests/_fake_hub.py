@@ -123,7 +123,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 hub.creates.append(req)
                 repo_id = f"{req.get('organization') or hub.user}/{req['name']}"
                 if repo_id in hub.repos:
-                    self._send(409, {"error": "You already created this model repo"},
+                    self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"},
                                {"X-Error-Message": "You already created this model repo"})
                     return
                 hub.repos[repo_id] = {"private": req.get("visibility") == "private", "files": {}}

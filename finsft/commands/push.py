@@ -3,14 +3,15 @@ holds recipe.json (the resolved recipe) and manifest.json. Imports neither torch
 
 from __future__ import annotations
 
-from finsft.progress import console
+from rich.console import Console
+
 from finsft.publish import PushResult, check_run_folder, default_repo_id, push_run, read_run
 
 
 def push_command(run: str, *, repo: str | None = None, public: bool = False) -> PushResult:
     """Push ``run`` to ``repo`` (default: the run's output.hub_model_id, else its recipe name under your account),
     private unless ``public`` or the run's recipe says output.hub_private_repo=false."""
-    con = console()
+    con = Console(highlight=False, soft_wrap=True)  # not finsft.progress's: that imports transformers
     folder = check_run_folder(run)
     recipe, manifest, _ = read_run(folder)
     output = recipe.get("output") or {}

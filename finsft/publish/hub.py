@@ -144,8 +144,9 @@ def push_run(folder: str | Path, repo_id: str, *, private: bool = True,
         raise
     except (OSError, ValueError, RuntimeError) as exc:
         raise _hub_error(exc, repo_id, endpoint, path) from exc
-    except Exception as exc:  # httpx transport errors are not OSErrors
-        if type(exc).__module__.split(".")[0] in ("httpx", "httpcore", "huggingface_hub"):
+    except Exception as exc:  # transport errors of the HTTP client (httpx, or the httpx2 it may ship) are not OSErrors
+        if any(c.__module__.startswith(("httpx", "httpcore", "huggingface_hub", "requests", "urllib3"))
+               for c in type(exc).__mro__):
             raise _hub_error(exc, repo_id, endpoint, path) from exc
         raise
     return PushResult(full_id, str(url), private, str(commit.commit_url), files)
