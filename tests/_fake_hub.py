@@ -71,7 +71,7 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                        {"X-Error-Message": "Invalid credentials in Authorization header"})
             return False
 
-        def do_PUT(self) -> None:  # noqa: N802
+        def do_PUT(self) -> None:
             hub.requests.append(("PUT", self.path))
             body = self._body()
             if self.path.startswith("/lfs-upload/"):
@@ -86,12 +86,12 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 return
             self._send(404, {"error": f"no route PUT {self.path}"})
 
-        def do_GET(self) -> None:  # noqa: N802
+        def do_GET(self) -> None:
             hub.requests.append(("GET", self.path))
             self._body()
             self._send(404, {"error": f"no route GET {self.path}"})
 
-        def do_POST(self) -> None:  # noqa: N802
+        def do_POST(self) -> None:
             hub.requests.append(("POST", self.path))
             body = self._body()
             path = self.path.split("?", 1)[0]

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from _fake_hub import FakeHub, Hub
 from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
 

@@ -9,7 +9,7 @@ A run is a handful of phases, each a method (as in torchtune's recipes)::
         run.train()            # SFTTrainer; checkpoints; a signal checkpoints and stops
         run.save()             # adapter (or model) and tokenizer into the work folder
         run.evaluate_after()   # eval.json, predictions.jsonl
-        return run.finish()    # loss plot, merged model, manifest, publish, summary
+        return run.finish()    # loss plot, merged model, manifest, model cards, publish, summary, hub push
 
 Each phase turns a GPU out-of-memory error into concrete advice for that phase.
 """
@@ -324,7 +324,8 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------------ finish
 
     def finish(self) -> Path:
-        """Loss plot, merged model, manifest; then the run is published into ``output.dir``. Rank 0 only."""
+        """Loss plot, merged model, manifest, model cards; then the run is published into ``output.dir`` and,
+        with ``output.push_to_hub``, uploaded to the hub. Rank 0 only."""
         if not self.main:
             return self.dirs.final
         recipe, work = self.recipe, self.dirs.work
