@@ -17,7 +17,7 @@ from finsft import __version__
 from finsft.errors import FinsftError, RecipeError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
-COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench", "plan")
+COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench", "plan", "push")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -91,6 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
                        "a10g-24gb, rtx4090-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb")
     where.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for an Ampere-class GPU with GIB GiB")
     p.add_argument("--format", choices=("text", "json"), default="text")
+
+    p = sub.add_parser("push", help="upload a finished run folder (adapter or model, tokenizer, model card) to the "
+                                    "Hugging Face hub")
+    p.add_argument("run", help="the output folder of a finished finsft train run")
+    p.add_argument("--repo", metavar="ID", help="hub repository: NAME (under your account) or NAMESPACE/NAME "
+                   "(default: the run's output.hub_model_id, else its recipe name)")
+    p.add_argument("--public", action="store_true", help="create the repository public (default: private, unless "
+                   "the run's recipe says output.hub_private_repo=false)")
 
     p = sub.add_parser("bench", help="time training steps of the recipe against the notebook-style baseline")
     _add_recipe(p)
@@ -228,6 +236,13 @@ def cmd_plan(args: argparse.Namespace) -> int:
                         gpu_memory=args.gpu_memory, fmt=args.format)
 
 
+def cmd_push(args: argparse.Namespace) -> int:
+    from finsft.commands.push import push_command
+
+    push_command(args.run, repo=args.repo, public=args.public)
+    return EXIT_OK
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
@@ -243,10 +258,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 HANDLERS = {
     "validate": cmd_validate, "schema": cmd_schema, "show": cmd_show, "templates": cmd_templates,
     "train": cmd_train, "eval": cmd_eval, "predict": cmd_predict, "merge": cmd_merge, "bench": cmd_bench,
-    "plan": cmd_plan,
+    "plan": cmd_plan, "push": cmd_push,
 }
-
-
 
 
 def _is_main_process() -> bool:

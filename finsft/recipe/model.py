@@ -114,6 +114,9 @@ class OutputSection(TypedDict):
     dir: str
     save_merged: bool
     plot: bool
+    push_to_hub: bool
+    hub_model_id: str | None
+    hub_private_repo: bool
 
 
 SECTION_VIEWS: dict[str, type] = {

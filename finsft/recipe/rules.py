@@ -85,10 +85,15 @@ def lora_rules(lora: Any) -> Found:
 
 
 def output_rules(output: Any, lora: Any) -> Found:
+    out: Found = []
     if isinstance(output, dict) and output.get("save_merged") and lora is None:
-        return [(["output", "save_merged"], "save_merged merges a LoRA adapter; a full fine-tune (lora null) "
-                                            "already saves the whole model")]
-    return []
+        out.append((["output", "save_merged"], "save_merged merges a LoRA adapter; a full fine-tune (lora null) "
+                                               "already saves the whole model"))
+    repo = output.get("hub_model_id") if isinstance(output, dict) else None
+    if isinstance(repo, str) and ("--" in repo or ".." in repo or repo.split("/")[-1].endswith(".git")):
+        out.append((["output", "hub_model_id"], f"'{repo}' is not a hub repository id: '--' and '..' are not "
+                                                "allowed and the name may not end in .git"))
+    return out
 
 
 def template_rules(tsec: Any) -> tuple[Found, Any]:

@@ -54,7 +54,8 @@ def library_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("finsft", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate"):
+    for name in ("finsft", "torch", "transformers", "trl", "peft", "bitsandbytes", "datasets", "accelerate",
+                 "huggingface_hub"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

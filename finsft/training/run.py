@@ -9,7 +9,7 @@ A run is a handful of phases, each a method (as in torchtune's recipes)::
         run.train()            # SFTTrainer; checkpoints; a signal checkpoints and stops
         run.save()             # adapter (or model) and tokenizer into the work folder
         run.evaluate_after()   # eval.json, predictions.jsonl
-        return run.finish()    # loss plot, merged model, manifest, publish, summary
+        return run.finish()    # loss plot, merged model, manifest, model cards, publish, summary, hub push
 
 Each phase turns a GPU out-of-memory error into concrete advice for that phase.
 """
@@ -38,9 +38,17 @@ from finsft.evaluation import (
 )
 from finsft.evaluation.report import EvalSet, write_report
 from finsft.files import write_json
-from finsft.models import ModelSource, load_tokenizer, load_training_model, model_shape, resolve_model
+from finsft.models import (
+    ModelSource,
+    load_tokenizer,
+    load_training_model,
+    model_shape,
+    portable_adapter,
+    resolve_model,
+)
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
+from finsft.publish import check_can_push, default_repo_id, push_run, write_model_card
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
@@ -151,6 +159,9 @@ class TrainingRun:
         """Hardware, the distributed state, the plan, the output folder, the tokenizer and the data."""
         quiet_libraries()
         recipe, out = self.recipe, self.out
+        self.repo_id = default_repo_id(dict(recipe.output), recipe.name)
+        if recipe.output["push_to_hub"] and self.main:
+            check_can_push(self.repo_id, "output.hub_model_id")  # a missing token fails now, not after training
         self.hardware = detect_hardware()
         warning = launcher_warning()
         if warning:
@@ -301,6 +312,10 @@ class TrainingRun:
             trainer.save_model(str(self.dirs.work))
         self.sharded = model_is_sharded(trainer)
         self.state.wait_for_everyone()
+        if self.main:  # adapter_config.json names the base's hub id, not finsft's cache: the adapter is portable
+            note = portable_adapter(self.dirs.work, self.source)
+            if note:
+                self.out.print(note)
 
     def evaluate_after(self) -> None:
         """Score the trained model; eval.json holds both numbers. Rank 0 alone (no collective is left)."""
@@ -327,7 +342,8 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------------ finish
 
     def finish(self) -> Path:
-        """Loss plot, merged model, manifest; then the run is published into ``output.dir``. Rank 0 only."""
+        """Loss plot, merged model, manifest, model cards; then the run is published into ``output.dir`` and,
+        with ``output.push_to_hub``, uploaded to the hub. Rank 0 only."""
         if not self.main:
             return self.dirs.final
         recipe, work = self.recipe, self.dirs.work
@@ -350,8 +366,21 @@ class TrainingRun:
                           {**self.result.metrics, "train_loss": manifest["train"]["train_loss"]},
                           self.report.metrics if self.report else None)
             write_json(work / "manifest.json", manifest)
+            report = self.report.as_dict() if self.report else None
+            for folder in (work, work / "merged"):  # a model card (README.md) in every output folder
+                if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+                    try:
+                        write_model_card(folder, manifest, recipe.config, report)
+                    except (ValueError, KeyError, TypeError) as exc:  # a card must never cost the finished run
+                        self.out.print(f"[yellow]warning:[/] the model card {folder / 'README.md'} was not written: "
+                                       f"{exc}")
             publish(self.dirs)
         self.print_summary(manifest)
+        if recipe.output["push_to_hub"]:
+            result = push_run(self.dirs.final, self.repo_id, private=recipe.output["hub_private_repo"],
+                              log=self.out.print)
+            self.out.print(f"pushed {len(result.files)} files to {result.url} "
+                           f"({'private' if result.private else 'public'} if new): {result.commit_url}")
         return self.dirs.final
 
     def manifest(self) -> dict[str, Any]:
@@ -372,6 +401,8 @@ class TrainingRun:
             "plan": [{"setting": c.setting, "value": c.value, "reason": c.reason, "automatic": c.automatic}
                      for c in self.plan.choices],
             "model": self.source.description,
+            "base_model": {"name_or_path": recipe.model["name_or_path"], "gguf_file": recipe.model["gguf_file"],
+                           "hub_id": self.source.hub_id, "hub_id_reason": self.source.hub_id_reason},
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
                      "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2)},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
