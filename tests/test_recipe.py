@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 
 from finsft import recipe as rc
-from finsft.recipe import loading
 from finsft import templates as tpl
 from finsft.errors import Problem, RecipeError, did_you_mean
+from finsft.recipe import loading
 
 TESTS = Path(__file__).resolve().parent
 FIXTURES = TESTS / "fixtures"
