@@ -98,9 +98,9 @@ def load_table(path: str, split: str) -> tuple[Any, str]:
     if os.path.isabs(path) or looks_like_local_file(path):
         given, path = path, os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(path):
-            where = "" if given == path else f" (looked for {path})"
-            raise DataError(f"data file '{given}' not found{where}: check the path (relative paths on the command "
-                            "line start from the current folder, in a recipe from the recipe's folder)")
+            raise DataError(f"data file '{given}' not found: {path} does not exist. Check the path (relative paths "
+                            "on the command line start from the current folder, in a recipe from the recipe's "
+                            "folder)")
         if os.path.isdir(path):
             raise DataError(f"data file '{given}' is a folder: name a .jsonl/.json/.csv/.parquet file in it")
         suffix = os.path.splitext(path)[1].lower()
