@@ -112,10 +112,35 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _normalise(argv: list[str]) -> list[str]:
-    """`finsft RECIPE.json ...` -> `finsft train RECIPE.json ...`."""
-    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-"):
+    """`finsft RECIPE.json ...` -> `finsft train RECIPE.json ...`. Only a word that looks like a recipe file (ends
+    in .json, or exists) counts as one: anything else is an unknown command (see _unknown_command)."""
+    if argv and argv[0] not in COMMANDS and not argv[0].startswith("-") and _looks_like_recipe(argv[0]):
         return ["train", *argv]
     return argv
+
+
+def _looks_like_recipe(word: str) -> bool:
+    return word.lower().endswith(".json") or os.path.isfile(word)
+
+
+def _unknown_command(argv: list[str]) -> str | None:
+    """The message for `finsft trian r.json` (a first word that is neither a command nor a recipe file)."""
+    from finsft.errors import did_you_mean
+
+    if not argv or argv[0] in COMMANDS or argv[0].startswith("-") or _looks_like_recipe(argv[0]):
+        return None
+    return (f"finsft: unknown command '{argv[0]}'.{did_you_mean(argv[0], COMMANDS)} Commands: "
+            f"{', '.join(COMMANDS)}; or give a recipe file (finsft RECIPE.json trains it). See finsft --help")
+
+
+def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Option combinations argparse cannot express; parser.error exits with the usage code."""
+    if args.command == "train" and args.force and not args.resume:
+        parser.error("--force only applies with --resume (it accepts a recipe that changed since the run): add "
+                     "--resume, or drop --force")
+    if args.command == "predict" and args.input and any(not text.strip() for text in args.input):
+        parser.error("--input is empty: give the text to predict on, e.g. --input \"Shares rose 5% after "
+                     "earnings\"")
 
 
 # ------------------------------------------------------------------------------------------------- commands
@@ -269,6 +294,10 @@ def _is_main_process() -> bool:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit code (0 ok, 1 invalid recipe or failed run, 2 usage error)."""
     args_list = _normalise(list(sys.argv[1:] if argv is None else argv))
+    unknown = _unknown_command(args_list)
+    if unknown:
+        print(unknown, file=sys.stderr)
+        return EXIT_USAGE
     parser = build_parser()
     try:
         # Overrides may follow options (`finsft train R --overwrite training.max_steps=3`): argparse stops
@@ -279,13 +308,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(stray)}")
         if extra:
             args.overrides = [*args.overrides, *extra]
+        _check_usage(parser, args)
     except SystemExit as exc:  # --help, --version, usage errors
         return int(exc.code) if isinstance(exc.code, int) else EXIT_USAGE
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
     try:
-        return HANDLERS[args.command](args)
+        code = HANDLERS[args.command](args)
+        sys.stdout.flush()  # a closed pipe (`finsft schema | head -1`) raises here, inside the try
+        return code
+    except BrokenPipeError:
+        # The reader went away: nothing left to say. Python's documented recipe: point stdout at devnull so the
+        # interpreter's final flush does not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+            pass
+        finally:
+            os.close(devnull)
+        return EXIT_INVALID
     except RecipeError as exc:
         print(f"finsft {args.command}: the recipe is invalid:", file=sys.stderr)
         for problem in exc.problems:

@@ -47,23 +47,83 @@ def _file_digest(path: str) -> str:
     return h.hexdigest()
 
 
+def scan_text_file(path: str) -> tuple[str, bool]:
+    """(sha256 of the file, whether it has any non-blank character), reading it once. A text data file must be
+    UTF-8: Arrow's readers do not check, and a bad byte would surface later as a UnicodeDecodeError deep inside a
+    library, so the first one is reported here with its line and byte offset."""
+    h = hashlib.sha256()
+    carry = b""  # the start of a multi-byte character cut by the block boundary
+    offset = 0  # of `carry` in the file
+    lines = 0  # newlines before `carry`
+    content = False
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+            data = carry + block
+            try:
+                data.decode("utf-8")
+                good = len(data)
+            except UnicodeDecodeError as exc:
+                if exc.end < len(data) or len(data) - exc.start > 3:
+                    _not_utf8(path, data, exc.start, offset, lines)
+                good = exc.start  # an incomplete character at the end: decide with the next block
+            content = content or bool(data[:good].strip())
+            lines += data.count(b"\n", 0, good)
+            offset += good
+            carry = data[good:]
+    if carry:
+        _not_utf8(path, carry, 0, offset, lines)
+    return h.hexdigest(), content
+
+
+def _not_utf8(path: str, data: bytes, pos: int, offset: int, lines: int) -> None:
+    line = lines + data.count(b"\n", 0, pos) + 1
+    raise DataError(
+        f"data file '{path}' is not UTF-8 text: byte 0x{data[pos]:02x} at line {line} (byte offset {offset + pos}) "
+        "is not valid UTF-8. Save the file with UTF-8 encoding (e.g. in your editor's 'Save with encoding', or "
+        "`iconv -f latin1 -t utf-8 in > out`), or with pandas: df.to_json(path, orient='records', lines=True, "
+        "force_ascii=False)")
+
+
+def looks_like_local_file(path: str) -> bool:
+    """Whether a data reference is meant as a local file rather than a hub dataset id: it has a data file suffix
+    or starts like a path (/, ./, ../, ~)."""
+    return path.startswith(("/", "./", "../", "~", ".\\", "..\\")) or os.path.splitext(path)[1].lower() in LOADERS
+
+
 def load_table(path: str, split: str) -> tuple[Any, str]:
     """A ``datasets.Dataset`` from a local file or a hub dataset id, and a fingerprint of its content."""
     import datasets
 
-    if os.path.isabs(path):
+    if os.path.isabs(path) or looks_like_local_file(path):
+        given, path = path, os.path.abspath(os.path.expanduser(path))
         if not os.path.exists(path):
-            raise DataError(f"data file '{path}' does not exist")
+            raise DataError(f"data file '{given}' not found: {path} does not exist. Check the path (relative paths "
+                            "on the command line start from the current folder, in a recipe from the recipe's "
+                            "folder)")
+        if os.path.isdir(path):
+            raise DataError(f"data file '{given}' is a folder: name a .jsonl/.json/.csv/.parquet file in it")
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in LOADERS:
             raise DataError(f"data file '{path}': unsupported type '{suffix}' (use {', '.join(LOADERS)})")
         if os.path.getsize(path) == 0:
-            raise DataError(f"data file '{path}' is empty")
+            raise DataError(f"data file '{path}' is empty: it has no rows")
+        try:
+            if suffix == ".parquet":
+                digest = _file_digest(path)
+            else:
+                digest, content = scan_text_file(path)
+                if not content:
+                    raise DataError(f"data file '{path}' is empty: it has no rows (only blank lines)")
+        except OSError as exc:
+            raise DataError(f"cannot read data file '{path}': {exc.strerror or exc}") from exc
         try:
             ds = datasets.load_dataset(LOADERS[suffix], data_files=path, split="train")
         except Exception as exc:  # datasets raises many types for malformed files
+            if "corresponds to no data" in str(exc):
+                raise DataError(f"data file '{path}' is empty: it has no rows") from exc
             raise DataError(f"cannot read data file '{path}': {exc}") from exc
-        return ds, _file_digest(path)
+        return ds, digest
     try:
         ds = datasets.load_dataset(path, split=split)
     except ValueError as exc:
@@ -81,23 +141,74 @@ def load_table(path: str, split: str) -> tuple[Any, str]:
 
 
 def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], source: str) -> Any:
-    """Keep and rename the columns the template reads; clear errors for missing columns and an empty table."""
+    """Keep and rename the columns the template reads; clear errors for missing columns, an empty table and
+    values that are not text."""
     if len(ds) == 0:
-        raise DataError(f"{source}: the dataset is empty")
+        raise DataError(f"{source}: the dataset is empty: it has no rows")
     have = list(ds.column_names)
     mapping = {field: columns.get(field, field) for field in template.fields}
-    missing = [f"'{col}' (for template field '{field}')" for field, col in mapping.items()
-               if col not in have and field not in template.defaults]
+    missing = {field: col for field, col in mapping.items() if col not in have and field not in template.defaults}
     if missing:
-        raise DataError(f"{source}: missing column {', '.join(missing)}; the data has columns: {', '.join(have)}. "
-                        f"Map them with data.columns, e.g. {{\"{next(iter(mapping))}\": \"{have[0]}\"}}")
+        raise DataError(missing_columns_message(source, missing, mapping, have, columns))
     present = {col: field for field, col in mapping.items() if col in have}
+    ds = text_columns(ds, present, source)
     ds = ds.select_columns(list(present))
     if any(col != field for col, field in present.items()):
         ds = ds.rename_columns({c: f for c, f in present.items() if c != f})
     for field in template.fields:
         if field not in ds.column_names:  # optional field with a default, absent from the data
             ds = ds.add_column(field, [template.defaults[field]] * len(ds))
+    return ds
+
+
+def missing_columns_message(source: str, missing: Mapping[str, str], mapping: Mapping[str, str],
+                            have: Sequence[str], columns: Mapping[str, str]) -> str:
+    """Which template fields have no column, and the data.columns entry that would fix each (the file's closest
+    unused column when there is one)."""
+    import difflib
+
+    used = {col for field, col in mapping.items() if field not in missing}
+    free = [c for c in have if c not in used]
+    parts, fix = [], {}
+    for field, col in missing.items():
+        named = ", as data.columns says" if field in columns else ""
+        parts.append(f"'{col}' (for template field '{field}'){named}")
+        close = difflib.get_close_matches(col, free, n=1, cutoff=0.6) or difflib.get_close_matches(
+            field, free, n=1, cutoff=0.6)
+        if close:
+            fix[field] = close[0]
+            free.remove(close[0])
+    unfixed = [f for f in missing if f not in fix]
+    if len(unfixed) == 1 and len(free) == 1:  # one field without a column, one column unused: that is the one
+        fix[unfixed[0]] = free[0]
+    msg = f"{source}: missing column {', '.join(parts)}; the file has columns: {', '.join(have)}."
+    if fix:
+        example = json.dumps({**{k: v for k, v in columns.items() if k not in missing}, **fix})
+        return msg + f" Did you mean data.columns = {example}?"
+    field = next(iter(missing))
+    return msg + (f" Map each field to one of the file's columns with data.columns, e.g. "
+                  f"{{\"{field}\": \"{(free or list(have))[0]}\"}}.")
+
+
+def text_columns(ds: Any, present: Mapping[str, str], source: str) -> Any:
+    """Template fields are text: a list or object value would be rendered as its Python repr, so it is refused
+    (naming the row). A column mixing text and numbers (Arrow reads it as JSON text, quotes included) becomes
+    text."""
+    import datasets
+
+    for col, field in present.items():
+        feature = ds.features[col]
+        if isinstance(feature, datasets.Value) or not isinstance(
+                feature, (dict, list, datasets.List, datasets.LargeList, datasets.Json)):
+            continue  # text, numbers, booleans, class labels
+        values = ds[col][:]  # decoded Python values
+        bad = next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)
+        if bad is not None:
+            kind = "an object" if isinstance(values[bad], dict) else "a list"
+            raise DataError(f"{source}: row {bad + 1}, column '{col}' (template field '{field}') holds {kind}, "
+                            f"not text: the template needs a string there. Join or pick the value when preparing "
+                            f"the data (e.g. \" \".join(...)), or map the field to another column with data.columns")
+        ds = ds.remove_columns(col).add_column(col, [None if v is None else str(v) for v in values])
     return ds
 
 
@@ -122,8 +233,13 @@ def column(ds: Any, name: str) -> list[Any]:
     return list(ds.with_format("arrow")[name].to_pylist())
 
 
-def group_split(ds: Any, size: float, group_by: str, seed: int) -> tuple[Any, Any]:
+def group_split(ds: Any, size: float, group_by: str, seed: int, source: str = "the training data") -> tuple[Any, Any]:
     """Split off a validation set of about ``size`` rows (or fraction) so no group_by value is in both parts."""
+    if size >= 1 and int(size) >= len(ds):
+        raise DataError(f"data.validation_size asks for {int(size)} validation rows but {source} has only "
+                        f"{len(ds)} row{'s' if len(ds) != 1 else ''}, which would leave none to train on. "
+                        f"Set data.validation_size below {len(ds)} (e.g. {max(1, len(ds) // 10)}) or to a fraction "
+                        "such as 0.1, or give a separate data.validation_path")
     values = column(ds, group_by)
     groups: dict[str, list[int]] = {}
     for i, v in enumerate(values):
@@ -139,7 +255,9 @@ def group_split(ds: Any, size: float, group_by: str, seed: int) -> tuple[Any, An
         val_idx.extend(groups[k])
     val_set = set(val_idx)
     if len(val_set) >= len(ds):
-        raise DataError(f"the validation split would take every row ({len(keys)} unique '{group_by}' values)")
+        raise DataError(f"{source}: the validation split would take every row: its {len(ds)} rows have only "
+                        f"{len(keys)} unique '{group_by}' value{'s' if len(keys) != 1 else ''} (rows sharing one "
+                        "stay together). Add rows, lower data.validation_size, or give data.validation_path")
     train_idx = [i for i in range(len(ds)) if i not in val_set]
     return ds.select(train_idx), ds.select(sorted(val_idx))
 
@@ -182,7 +300,7 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
         validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"])
         digest = f"{digest}+{vdigest}"
     elif data["validation_size"]:
-        train, validation = group_split(train, data["validation_size"], data["group_by"], seed)
+        train, validation = group_split(train, data["validation_size"], data["group_by"], seed, data["path"])
     if data["max_samples"]:
         train = train.select(range(min(data["max_samples"], len(train))))
     if template.labels:

@@ -120,17 +120,45 @@ def _gguf_cache(gguf_path: str) -> Path:
     return cache_dir() / "gguf" / f"{Path(gguf_path).stem}-{key}"
 
 
+GGUF_MAGIC = b"GGUF"
+GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
+
+
+def check_gguf_header(path: str) -> None:
+    """A readable file that starts like a GGUF model (fast: before the ~30 s conversion)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(GGUF_HEADER_BYTES)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read GGUF file '{path}': {exc.strerror or exc}") from exc
+    if not head.startswith(GGUF_MAGIC):
+        raise ModelLoadError(f"'{path}' is not a GGUF file (it does not start with the bytes 'GGUF'): check "
+                             "model.gguf_file, or download the model again")
+    if len(head) < GGUF_HEADER_BYTES:
+        raise ModelLoadError(f"GGUF file '{path}' is truncated ({len(head)} bytes): download it again")
+
+
 def _convert_gguf(folder: str, gguf_file: str, target: Path, log: Any = print) -> None:
     """De-quantize a GGUF model into a standard model folder (written to a temp folder, then renamed)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    path = os.path.join(folder, gguf_file)
+    check_gguf_header(path)
     log(f"converting {gguf_file} to a cached model folder (one-off, ~30 s): {target}")
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
-    # A GGUF-loaded model refuses save_pretrained; rebuild it from its config and state dict.
-    config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_config(config)
-    model.load_state_dict(loaded.state_dict())
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+        loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+        # A GGUF-loaded model refuses save_pretrained; rebuild it from its config and state dict.
+        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(loaded.state_dict())
+    except Exception as exc:  # struct.error, ValueError (reshape), KeyError, RuntimeError...: a damaged file
+        kind = type(exc).__name__ if type(exc).__module__ == "builtins" else \
+            f"{type(exc).__module__}.{type(exc).__name__}"
+        raise ModelLoadError(
+            f"cannot read GGUF file '{path}': it is truncated, damaged or not a model transformers can convert "
+            f"({kind}: {exc}). Download it again (or reinstall the package that ships it) and check "
+            "its size and checksum") from exc
     model.generation_config = loaded.generation_config
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))

@@ -7,6 +7,7 @@ loads to a :class:`Template` (or a zero-argument callable returning one).
 
 from __future__ import annotations
 
+import re
 import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -42,16 +43,51 @@ FINGPT_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer:"
 FINGPT_COMPLETION = " {output}"
 
 
+# Largest width or precision a placeholder's format spec may ask for ({input:>1000} pads to 1,000 characters).
+MAX_FORMAT_WIDTH = 1000
+
+
+class TemplateFormatError(FinsftError, ValueError):
+    """A template's format string is malformed or unsafe (a ValueError for callers that check format strings)."""
+
+
 def format_fields(fmt: str) -> list[str]:
-    """Field names a format string refers to; raises ValueError when the string is malformed."""
+    """Field names a format string refers to; raises TemplateFormatError (a ValueError) when the string is
+    malformed or unsafe: a placeholder must be a plain field name, and its format spec (``{input:>10}``) may not
+    hold another placeholder (which str.format would evaluate, attribute access included) nor a width above
+    MAX_FORMAT_WIDTH. Rendering calls this too, so a template that skipped validation is refused at render time."""
     names = []
-    for _, name, _, _ in string.Formatter().parse(fmt):
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as exc:  # "Single '}' encountered in format string" and the like
+        raise TemplateFormatError(f"{exc}; write a literal brace as {{{{ or }}}}") from exc
+    for _, name, spec, conversion in parsed:
         if name is None:
             continue
         if name == "" or not name.isidentifier():
-            raise ValueError(f"placeholder {{{name}}} must be a field name such as {{input}}")
+            raise TemplateFormatError(f"placeholder {{{name}}} must be a field name such as {{input}}")
+        if spec:
+            _check_spec(name, spec, conversion)
         names.append(name)
     return names
+
+
+def _check_spec(name: str, spec: str, conversion: str | None) -> None:
+    shown = f"{{{name}{'!' + conversion if conversion else ''}:{spec}}}"
+    if "{" in spec or "}" in spec:
+        raise TemplateFormatError(f"placeholder {shown} has a placeholder inside its format spec; only plain "
+                                  f"fields such as {{{name}}} or {{{name}:>10}} are allowed (write a literal "
+                                  "brace as {{ or }})")
+    for number in re.findall(r"\d+", spec):
+        if int(number) > MAX_FORMAT_WIDTH:
+            raise TemplateFormatError(f"placeholder {shown} asks for width or precision {int(number)}; at most "
+                                      f"{MAX_FORMAT_WIDTH} is allowed (a width pads every row's text to that many "
+                                      "characters)")
+    try:
+        format("text", spec)
+    except ValueError as exc:
+        raise TemplateFormatError(f"placeholder {shown}: format spec ':{spec}' does not apply to text ({exc})") \
+            from exc
 
 
 @dataclass(frozen=True)
@@ -97,6 +133,7 @@ class Template:
 
     def render_label(self, label: str) -> str:
         """The completion text for a label (used to score labels by likelihood)."""
+        format_fields(self.completion)  # the same guard as rendering a row
         return self.completion.format_map(_Only(self.label_field, label))
 
     def _values(self, row: Mapping[str, Any], names: list[str]) -> dict[str, str]:
@@ -107,8 +144,16 @@ class Template:
                 value = self.defaults.get(name, value)
             if value is None:
                 raise DataError(f"template '{self.name}' needs field '{name}', which this row lacks")
+            if isinstance(value, (list, tuple, dict)):
+                raise DataError(f"template '{self.name}': field '{name}' holds {type(value).__name__} "
+                                f"{_short(value)}, not text; the template needs a string there")
             values[name] = str(value)
         return values
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 class _Only(dict[str, str]):

@@ -404,3 +404,105 @@ def test_byte_level_completions_are_encoded_plainly(tiny_model: Path) -> None:
     tok = AutoTokenizer.from_pretrained(tiny_model)
     texts = [" negative</s>", " The bank cut its dividend."]
     assert encode_continuation(tok, texts) == tok(texts, add_special_tokens=False)["input_ids"]
+
+
+# ------------------------------------------------------------------------- misuse (issue 9: nothing lost)
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_bytes_that_are_not_utf8_name_the_line_and_offset(recipe: Any, tmp_path: Path, suffix: str) -> None:
+    path = tmp_path / f"latin1{suffix}"
+    if suffix == ".csv":
+        path.write_bytes(b"input,output\nShares rose,positive\nCaf\xe9 profit fell,negative\n")
+        where = "line 3 (byte offset 37)"
+    else:
+        path.write_bytes(b'{"input": "Shares rose", "output": "positive"}\n{"input": "Caf\xe9", "output": "negative"}\n')
+        where = "line 2 (byte offset 61)"
+    with pytest.raises(DataError) as exc:
+        splits_of(recipe({"path": str(path)}))
+    msg = str(exc.value)
+    assert str(path) in msg and "not UTF-8" in msg and "0xe9" in msg and where in msg and "Save" in msg
+
+
+def test_utf8_check_across_read_blocks(tmp_path: Path) -> None:
+    """A multi-byte character cut by the 1 MiB read block is fine; a bad byte after it is found at its offset."""
+    from finsft.data import scan_text_file
+
+    head = b"x" * ((1 << 20) - 1) + "é".encode()  # é's two bytes straddle the block boundary
+    good = tmp_path / "good.jsonl"
+    good.write_bytes(head + b"\n")
+    assert scan_text_file(str(good))[1] is True
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(head + b"\nab\xff\n")
+    with pytest.raises(DataError, match=rf"line 2 \(byte offset {len(head) + 3}\)"):
+        scan_text_file(str(bad))
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"ok\n" + "é".encode()[:1])  # the file ends inside a character
+    with pytest.raises(DataError, match=r"line 2 \(byte offset 3\)"):
+        scan_text_file(str(cut))
+
+
+def test_only_blank_lines_is_a_file_without_rows(recipe: Any, tmp_path: Path) -> None:
+    path = tmp_path / "blank.jsonl"
+    path.write_text("\n  \n\t\n")
+    with pytest.raises(DataError) as exc:
+        splits_of(recipe({"path": str(path)}))
+    assert str(path) in str(exc.value) and "no rows" in str(exc.value)
+    assert "corresponds to no data" not in str(exc.value)
+
+
+def test_missing_column_hint_maps_the_missing_field_to_the_closest_column(recipe: Any, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [{"label": "positive", "headline": "Shares rose"}])
+    with pytest.raises(DataError) as exc:
+        splits_of(recipe({"path": str(path), "columns": {"output": "label"}}))
+    msg = str(exc.value)
+    assert "'input' (for template field 'input')" in msg and 'data.columns = {"output": "label", "input": ' \
+        '"headline"}' in msg  # the one unused column for the one unmapped field, the existing mapping kept
+    with pytest.raises(DataError, match=r'Did you mean data.columns = \{"output": "label", "input": "headline"\}'):
+        splits_of(recipe({"path": str(path), "columns": {"output": "label", "input": "headlines"}}))
+
+
+@pytest.mark.parametrize(("value", "kind"), [(["Profit", "fell"], "a list"), ({"text": "Profit fell"}, "an object")])
+def test_list_or_object_values_are_refused_with_row_and_column(recipe: Any, tmp_path: Path, value: Any,
+                                                               kind: str) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows(2), {"input": value, "output": "negative"}])
+    with pytest.raises(DataError) as exc:
+        splits_of(recipe({"path": str(path)}))
+    msg = str(exc.value)
+    assert str(path) in msg and "row 3" in msg and "column 'input'" in msg and kind in msg and "string" in msg
+
+
+def test_a_column_mixing_text_and_numbers_becomes_text(recipe: Any, tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", [*rows(2), {"input": 42, "output": "neutral"}])
+    s = splits_of(recipe({"path": str(path), "shuffle": False}))
+    assert s.train["input"] == [r["input"] for r in rows(2)] + ["42"]  # not '"Company 0..."' with JSON quotes
+
+
+def test_render_refuses_a_list_value() -> None:
+    with pytest.raises(DataError, match="field 'input' holds list"):
+        BUILTIN["fingpt_sentiment"].render_prompt({"input": ["a", "b"]})
+
+
+@pytest.mark.parametrize("size", [10, 11, 500])
+def test_validation_size_of_all_rows_or_more_is_refused(recipe: Any, tmp_path: Path, size: int) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", rows(10))
+    with pytest.raises(DataError) as exc:
+        splits_of(recipe({"path": str(path), "validation_size": size}))
+    msg = str(exc.value)
+    assert f"asks for {size} validation rows" in msg and "only 10 rows" in msg and "below 10" in msg
+    s = splits_of(recipe({"path": str(path), "validation_size": 9}))  # below the row count: as asked
+    assert (len(s.train), len(s.validation)) == (1, 9)
+
+
+def test_local_looking_data_that_does_not_exist_is_not_a_hub_id(tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from finsft.data import load_table
+
+    monkeypatch.chdir(tmp_path)
+    for ref in ("missing.jsonl", "./data/x", "~/finsft-no-such-file.csv"):
+        with pytest.raises(DataError) as exc:
+            load_table(ref, "train")
+        assert f"'{ref}' not found" in str(exc.value) and "hub" not in str(exc.value)
+    write_jsonl(tmp_path / "here.jsonl", rows(2))
+    ds, _ = load_table("here.jsonl", "train")  # a relative local file on the command line loads
+    assert len(ds) == 2

@@ -721,3 +721,38 @@ def test_a_model_package_that_is_not_installed_is_reported_when_the_model_loads(
     recipe = rc.load_recipe(str(FIXTURES / "valid" / "model_package_not_installed.json"))
     with pytest.raises(ModelLoadError, match=r"'finsft_no_such_model_pkg' is not installed \(pip install"):
         resolve_model(recipe)
+
+
+# ------------------------------------------------------------------ empty paths and ~ (issue 9)
+
+EMPTY_PATH_KEYS = ["data.path", "data.validation_path", "evaluation.path", "model.name_or_path", "output.dir"]
+
+
+@pytest.mark.parametrize("key", EMPTY_PATH_KEYS)
+@pytest.mark.parametrize("value", ["", "  "])
+def test_empty_or_blank_path_overrides_are_invalid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, key: str,
+                                                   value: str) -> None:
+    """An empty path used to resolve to the current folder (os.path.join(cwd, '')) and pass validation."""
+    monkeypatch.chdir(tmp_path)
+    recipe, problems = rc.check_recipe(str(_recipe(tmp_path)), [f"{key}={value}"])
+    assert recipe is None
+    assert [p.path for p in problems] == [f"$.{key}"], problems
+    assert ("non-empty" if value == "" else "blank") in problems[0].message
+
+
+@pytest.mark.parametrize("key", EMPTY_PATH_KEYS[:4])
+def test_empty_path_in_a_recipe_file_is_invalid(tmp_path: Path, key: str) -> None:
+    section, name = key.split(".")
+    path = _recipe(tmp_path, **{section: {name: ""}})
+    _, problems = rc.check_recipe(str(path))
+    assert [p.path for p in problems] == [f"$.{key}"]
+
+
+def test_output_dir_expands_home_but_stays_relative_to_the_current_folder(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    path = _recipe(tmp_path, output={"dir": "~/runs/a"})
+    assert rc.load_recipe(str(path))["output"]["dir"] == str(tmp_path / "home" / "runs" / "a")
+    assert rc.load_recipe(str(path), ["output.dir=~/b"])["output"]["dir"] == str(tmp_path / "home" / "b")
+    # today's rule for everything else: relative to the current folder, not the recipe file
+    assert rc.load_recipe(str(path), ["output.dir=runs/c"])["output"]["dir"] == "runs/c"

@@ -179,3 +179,62 @@ def test_training_with_an_entry_point_template(make_recipe: Any, tmp_path: Path)
     assert (out / "adapter_model.safetensors").exists()
     assert json.loads((out / "recipe.json").read_text())["template"]["name"] == "demo"
     assert "step 2/2" in proc.stdout
+
+
+# ------------------------------------------------------------------- unsafe format strings (issue 9)
+
+UNSAFE = {
+    "{input:{input.__class__.__mro__}}": "placeholder inside its format spec",  # str.format would evaluate it
+    "{input:{}}": "placeholder inside its format spec",
+    "{input:>100000000}": "width or precision 100000000; at most 1000",
+    "{input:.5000}": "width or precision 5000",
+    "{input:d}": "does not apply to text",
+    "{input.__class__}": "must be a field name",
+    "{input[0]}": "must be a field name",
+    "a } b": "literal brace",
+}
+
+
+@pytest.mark.parametrize(("fmt", "message"), UNSAFE.items())
+def test_unsafe_format_strings_are_refused(fmt: str, message: str) -> None:
+    from finsft.templates import TemplateFormatError, format_fields
+
+    with pytest.raises(TemplateFormatError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        format_fields(fmt)
+
+
+@pytest.mark.parametrize("fmt", ["{input:>1000}", "{input:^20}", "{input!r}", "{input:.10}", "{{literal}} {input}"])
+def test_plain_format_specs_are_allowed(fmt: str) -> None:
+    from finsft.templates import format_fields
+
+    assert format_fields(fmt) == ["input"]
+
+
+@pytest.mark.parametrize("fmt", list(UNSAFE)[:4])
+def test_render_time_guard_for_templates_that_skipped_validation(fmt: str) -> None:
+    """A Template built in code (or by a third-party entry point) is checked again when a row is rendered: the
+    nested field is never evaluated and no 100-million-character prompt is built."""
+    t = Template(name="t", description="", prompt=fmt + "\nAnswer:", completion=" {output}")
+    with pytest.raises(FinsftError):
+        t.render_prompt({"input": "Shares rose"})
+    bad_completion = Template(name="t", description="", prompt="{input}", completion=" {output:>99999}",
+                              labels=("a", "b"))
+    with pytest.raises(FinsftError):
+        bad_completion.render_label("a")
+
+
+@pytest.mark.parametrize(("key", "fmt", "message"), [
+    ("prompt", "{input:{input.__class__.__mro__}}\nAnswer:", "placeholder inside its format spec"),
+    ("prompt", "{input:>100000000}\nAnswer:", "at most 1000"),
+    ("completion", " {output:{output}}", "placeholder inside its format spec"),
+])
+def test_validate_refuses_unsafe_custom_templates(tmp_path: Path, key: str, fmt: str, message: str) -> None:
+    from finsft.recipe import check_recipe
+
+    section = {"name": "custom", "prompt": "{input}\nAnswer:", "completion": " {output}", key: fmt}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"model": {"name_or_path": "org/m"}, "data": {"path": "org/d"},
+                                "template": section, "output": {"dir": "runs/x"}}))
+    recipe, problems = check_recipe(str(path))
+    assert recipe is None
+    assert [p.path for p in problems] == [f"$.template.{key}"] and message in problems[0].message

@@ -17,7 +17,7 @@ from typing import Any
 
 from finsft.errors import Problem, RecipeError
 from finsft.recipe.model import Recipe
-from finsft.recipe.paths import PATH_FIELDS, is_local_path, resolve_paths
+from finsft.recipe.paths import PATH_FIELDS, expand_home, is_local_path, resolve_paths
 from finsft.recipe.rules import recipe_warnings, semantic_problems
 from finsft.recipe.schema import apply_defaults, json_type, schema, schema_problems
 
@@ -231,6 +231,8 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
             apply_override(merged, parts, os.path.abspath(os.path.expanduser(value)))
         for i in range(1, len(parts) + 1):
             override_origin[tuple(parts[:i])] = text
+
+    expand_home(merged)
 
     def problem(parts: Sequence[str | int], message: str) -> Problem:
         key = tuple(str(p) for p in parts)

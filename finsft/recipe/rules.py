@@ -4,12 +4,13 @@ pairs; sections with schema errors are skipped so that each problem is reported 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from collections.abc import Mapping
 from typing import Any
 
 from finsft.errors import did_you_mean
-from finsft.recipe.paths import PACKAGE_PREFIX
+from finsft.recipe.paths import CWD_PATH_FIELDS, PACKAGE_PREFIX, PATH_FIELDS
 from finsft.recipe.training_rules import training_rules as training_rules_for_evaluation
 
 
@@ -37,6 +38,7 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sectio
         return cfg.get(name) if ok(name) else None
 
     out: Found = []
+    out += blank_path_rules(cfg, bad_sections)
     out += quantization_rules(raw, section("quantization"), cfg.get("lora"), lora_known=ok("lora"))
     out += lora_rules(section("lora"))
     if ok("output", "lora"):
@@ -54,6 +56,20 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sectio
             out += training_rules_for_evaluation(cfg["training"], has_validation)
     out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data"))
     out += model_rules(section("model"))
+    return out
+
+
+def blank_path_rules(cfg: Mapping[str, Any], bad_sections: set[str]) -> Found:
+    """A path of spaces passes the schema's minLength but names nothing (and would resolve to a folder)."""
+    out: Found = []
+    for section, key in (*PATH_FIELDS, *CWD_PATH_FIELDS):
+        sec = cfg.get(section)
+        if section in bad_sections or not isinstance(sec, dict):
+            continue
+        value = sec.get(key)
+        if isinstance(value, str) and value and not value.strip():
+            out.append(([section, key], f"{json.dumps(value)} is blank: name a "
+                        f"{'folder' if (section, key) in CWD_PATH_FIELDS else 'file, folder or hub id'}"))
     return out
 
 
@@ -135,9 +151,11 @@ def template_rules(tsec: Any) -> tuple[Found, Any]:
     if out:
         return out, None
     try:
-        return out, tpl.template_from_recipe(tsec)
+        template = tpl.template_from_recipe(tsec)
+        template.fields  # noqa: B018 -- a registered template's format strings pass the same checks as custom ones
     except Exception as exc:  # a broken third-party entry point
         return [(["template", "name"], str(exc))], None
+    return out, template
 
 
 def training_rules(train: Any, template: Any) -> Found:

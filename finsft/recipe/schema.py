@@ -131,6 +131,9 @@ def schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]
             hint = did_you_mean(err.instance, _choices(err.schema)) if isinstance(err.instance, str) else ""
             out.append((path, f"{_short(err.instance)} is not allowed.{hint} "
                               f"Allowed: {describe_allowed(err.schema)}"))
+        elif kind == "minLength" and isinstance(err.instance, str) and not err.instance:
+            what = _subschema(path).get("description", "")
+            out.append((path, "must be a non-empty string" + (f": {what[0].lower()}{what[1:]}" if what else "")))
         elif kind == "not":
             out.append((path, f"{_short(err.instance)} is not allowed here (see `finsft schema`: "
                               f"{_subschema(path).get('description', '')})"))

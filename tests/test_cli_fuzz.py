@@ -1,0 +1,132 @@
+"""Random command lines thrown at ``finsft.cli.main`` in process: whatever the words, options, overrides and
+(mutated) recipe files, the CLI answers with an exit code, never an uncaught exception.
+
+Only the light paths run: validate, show, schema, templates, and the heavy commands up to the point where the
+recipe is valid. A command that gets past validation stops at ``_quiet_libraries`` (the first step towards the
+heavy imports), which the test replaces with a sentinel: reaching it is a fine outcome, not a failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from finsft import cli
+
+BASE: dict[str, Any] = {
+    "name": "fuzz",
+    "model": {"name_or_path": "finsft-test/no-such-model"},
+    "lora": {"r": 4, "lora_alpha": 8},
+    "data": {"path": "finsft-test/no-such-data", "validation_size": 0.1},
+    "template": {"name": "fingpt_sentiment"},
+    "training": {"max_steps": 1},
+    "output": {"dir": "runs/fuzz"},
+}
+
+
+class _Heavy(Exception):
+    """Raised where a command that passed validation would start importing torch."""
+
+
+def _heavy() -> None:
+    raise _Heavy
+
+
+KEYS = ["model.name_or_path", "model.gguf_file", "data.path", "data.validation_path", "data.validation_size",
+        "data.columns.input", "data.group_by", "template.name", "template.prompt", "template.completion",
+        "template.labels", "training.max_steps", "training.learning_rate", "training.packing", "output.dir",
+        "evaluation.path", "evaluation.scorer", "lora", "quantization", "extends", "name", "nope.key", "a..b", ""]
+VALUES = ["", " ", "1", "-1", "0.5", "1e400", "NaN", "null", "true", "[]", "{}", "\"x\"", "~/x", ".", "/",
+          "{input:{input.__class__}}", "{input:>100000000}", "{input}", " {output}", "fingpt9", "custom",
+          "[[[[[[[[[[", "\"\\ud800\"", "package:", "package:os", "a.json", "x.jsonl", "é", "\x00"]
+WORDS = ["validate", "show", "schema", "templates", "train", "eval", "predict", "merge", "bench", "trian",
+         "valdate", "help", "r.json", "bad.json", "mut.json", "missing.json", "--help", "--version", "--format",
+         "json", "github", "text", "--set", "--overwrite", "--resume", "--force", "--adapter", "--data", "--out",
+         "--input", "--file", "--limit", "--scorer", "--steps", "--random-weights", "-x", "--", "=", "*.json",
+         "**/*.json", "[", ""]
+
+
+OPTIONS = ["--overwrite", "--resume", "--force", "--format", "json", "github", "--set", "--limit", "0",
+           "--input", "", "--input", "Shares rose", "--out", "--data", "x.jsonl", "--scorer", "generate",
+           "--adapter", "runs/fuzz", "--file", "x.jsonl"]
+
+
+def _override() -> st.SearchStrategy[str]:
+    return st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS), st.sampled_from(VALUES) | st.text(max_size=8))
+
+
+# Plain words without path separators or a bare run of dots: `finsft validate /` would walk the file system.
+_word = st.text(alphabet=st.characters(blacklist_characters="/\\", blacklist_categories=("Cs",)), max_size=10)
+ARG = st.sampled_from(WORDS) | _override() | _word.filter(lambda w: not w or w.strip(".") != "")
+
+
+def _mutate(obj: Any, draw: Any) -> Any:
+    """One random edit of a JSON-like value: drop or add a key, replace a value, change its type."""
+    out = copy.deepcopy(obj)
+    if isinstance(out, dict) and out:
+        key = draw(st.sampled_from(sorted(out)))
+        action = draw(st.sampled_from(["drop", "replace", "recurse", "add"]))
+        if action == "drop":
+            del out[key]
+        elif action == "replace":
+            out[key] = draw(st.sampled_from([None, 0, -1, 1.5, "", "x", [], {}, True, [1, "a"], {"k": None}]))
+        elif action == "recurse":
+            out[key] = _mutate(out[key], draw)
+        else:
+            out[draw(st.sampled_from(["extends", "bogus", "lora", "quantization", "evaluation"]))] = draw(
+                st.sampled_from([None, "r.json", "mut.json", {"r": 0}, {"load_in_4bit": True}, "missing.json"]))
+    return out
+
+
+@st.composite
+def cases(draw: Any) -> tuple[list[str], str]:
+    recipe = BASE
+    for _ in range(draw(st.integers(0, 3))):
+        recipe = _mutate(recipe, draw)
+    text = json.dumps(recipe)
+    if draw(st.booleans()):  # damage the JSON text itself
+        cut = draw(st.integers(0, len(text)))
+        text = text[:cut] + draw(st.sampled_from(["", "}", ",", "\"", "\x00", "é", "]]"]))
+    argv = draw(st.lists(ARG, min_size=1, max_size=7))
+    if draw(st.integers(0, 2)):  # mostly a command and a recipe, then random words
+        argv = [draw(st.sampled_from(["validate", "show", "train", "eval", "predict", "merge", "bench"])),
+                draw(st.sampled_from(["r.json", "mut.json", "bad.json", "missing.json"])),
+                *draw(st.lists(_override() | st.sampled_from(OPTIONS), max_size=5))]
+    return argv, text
+
+
+@settings(max_examples=int(os.environ.get("FINSFT_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                   HealthCheck.too_slow])
+@given(case=cases())
+def test_cli_main_never_raises(tmp_path_factory: pytest.TempPathFactory, case: tuple[list[str], str]) -> None:
+    argv, mutated = case
+    folder = tmp_path_factory.mktemp("fuzz")
+    (folder / "r.json").write_text(json.dumps(BASE), encoding="utf-8")
+    (folder / "mut.json").write_text(mutated, encoding="utf-8")
+    (folder / "bad.json").write_bytes(b"{\"model\": \xff\xfe}")
+    sink = io.StringIO()
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_quiet_libraries", _heavy)
+        os.chdir(folder)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                code = cli.main(argv)
+        except _Heavy:
+            event("reached the heavy imports (recipe valid)")
+            return
+        finally:
+            os.chdir(cwd)
+    assert isinstance(code, int) and code in (0, 1, 2), (argv, code, sink.getvalue()[-2000:])
+    assert "Traceback" not in sink.getvalue(), (argv, sink.getvalue()[-2000:])
+    event(f"exit {code}")
+    assert not (Path(folder) / "~").exists()
