@@ -221,6 +221,14 @@ def json_schema_of(tp: Any) -> dict[str, Any]:
     raise UnsupportedField(f"no JSON form for {tp!r}")
 
 
+_TYPE_RANK = {"boolean": 0, "integer": 1, "number": 2, "string": 3, "object": 4, "array": 5, "null": 9}
+
+
+def _schema_rank(sch: dict[str, Any]) -> tuple[int, str]:
+    kind = sch.get("type")
+    return (_TYPE_RANK.get(kind, 6) if isinstance(kind, str) else 6), json.dumps(sch, sort_keys=True)
+
+
 def _union_schema(args: Sequence[Any]) -> dict[str, Any]:
     alts = list(args)
     # "SchedulerType | str", "dict | str": the string is the command line's spelling of the enum or of the object.
@@ -234,6 +242,9 @@ def _union_schema(args: Sequence[Any]) -> dict[str, Any]:
     for s in schemas:  # one entry per distinct schema
         if s not in merged:
             merged.append(s)
+    # A canonical order: typing caches unions by their members regardless of order, so the order seen here depends
+    # on which equal union was built first in the process (an import elsewhere changes it).
+    merged.sort(key=_schema_rank)
     if len(merged) == 1:
         return merged[0]
     if all(set(s) == {"type"} and isinstance(s["type"], str) for s in merged):

@@ -194,7 +194,7 @@ def shipped_models() -> list[str]:
 def resolve_model(recipe: Recipe, log: Any = print, *, random_weights: bool = False) -> ModelSource:
     """The folder or hub id to load, converting (and caching) a GGUF file first. With ``random_weights`` a hub id
     whose config finsft ships resolves to that config file (nothing is downloaded)."""
-    m = recipe["model"]
+    m = recipe.model
     ref: str = m["name_or_path"]
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
     is_local = ref.startswith(PACKAGE_PREFIX) or os.path.isdir(folder)
@@ -238,8 +238,8 @@ def load_tokenizer(source: ModelSource, recipe: Recipe) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(source.path, revision=recipe["model"]["revision"],
-                                            trust_remote_code=recipe["model"]["trust_remote_code"])
+        tok = AutoTokenizer.from_pretrained(source.path, revision=recipe.model["revision"],
+                                            trust_remote_code=recipe.model["trust_remote_code"])
     except (OSError, ValueError) as exc:  # a folder without tokenizer files raises ValueError
         raise _load_error("tokenizer", source, exc) from exc
     if tok.pad_token is None:
@@ -310,7 +310,7 @@ def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, rand
     for checkpointing itself. Only fp16 runs keep it (fp16 norms and embedding overflow; fp32 masters are the
     classic fp16 QLoRA path). Not under FSDP/ZeRO-3 either: a shard must hold one dtype."""
     model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
-    if recipe["quantization"] and not sharding_engine() and plan.precision == "fp16":
+    if recipe.quantization and not sharding_engine() and plan.precision == "fp16":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
@@ -405,7 +405,7 @@ def load_for_inference(recipe: Recipe, adapter: str | None, log: Callable[[str],
 
     path = check_adapter(adapter)
     source = resolve_model(recipe, log=log)
-    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe["model"]["trust_remote_code"]))
+    plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
     kwargs = get_model_kwargs(recipe, plan)
     full = path is not None and not (path / "adapter_config.json").exists()
     weights = ModelSource(str(path), True, str(path)) if full and path is not None else source

@@ -21,8 +21,8 @@ from finsft.recipe import PACKAGE_PREFIX, Recipe
 
 def recipe_model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     """(shape, where it came from) for the recipe's model, without torch or the hub."""
-    ref = str(recipe["model"]["name_or_path"])
-    if recipe["model"]["gguf_file"] or ref.startswith(PACKAGE_PREFIX):
+    ref = str(recipe.model["name_or_path"])
+    if recipe.model["gguf_file"] or ref.startswith(PACKAGE_PREFIX):
         return None, "a GGUF model: its shape is read when the model loads"
     if os.path.isdir(ref):
         shape = read_model_shape(ref)

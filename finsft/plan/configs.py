@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Mapping
 from typing import Any
 
 from finsft.plan.plan import Plan, sharding_engine
@@ -40,7 +41,7 @@ def library_kwargs(recipe: Recipe, section: str, cls: Any) -> dict[str, Any]:
 
 def get_quantization_config(recipe: Recipe, plan: Plan) -> Any:
     """``transformers.BitsAndBytesConfig`` for the recipe, or None."""
-    quant = recipe["quantization"]
+    quant = recipe.quantization
     if not quant:
         return None
     from transformers import BitsAndBytesConfig
@@ -60,7 +61,7 @@ def get_quantization_config(recipe: Recipe, plan: Plan) -> Any:
 
 def get_peft_config(recipe: Recipe) -> Any:
     """``peft.LoraConfig`` for the recipe, or None for a full fine-tune."""
-    lora = recipe["lora"]
+    lora = recipe.lora
     if not lora:
         return None
     from peft import LoraConfig
@@ -82,7 +83,7 @@ def get_peft_config(recipe: Recipe) -> Any:
 
 def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
     """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``."""
-    model = recipe["model"]
+    model = recipe.model
     kwargs: dict[str, Any] = {
         "revision": model["revision"],
         "trust_remote_code": model["trust_remote_code"],
@@ -118,7 +119,7 @@ def _sampling_kwargs(config_cls: Any, grouped: bool) -> dict[str, Any]:
     return {"group_by_length": grouped}
 
 
-def _strategy_kwargs(train: dict[str, Any], passed: dict[str, Any], has_eval: bool) -> dict[str, Any]:
+def _strategy_kwargs(train: Mapping[str, Any], passed: dict[str, Any], has_eval: bool) -> dict[str, Any]:
     """When to evaluate and save (finsft.recipe.training_rules.strategies), and with evaluation, the best-model
     settings: early stopping loads the best checkpoint at the end unless the recipe says otherwise, and compares
     the validation loss unless the recipe names another metric. Without evaluation they have nothing to compare
@@ -139,7 +140,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
     """``trl.SFTConfig`` for the recipe."""
     from trl import SFTConfig
 
-    train = recipe["training"]
+    train = recipe.training
     on_cpu = not plan.hardware.is_gpu
     passed = library_kwargs(recipe, "training", SFTConfig)
     strategy = _strategy_kwargs(train, passed, has_eval)  # (may drop best-model keys from passed)
@@ -164,7 +165,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         packing=plan.packing,
         packing_strategy="bfd",
         padding_free=plan.packing,
-        completion_only_loss=recipe["template"]["completion_only_loss"],
+        completion_only_loss=recipe.template["completion_only_loss"],
         **_sampling_kwargs(SFTConfig, plan.group_by_length),
         **_checkpointing_kwargs(SFTConfig, plan.gradient_checkpointing),
         bf16=plan.precision == "bf16",
@@ -185,5 +186,5 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         disable_tqdm=True,
         remove_unused_columns=True,
         dataset_kwargs={"skip_prepare_dataset": False},
-        ddp_find_unused_parameters=False if recipe["lora"] else None,
+        ddp_find_unused_parameters=False if recipe.lora else None,
     )

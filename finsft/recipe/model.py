@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast
 
 from finsft.errors import Problem
 
@@ -39,7 +39,7 @@ class LoraSection(TypedDict):
     lora_dropout: float
     target_modules: str | list[str]
     layers_to_transform: list[int] | None
-    bias: str
+    bias: Literal["none", "all", "lora_only"]
     use_rslora: bool
     use_dora: bool
     modules_to_save: list[str] | None

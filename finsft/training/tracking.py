@@ -84,7 +84,7 @@ def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:
 
 def add_training_callbacks(trainer: Any, recipe: Any) -> None:
     """Early stopping and the trackers' set-up for a trainer built from ``recipe``."""
-    train = recipe["training"]
+    train = recipe.training
     if train["early_stopping_patience"] is not None:
         from transformers import EarlyStoppingCallback
 
