@@ -265,7 +265,7 @@ def _fallback_data(recipe: Recipe, template: Any, workdir: Path, exc: DataError,
     log(f"data '{recipe['data']['path']}' is not available ({exc}); timing on 20,000 synthetic rows shaped like "
         f"FinGPT {kind} instead")
     return recipe.with_changes({"data": {"path": str(path), "columns": {}, "validation_path": None,
-                                         "validation_size": 0}})
+                                         "validation_size": 0, "datasets": None}})
 
 
 def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: Callable[[], list[str]],
@@ -316,7 +316,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
             shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
     run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
-    from finsft.data import build_splits, make_formatter, prepared_cache
+    from finsft.data import make_formatter, prepared_cache
+    from finsft.data_sources import build_splits
     from finsft.models import model_shape, resolve_model
     from finsft.plan import detect_hardware, get_sft_config, plan_run
     from finsft.quiet import quiet_libraries
@@ -327,7 +328,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     template = template_from_recipe(recipe.template)
     if shared.get("data_path"):
         recipe = recipe.with_changes({"data": {"path": shared["data_path"], "columns": {}, "validation_path": None,
-                                               "validation_size": 0}})
+                                               "validation_size": 0, "datasets": None}})
     source = resolve_model(recipe, log=log, random_weights=random_weights)
     if random_weights:
         _check_config(recipe, source)

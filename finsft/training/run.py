@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Formatter, build_splits, make_formatter, prepared_cache
+from finsft.data import Formatter, make_formatter, prepared_cache
+from finsft.data_sources import build_splits
 from finsft.errors import FinsftError, OutputDirError
 from finsft.evaluation import (
     EvalReport,
@@ -351,7 +352,8 @@ class TrainingRun:
                      for c in self.plan.choices],
             "model": self.source.description,
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
-                     "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2)},
+                     "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2),
+                     "sources": self.splits.sources},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
                       "runtime_s": self.result.metrics.get("train_runtime"),
                       "tokens_per_s": self.progress.tokens_per_s(trainer.state),
