@@ -113,12 +113,12 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
                        "rows": len(rows), "rows_used": len(used), "fraction": fraction, "fingerprint": digest})
     first = parts[0]
     aligned = [first]
-    for part, source in zip(parts[1:], report[1:], strict=True):
+    for part, info in zip(parts[1:], report[1:], strict=True):
         if part.features != first.features:
             try:
                 part = part.cast(first.features)
             except (ValueError, TypeError) as exc:
-                raise DataError(f"{source['path']}: its columns have other types than those of "
+                raise DataError(f"{info['path']}: its columns have other types than those of "
                                 f"{report[0]['path']} ({dict(part.features)} vs {dict(first.features)}): {exc}") from exc
         aligned.append(part)
     return datasets.concatenate_datasets(aligned), "+".join(digests), report
