@@ -38,6 +38,7 @@ from finsft.evaluation import (
     score,
 )
 from finsft.evaluation.report import EvalSet, write_report
+from finsft.evaluation.sets import NamedSet, extra_sets, log_summary, summary_line
 from finsft.files import write_json
 from finsft.models import ModelSource, load_tokenizer, load_training_model, model_shape, resolve_model
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run
@@ -100,6 +101,9 @@ class TrainingRun:
         self.previous: list[dict[str, Any]] = []
         self.base_metrics: dict[str, Any] | None = None
         self.report: EvalReport | None = None
+        self.sets: list[NamedSet] = []  # evaluation.sets, scored next to the main set
+        self.set_base: dict[str, dict[str, Any]] = {}
+        self.set_reports: dict[str, EvalReport] = {}
         self.model: Any = None
         self.trainer: Any = None
         self.result: Any = None
@@ -204,6 +208,7 @@ class TrainingRun:
             self.eval_rows = eval_set(recipe, self.template, self.splits.validation)
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             self.eval_settings = eval_settings(recipe, self.formatter, scorer)
+            self.sets = extra_sets(recipe, self.template, self.tokenizer)
 
     # -------------------------------------------------------------------------------------------- the model
 
@@ -229,6 +234,18 @@ class TrainingRun:
         self.base_metrics = result.metrics
         self.out.print(f"before training ({result.scorer}, {len(self.eval_rows.rows)} rows): "
                        f"{headline(result.metrics)}")
+        self._log_set(self.eval_rows.name, "before_training", result.metrics)
+        for s in self.sets:
+            with self.phase("evaluation of the base model"):
+                res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
+                            f"evaluating the base model on '{s.name}'")
+            self.set_base[s.name] = res.metrics
+            self.out.print(f"before training, {summary_line(s.name, res.metrics)}")
+            self._log_set(s.name, "before_training", res.metrics)
+
+    def _log_set(self, name: str, phase: str, metrics: dict[str, Any]) -> None:
+        step = self.trainer.state.global_step if self.trainer is not None else 0
+        log_summary(self.dirs.work / "metrics.jsonl", name, phase, metrics, step)
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -306,6 +323,22 @@ class TrainingRun:
             rows_fingerprint=rows_fingerprint(rows.rows), settings=self.eval_settings, metrics=result.metrics,
             base_metrics=self.base_metrics, seconds={"scoring": round(time.perf_counter() - t0, 2)})
         write_report(self.dirs.work, self.report, result.predictions, f"{recipe.name}: after training")
+        self._log_set(rows.name, "after_training", result.metrics)
+        for s in self.sets:
+            t0 = time.perf_counter()
+            with self.phase("evaluation of the trained model"):
+                res = score(self.trainer.model, s.formatter, s.rows.rows, s.settings, self.out,
+                            f"evaluating the trained model on '{s.name}'")
+            base = self.set_base.get(s.name)
+            self.out.print(f"after training, {summary_line(s.name, res.metrics, base)}")
+            report = EvalReport(
+                model=self.source.description, adapter=str(self.dirs.final), data=s.rows.description,
+                rows=len(s.rows.rows), rows_fingerprint=rows_fingerprint(s.rows.rows), settings=s.settings,
+                metrics=res.metrics, base_metrics=base, seconds={"scoring": round(time.perf_counter() - t0, 2)})
+            write_report(self.dirs.work / "eval" / s.name, report, res.predictions,
+                         f"{recipe.name}: '{s.name}' after training")
+            self.set_reports[s.name] = report
+            self._log_set(s.name, "after_training", res.metrics)
 
     # ------------------------------------------------------------------------------------------------ finish
 
@@ -374,4 +407,6 @@ class TrainingRun:
             rows.append(("before", headline(self.base_metrics)))
         if self.report:
             rows.append(("after", headline(self.report.metrics)))
+        for name, report in self.set_reports.items():
+            rows.append((f"eval set '{name}'", headline(report.metrics)))
         self.out.print(summary_table("finsft: done", rows))
