@@ -55,7 +55,7 @@ class DataSource(TypedDict):
 
 
 class DataSection(TypedDict):
-    path: str
+    path: str | None
     datasets: list[DataSource] | None
     split: str
     columns: dict[str, str]
