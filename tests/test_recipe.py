@@ -526,7 +526,7 @@ def test_entry_point_templates_are_checked(tmp_path: Path, monkeypatch: pytest.M
         == "entry point 'finsft_test_templates:NOT_A_TEMPLATE' for template 'wrong' did not give a finsft Template"
 
     (problem,) = rc.check_recipe(str(_recipe(tmp_path, template={"name": "headlines"})))[1]
-    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, fingpt_sentiment" in problem.message
+    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, chat, fingpt_sentiment" in problem.message
 
 
 def test_labels_make_a_generation_template_classify(tmp_path: Path) -> None:
