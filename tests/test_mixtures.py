@@ -96,7 +96,7 @@ def test_mixture_columns_fractions_and_sources(mixture: Any, tmp_path: Path) -> 
 def test_fingerprint_follows_the_file_content(mixture: Any, tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", news("a", 12))
     first = splits_of(mixture([{"path": str(a)}]))
-    write_jsonl(a, news("a", 12)[:-1] + [{"input": "changed", "output": "neutral"}])
+    write_jsonl(a, [*news("a", 12)[:-1], {"input": "changed", "output": "neutral"}])
     second = splits_of(mixture([{"path": str(a)}]))
     assert first.sources[0]["fingerprint"] != second.sources[0]["fingerprint"]
     assert first.fingerprint != second.fingerprint
@@ -130,7 +130,7 @@ def test_validation_is_grouped_by_input_across_sources(mixture: Any, tmp_path: P
 def test_mixture_of_incompatible_columns_is_a_clear_error(mixture: Any, tmp_path: Path) -> None:
     a = write_jsonl(tmp_path / "a.jsonl", news("a", 6))
     b = write_jsonl(tmp_path / "b.jsonl", [{"input": "x", "output": "bullish"}])
-    with pytest.raises(DataError, match="b.jsonl.*labels outside"):
+    with pytest.raises(DataError, match=r"b\.jsonl.*labels outside"):
         splits_of(mixture([{"path": str(a)}, {"path": str(b)}]))
 
 
