@@ -29,13 +29,14 @@ def suite_table(s: SuiteSet, n: int, where: str, metrics: dict[str, Any], model:
     """This model's accuracy, macro F1 and weighted F1 on one set, above FinGPT's published rows."""
     from rich.table import Table
 
-    table = Table(title=f"{s.title}: {n} rows, {where}")
+    table = Table(title=f"{s.title}: {n} rows, {where}",
+                  caption="below the first row: FinGPT's published results (FinGPT README.md, commit ec315843)")
     for col in ("model", "accuracy", "macro F1", "weighted F1"):
         table.add_column(col, justify="left" if col == "model" else "right")
     table.add_row(f"[bold]{model}[/]", _fmt(metrics["accuracy"]), _fmt(metrics["macro_f1"]),
                   _fmt(metrics["weighted_f1"]))
     for name, acc, f1 in published(s.name):
-        table.add_row(f"{name} (FinGPT README)", _fmt(acc), "-", _fmt(f1))
+        table.add_row(name, _fmt(acc), "-", _fmt(f1))
     return table
 
 
