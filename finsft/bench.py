@@ -265,7 +265,7 @@ def _fallback_data(recipe: Recipe, template: Any, workdir: Path, exc: DataError,
     log(f"data '{recipe['data']['path']}' is not available ({exc}); timing on 20,000 synthetic rows shaped like "
         f"FinGPT {kind} instead")
     return recipe.with_changes({"data": {"path": str(path), "columns": {}, "validation_path": None,
-                                         "validation_size": 0}})
+                                         "validation_size": 0, "datasets": None}})
 
 
 def _bench_tokenizer(recipe: Recipe, source: Any, random_weights: bool, texts: Callable[[], list[str]],
@@ -329,7 +329,8 @@ class BenchData:
 def prepare_bench_data(recipe: Recipe, source: Any, *, steps: int, warmup: int, random_weights: bool,
                        workdir: Path, shared: dict[str, Any], log: Callable[[str], None]) -> BenchData:
     """Split, tokenize (through finsft's cache, timed) and sample the rows for ``warmup`` + ``steps`` steps."""
-    from finsft.data import build_splits, make_formatter, prepared_cache
+    from finsft.data import make_formatter, prepared_cache
+    from finsft.data_sources import build_splits
     from finsft.templates import template_from_recipe
 
     template = template_from_recipe(recipe.template)
@@ -381,7 +382,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     hw = detect_hardware()
     if shared.get("data_path"):
         recipe = recipe.with_changes({"data": {"path": shared["data_path"], "columns": {}, "validation_path": None,
-                                               "validation_size": 0}})
+                                               "validation_size": 0, "datasets": None}})
     source = resolve_model(recipe, log=log, random_weights=random_weights)
     if random_weights:
         _check_config(recipe, source)

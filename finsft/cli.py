@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate at most N rows")
     p.add_argument("--scorer", choices=("auto", "likelihood", "generate"), help="override evaluation.scorer")
     p.add_argument("--out", help="folder for eval.json and predictions.jsonl (default: the adapter folder)")
+    p.add_argument("--suite", choices=("fingpt-sentiment",),
+                   help="score a benchmark suite instead: fingpt-sentiment = FPB, FiQA-SA, TFNS, NWGI as FinGPT "
+                        "prepares them")
+    p.add_argument("--suite-data", metavar="DIR", help="with --suite: read local copies from DIR (fpb.jsonl, "
+                                                      "fiqa_sa.jsonl, tfns_valid.jsonl, nwgi_test.jsonl) "
+                                                      "instead of the hub")
 
     p = sub.add_parser("predict", help="generate with the recipe's template")
     _add_recipe(p)
@@ -223,6 +229,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     _quiet_libraries()
+    if args.suite_data and not args.suite:
+        raise FinsftError("--suite-data goes with --suite (e.g. --suite fingpt-sentiment)")
+    if args.suite:
+        if args.data or args.split:
+            raise FinsftError("--suite scores the suite's own data: leave out --data and --split")
+        from finsft.commands.suite import suite_command
+
+        suite_command(recipe, args.suite, adapter=args.adapter, data_dir=args.suite_data, limit=args.limit,
+                      scorer=args.scorer, out=args.out)
+        return EXIT_OK
     from finsft.commands.evaluate import evaluate_command
 
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,

@@ -7,6 +7,7 @@ TRL's SFTTrainer trains on it as is, and is cached by a fingerprint of (data, te
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -37,6 +38,8 @@ class Splits:
     train: Any  # datasets.Dataset of template fields
     validation: Any | None
     fingerprint: str  # of the source data
+    # Each source read: path, name, split, rows (read), rows_used (after its fraction), fraction, fingerprint.
+    sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
 def _file_digest(path: str) -> str:
@@ -291,8 +294,19 @@ def load_split(path: str, split: str, template: Template, columns: Mapping[str, 
 def build_splits(recipe: Recipe, template: Template) -> Splits:
     """The training and validation rows the recipe describes."""
     data = recipe["data"]
-    seed = recipe["training"]["seed"]
     train, digest = load_split(data["path"], data["split"], template, data["columns"])
+    source = {"path": data["path"], "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
+              "fraction": 1, "fingerprint": digest}
+    splits = finish_splits(train, digest, recipe, template, data["path"])
+    splits.sources = [source]
+    return splits
+
+
+def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, what: str) -> Splits:
+    """Shuffle, the validation split (by unique group_by value), max_samples and class balance, on the rows of
+    every source together; ``digest`` fingerprints the sources."""
+    data = recipe["data"]
+    seed = recipe["training"]["seed"]
     if data["shuffle"]:
         train = train.shuffle(seed=seed)  # an index mapping: rewriting the table costs seconds on large sets
     validation = None
@@ -306,8 +320,10 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
     if template.labels:
         train = balance(train, template.label_field, data["balance"], seed)
     if len(train) == 0:
-        raise DataError(f"{data['path']}: no training rows left after the validation split")
-    fp = hashlib.sha256(json.dumps([digest, data, seed], sort_keys=True).encode()).hexdigest()[:16]
+        raise DataError(f"{what}: no training rows left after the validation split")
+    # data.datasets is absent (null) for one source: left out, so fingerprints from before mixtures still hold.
+    settings = {k: v for k, v in data.items() if not (k == "datasets" and v is None)}
+    fp = hashlib.sha256(json.dumps([digest, settings, seed], sort_keys=True).encode()).hexdigest()[:16]
     return Splits(train=train, validation=validation, fingerprint=fp)
 
 
@@ -328,6 +344,11 @@ class Formatter:
     system: str | None
 
     def prompt(self, row: Mapping[str, Any]) -> str:
+        if self.template.messages_field:  # chat data: the conversation up to its last assistant turn
+            from finsft.chat import conversation_prompt, with_system
+
+            messages = with_system(list(row[self.template.messages_field]), self.system)
+            return conversation_prompt(self.tokenizer, messages)[0]
         text = self.template.render_prompt(row)
         if not self.chat:
             return text
@@ -369,9 +390,12 @@ class Formatter:
 
 def make_formatter(recipe: Recipe, template: Template, tokenizer: Any) -> Formatter:
     t = recipe["template"]
+    if template.messages_field and not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"template '{template.name}' formats conversations with the tokenizer's chat template, and "
+                        "this tokenizer has none")
     if t["chat_template"] and not getattr(tokenizer, "chat_template", None):
         raise DataError("template.chat_template is true but the tokenizer has no chat template")
-    return Formatter(template, tokenizer, bool(t["chat_template"]), t["system"])
+    return Formatter(template, tokenizer, bool(t["chat_template"] or template.messages_field), t["system"])
 
 
 def encode_prompt(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
@@ -450,6 +474,12 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
     import pyarrow as pa
 
     tok = formatter.tokenizer
+    if formatter.template.messages_field:  # chat data: loss on assistant turns (finsft.chat)
+        from finsft.chat import tokenize_conversations
+
+        conversations = column(rows, formatter.template.messages_field)
+        ids, masks = tokenize_conversations(tok, conversations, formatter.system, max_length)
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
     fields = [f for f in formatter.template.fields if f in rows.column_names]
     table = rows.select_columns(fields).with_format("arrow")[:]
     cols = [table.column(f).to_pylist() for f in fields]

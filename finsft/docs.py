@@ -163,6 +163,20 @@ def _sections(node: Mapping[str, Any], prefix: str = "") -> list[str]:
         for example in sub.get("examples", [])[:1]:
             out += ["", "Example:", "", "```json", json.dumps({key: example}, indent=2), "```"]
         out += _sections(sub, dotted + ".")
+        out += _entry_sections(sub, dotted + ".")
+    return out
+
+
+def _entry_sections(node: Mapping[str, Any], prefix: str) -> list[str]:
+    """A table for the entries of a list of objects (``data.datasets[]``) or of a map of named objects
+    (``evaluation.sets.<name>``)."""
+    out: list[str] = []
+    for key, sub in node.get("properties", {}).items():
+        for entry, dotted in ((sub.get("items"), f"{prefix}{key}[]"),
+                              (sub.get("additionalProperties"), f"{prefix}{key}.<name>")):
+            if isinstance(entry, Mapping) and "properties" in entry:
+                out += ["", f"### `{dotted}`", "", f"Each entry of `{prefix}{key}`.", ""]
+                out += _table(entry, dotted + ".", link_sections=False)
     return out
 
 

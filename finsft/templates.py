@@ -107,6 +107,9 @@ class Template:
     labels: tuple[str, ...] | None = None
     label_field: str = "output"
     supports_packing: bool = True
+    # Chat data: the field holding a conversation (a list of {"role", "content"}), formatted with the tokenizer's
+    # chat template and trained on its assistant turns (finsft.chat); prompt and completion are not used.
+    messages_field: str | None = None
 
     @property
     def fields(self) -> list[str]:
@@ -130,6 +133,14 @@ class Template:
 
     def render_completion(self, row: Mapping[str, Any]) -> str:
         return self.completion.format_map(self._values(row, format_fields(self.completion)))
+
+    def reference(self, row: Mapping[str, Any]) -> str:
+        """The answer a generation is compared with: the completion field, or a conversation's last assistant
+        turn."""
+        if self.messages_field:
+            turns = [m for m in row[self.messages_field] if m.get("role") == "assistant"]
+            return str(turns[-1]["content"]) if turns else ""
+        return str(row[self.label_field])
 
     def render_label(self, label: str) -> str:
         """The completion text for a label (used to score labels by likelihood)."""
@@ -185,6 +196,15 @@ BUILTIN: dict[str, Template] = {
             prompt=FINGPT_PROMPT,
             completion=FINGPT_COMPLETION,
             defaults={"instruction": FIQA_INSTRUCTION},
+        ),
+        Template(
+            name="chat",
+            description="Chat data: a 'messages' column of conversations (list of {role, content}; roles system, "
+            "user, assistant), formatted with the tokenizer's chat template; the loss is on assistant turns only.",
+            prompt="{messages}",
+            completion="",
+            label_field="messages",
+            messages_field="messages",
         ),
         Template(
             name="short_sentiment",

@@ -17,12 +17,14 @@ LAYERS: dict[str, int] = {
     "finsft.testing": 0,
     "finsft.templates": 1,
     "finsft.recipe": 2,
-    "finsft.plan": 3,
+    "finsft.plan": 3, "finsft.chat": 3,
     "finsft.data": 4,
-    "finsft.models": 5,
-    "finsft.merge": 6, "finsft.evaluation": 6, "finsft.publish": 6,
-    "finsft.training": 7,
-    "finsft.bench": 8, "finsft.commands": 8, "finsft.docs": 8, "finsft.library_schema": 8, "finsft.cli": 9, "finsft.__main__": 10,
+    "finsft.data_sources": 5,
+    "finsft.models": 6,
+    "finsft.merge": 7, "finsft.evaluation": 7, "finsft.publish": 7,
+    "finsft.training": 8,
+    "finsft.bench": 9, "finsft.commands": 9, "finsft.docs": 9, "finsft.library_schema": 9, "finsft.cli": 10,
+    "finsft.__main__": 11,
 }
 
 

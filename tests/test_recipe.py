@@ -40,7 +40,7 @@ INVALID: dict[str, tuple[str, str]] = {
     "type_string_for_number": ("$.training.learning_rate", 'expected number, got string "2e-4"'),
     "type_string_for_boolean": ("$.model.trust_remote_code", 'expected boolean, got string "yes"'),
     "type_array_for_section": ("$.training", "expected object, got array []"),
-    "type_number_for_string": ("$.data.path", "expected string, got integer 42"),
+    "type_number_for_string": ("$.data.path", "expected string or null, got integer 42"),
     "type_null_for_string": ("$.model.name_or_path", "expected string, got null"),
     "type_column_not_string": ("$.data.columns.input", "expected string, got integer 5"),
     # enums, ranges, patterns, required keys
@@ -512,8 +512,8 @@ def test_packing_true_on_a_template_that_cannot_pack(tmp_path: Path, monkeypatch
 def test_entry_point_templates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _entry_points(monkeypatch, tmp_path, headline="finsft_test_templates:make_headline",
                   broken="finsft_no_such_module:T", wrong="finsft_test_templates:NOT_A_TEMPLATE")
-    assert tpl.registered_names() == ["broken", "fingpt_sentiment", "fiqa_qa", "headline", "short_sentiment",
-                                      "wrong", "custom"]
+    assert tpl.registered_names() == ["broken", "chat", "fingpt_sentiment", "fiqa_qa", "headline",
+                                      "short_sentiment", "wrong", "custom"]
     ok = _recipe(tmp_path, template={"name": "headline"}, data={"group_by": "headline", "balance": "upsample"})
     assert rc.check_recipe(str(ok))[1] == []
 
@@ -526,7 +526,7 @@ def test_entry_point_templates_are_checked(tmp_path: Path, monkeypatch: pytest.M
         == "entry point 'finsft_test_templates:NOT_A_TEMPLATE' for template 'wrong' did not give a finsft Template"
 
     (problem,) = rc.check_recipe(str(_recipe(tmp_path, template={"name": "headlines"})))[1]
-    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, fingpt_sentiment" in problem.message
+    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, chat, fingpt_sentiment" in problem.message
 
 
 def test_labels_make_a_generation_template_classify(tmp_path: Path) -> None:

@@ -25,6 +25,10 @@ def properties(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, di
         name = f"{prefix}{key}"
         yield name, sub, key in required
         yield from properties(sub, name + ".")
+        if isinstance(sub.get("items"), dict):  # the sources of data.datasets
+            yield from properties(sub["items"], name + "[].")
+        if isinstance(sub.get("additionalProperties"), dict):  # the named sets of evaluation.sets
+            yield from properties(sub["additionalProperties"], name + ".*.")
 
 
 def objects(node: Any, where: str = "$") -> Iterator[tuple[str, dict[str, Any]]]:
@@ -82,7 +86,7 @@ def test_property_default_and_examples_validate(name: str, sub: dict[str, Any], 
 
 def test_every_object_is_closed() -> None:
     found = list(objects(schema()))
-    assert len(found) == 9  # the recipe and its 8 sections
+    assert len(found) == 11  # the recipe, its 8 sections, a data.datasets source and an evaluation set
     for where, node in found:
         assert node.get("additionalProperties") is False, where
         assert set(node.get("required", [])) <= set(node["properties"]), where

@@ -7,7 +7,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from finsft.data import build_splits, make_formatter
+from finsft.data import make_formatter
+from finsft.data_sources import build_splits
 from finsft.errors import FinsftError
 from finsft.evaluation import (
     EvalReport,

@@ -17,7 +17,14 @@ from typing import Any
 
 from finsft.errors import Problem, RecipeError
 from finsft.recipe.model import Recipe
-from finsft.recipe.paths import PATH_FIELDS, expand_home, is_local_path, resolve_paths
+from finsft.recipe.paths import (
+    PATH_FIELDS,
+    expand_home,
+    is_local_path,
+    resolve_paths,
+    resolve_source,
+    source_nodes,
+)
 from finsft.recipe.rules import recipe_warnings, semantic_problems
 from finsft.recipe.schema import apply_defaults, json_type, schema, schema_problems
 
@@ -229,6 +236,11 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
         layer_dir = os.getcwd()
         if len(parts) == 2 and tuple(parts) in PATH_FIELDS and isinstance(value, str) and is_local_path(value, layer_dir):
             apply_override(merged, parts, os.path.abspath(os.path.expanduser(value)))
+        elif tuple(parts[:2]) in (("data", "datasets"), ("evaluation", "sets")):
+            # Paths inside an overridden mixture or evaluation set are relative to the current folder.
+            section = merged.get(parts[0])
+            for node in source_nodes({parts[0]: section}) if isinstance(section, dict) else []:
+                resolve_source(node, layer_dir)
         for i in range(1, len(parts) + 1):
             override_origin[tuple(parts[:i])] = text
 

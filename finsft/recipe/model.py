@@ -45,8 +45,19 @@ class LoraSection(TypedDict):
     modules_to_save: list[str] | None
 
 
-class DataSection(TypedDict):
+class DataSource(TypedDict):
     path: str
+    name: str | None
+    data_dir: str | None
+    data_files: str | list[str] | dict[str, str] | None
+    split: str
+    columns: dict[str, str]
+    fraction: float
+
+
+class DataSection(TypedDict):
+    path: str | None
+    datasets: list[DataSource] | None
     split: str
     columns: dict[str, str]
     max_samples: int | None
@@ -100,6 +111,16 @@ class TrainingSection(TypedDict):
     run_name: str | None
 
 
+class EvaluationSetSection(TypedDict):
+    path: str
+    name: str | None
+    split: str
+    columns: dict[str, str]
+    template: str | None
+    labels: str | list[str] | None
+    max_samples: int | None
+
+
 class EvaluationSection(TypedDict):
     path: str | None
     split: str | None
@@ -108,6 +129,7 @@ class EvaluationSection(TypedDict):
     batch_size: int
     max_new_tokens: int | None
     before_training: bool
+    sets: dict[str, EvaluationSetSection]
 
 
 class OutputSection(TypedDict):

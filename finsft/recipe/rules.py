@@ -146,8 +146,12 @@ def template_rules(tsec: Any) -> tuple[Found, Any]:
         for key in ("prompt", "completion"):
             if tsec.get(key) is not None:
                 out.append((["template", key], f"'{key}' is only used by template 'custom', not '{name}'"))
-    if tsec.get("system") is not None and not tsec.get("chat_template"):
-        out.append((["template", "system"], "'system' is only used with chat_template: true"))
+    chat_data = name == "chat"
+    if tsec.get("system") is not None and not tsec.get("chat_template") and not chat_data:
+        out.append((["template", "system"], "'system' is only used with chat_template: true (or template 'chat')"))
+    if chat_data and tsec.get("labels") is not None:
+        out.append((["template", "labels"], "template 'chat' trains on conversations and has no label set; "
+                                            "remove 'labels'"))
     if out:
         return out, None
     try:
@@ -178,6 +182,7 @@ def data_rules(raw: Mapping[str, Any], data: Any, template: Any) -> Found:
         msg = _check_local(data.get(key))
         if msg:
             out.append((["data", key], msg))
+    out += mixture_rules(data, template)
     size = data.get("validation_size", 0)
     if isinstance(size, (int, float)) and size >= 1 and size != int(size):
         out.append((["data", "validation_size"], f"{size} is neither a fraction below 1 nor a whole row count"))
@@ -202,6 +207,35 @@ def data_rules(raw: Mapping[str, Any], data: Any, template: Any) -> Found:
     return out
 
 
+def mixture_rules(data: Mapping[str, Any], template: Any) -> Found:
+    """data.path or data.datasets, exactly one; each source's local files exist and its columns name template
+    fields."""
+    out: Found = []
+    sources = data.get("datasets")
+    if data.get("path") and sources:
+        out.append((["data", "datasets"], "data.path and data.datasets are both set: use 'path' for one source or "
+                                          "'datasets' for a mixture, not both"))
+    elif not data.get("path") and not sources:
+        out.append((["data", "path"], "no training data: set data.path (one source) or data.datasets (a mixture)"))
+    for i, source in enumerate(sources or []):
+        msg = _check_local(source.get("path"))
+        if msg:
+            out.append((["data", "datasets", i, "path"], msg))
+        files = source.get("data_files")
+        names = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else files
+        for name in names or []:
+            msg = _check_local(name)
+            if msg:
+                out.append((["data", "datasets", i, "data_files"], msg))
+        if template is not None:
+            for col in source.get("columns", {}):
+                if col not in template.fields:
+                    out.append((["data", "datasets", i, "columns", col], f"template '{template.name}' has no field "
+                                f"'{col}'.{did_you_mean(col, template.fields)} Its fields: "
+                                f"{', '.join(template.fields)}"))
+    return out
+
+
 def eval_steps_rules(train: Any, has_validation: bool) -> Found:
     if isinstance(train, dict) and train.get("eval_steps") and not has_validation:
         return [(["training", "eval_steps"], "eval_steps needs a validation set: set data.validation_path or "
@@ -222,6 +256,45 @@ def evaluation_rules(ev: Any, template: Any, has_validation: bool, *, data_known
     if template is not None and ev.get("scorer") == "likelihood" and not template.is_classification:
         out.append((["evaluation", "scorer"], f"the likelihood scorer ranks labels; template '{template.name}' "
                                               "has none (use \"generate\")"))
+    for name, spec in (ev.get("sets") or {}).items():
+        out += evaluation_set_rules(name, spec, template, ev.get("scorer"))
+    return out
+
+
+def evaluation_set_rules(name: str, spec: Mapping[str, Any], template: Any, scorer: Any) -> Found:
+    """One extra evaluation set: its file exists, its template is registered (the recipe's own when null), its
+    labels go with a classification template, its columns name template fields."""
+    from finsft import templates as tpl
+
+    where: list[str | int] = ["evaluation", "sets", name]
+    out: Found = []
+    msg = _check_local(spec.get("path"))
+    if msg:
+        out.append(([*where, "path"], msg))
+    tname = spec.get("template")
+    if tname == tpl.CUSTOM:
+        return [*out, ([*where, "template"], "a 'custom' template is defined in the recipe's template section; "
+                                             "leave the set's template null to use it")]
+    if tname is not None and tname not in tpl.registered_names():
+        return [*out, ([*where, "template"], f"unknown template '{tname}'.{did_you_mean(tname, tpl.registered_names())}"
+                                             f" Registered: {', '.join(tpl.registered_names())}")]
+    try:
+        base = tpl.get_template(tname) if tname is not None else template
+    except Exception as exc:  # a broken third-party entry point
+        return [*out, ([*where, "template"], str(exc))]
+    if base is None:
+        return out
+    labels = tpl.resolve_labels(spec.get("labels"), base.labels)
+    if spec.get("labels") is not None and base.labels is None:
+        out.append(([*where, "labels"], f"template '{base.name}' generates free text and has no label set; "
+                                        "remove 'labels' or choose a classification template"))
+    if scorer == "likelihood" and labels is None:
+        out.append(([*where, "template"], f"evaluation.scorer is 'likelihood', which ranks labels; template "
+                                          f"'{base.name}' has none (use scorer \"generate\" or \"auto\")"))
+    for col in spec.get("columns", {}):
+        if col not in base.fields:
+            out.append(([*where, "columns", col], f"template '{base.name}' has no field '{col}'."
+                        f"{did_you_mean(col, base.fields)} Its fields: {', '.join(base.fields)}"))
     return out
 
 

@@ -22,7 +22,12 @@ def schema() -> dict[str, Any]:
 
 
 def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
-    """A copy of ``obj`` with every missing property set to its schema default, recursively."""
+    """A copy of ``obj`` with every missing property set to its schema default, recursively (also inside the
+    items of a list and the values of a map whose schemas name properties)."""
+    if isinstance(obj, list) and isinstance(sch.get("items"), Mapping):
+        return [apply_defaults(sch["items"], item) for item in obj]
+    if isinstance(obj, dict) and "properties" not in sch and isinstance(sch.get("additionalProperties"), Mapping):
+        return {key: apply_defaults(sch["additionalProperties"], value) for key, value in obj.items()}
     if not isinstance(obj, dict) or "properties" not in sch:
         return obj
     out = dict(obj)

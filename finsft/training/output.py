@@ -89,6 +89,9 @@ def protected_paths(recipe: Recipe) -> list[tuple[Path, str]]:
                         (ev["path"], "the evaluation data"), (model.get("name_or_path"), "the model folder")):
         if isinstance(value, str) and value and os.path.isabs(value):
             out.append((Path(value), what))
+    extra = [(s.get("path"), "a source of data.datasets") for s in data.get("datasets") or []]
+    extra += [(s.get("path"), f"evaluation set '{name}'") for name, s in (ev.get("sets") or {}).items()]
+    out += [(Path(value), what) for value, what in extra if isinstance(value, str) and os.path.isabs(value)]
     out.append((cache_dir().absolute(), "finsft's cache"))
     return [(Path(os.path.normpath(p)), what) for p, what in out]
 

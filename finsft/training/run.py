@@ -25,7 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Formatter, build_splits, make_formatter, prepared_cache
+from finsft.data import Formatter, make_formatter, prepared_cache
+from finsft.data_sources import build_splits
 from finsft.errors import FinsftError, OutputDirError
 from finsft.evaluation import (
     EvalReport,
@@ -37,6 +38,7 @@ from finsft.evaluation import (
     score,
 )
 from finsft.evaluation.report import EvalSet, write_report
+from finsft.evaluation.sets import NamedSet, extra_sets, log_summary, summary_line
 from finsft.files import write_json
 from finsft.models import (
     ModelSource,
@@ -121,6 +123,9 @@ class TrainingRun:
         self.previous: list[dict[str, Any]] = []
         self.base_metrics: dict[str, Any] | None = None
         self.report: EvalReport | None = None
+        self.sets: list[NamedSet] = []  # evaluation.sets, scored next to the main set
+        self.set_base: dict[str, dict[str, Any]] = {}
+        self.set_reports: dict[str, EvalReport] = {}
         self.model: Any = None
         self.trainer: Any = None
         self.result: Any = None
@@ -232,6 +237,7 @@ class TrainingRun:
             self.eval_rows = eval_set(recipe, self.template, self.splits.validation)
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             self.eval_settings = eval_settings(recipe, self.formatter, scorer)
+            self.sets = extra_sets(recipe, self.template, self.tokenizer)
 
     # -------------------------------------------------------------------------------------------- the model
 
@@ -257,6 +263,18 @@ class TrainingRun:
         self.base_metrics = result.metrics
         self.out.print(f"before training ({result.scorer}, {len(self.eval_rows.rows)} rows): "
                        f"{headline(result.metrics)}")
+        self._log_set(self.eval_rows.name, "before_training", result.metrics)
+        for s in self.sets:
+            with self.phase("evaluation of the base model"):
+                res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
+                            f"evaluating the base model on '{s.name}'")
+            self.set_base[s.name] = res.metrics
+            self.out.print(f"before training, {summary_line(s.name, res.metrics)}")
+            self._log_set(s.name, "before_training", res.metrics)
+
+    def _log_set(self, name: str, phase: str, metrics: dict[str, Any]) -> None:
+        step = self.trainer.state.global_step if self.trainer is not None else 0
+        log_summary(self.dirs.work / "metrics.jsonl", name, phase, metrics, step)
 
     # ---------------------------------------------------------------------------------------------- training
 
@@ -338,6 +356,22 @@ class TrainingRun:
             rows_fingerprint=rows_fingerprint(rows.rows), settings=self.eval_settings, metrics=result.metrics,
             base_metrics=self.base_metrics, seconds={"scoring": round(time.perf_counter() - t0, 2)})
         write_report(self.dirs.work, self.report, result.predictions, f"{recipe.name}: after training")
+        self._log_set(rows.name, "after_training", result.metrics)
+        for s in self.sets:
+            t0 = time.perf_counter()
+            with self.phase("evaluation of the trained model"):
+                res = score(self.trainer.model, s.formatter, s.rows.rows, s.settings, self.out,
+                            f"evaluating the trained model on '{s.name}'")
+            base = self.set_base.get(s.name)
+            self.out.print(f"after training, {summary_line(s.name, res.metrics, base)}")
+            report = EvalReport(
+                model=self.source.description, adapter=str(self.dirs.final), data=s.rows.description,
+                rows=len(s.rows.rows), rows_fingerprint=rows_fingerprint(s.rows.rows), settings=s.settings,
+                metrics=res.metrics, base_metrics=base, seconds={"scoring": round(time.perf_counter() - t0, 2)})
+            write_report(self.dirs.work / "eval" / s.name, report, res.predictions,
+                         f"{recipe.name}: '{s.name}' after training")
+            self.set_reports[s.name] = report
+            self._log_set(s.name, "after_training", res.metrics)
 
     # ------------------------------------------------------------------------------------------------ finish
 
@@ -404,7 +438,8 @@ class TrainingRun:
             "base_model": {"name_or_path": recipe.model["name_or_path"], "gguf_file": recipe.model["gguf_file"],
                            "hub_id": self.source.hub_id, "hub_id_reason": self.source.hub_id_reason},
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
-                     "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2)},
+                     "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2),
+                     "sources": self.splits.sources},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
                       "runtime_s": self.result.metrics.get("train_runtime"),
                       "tokens_per_s": self.progress.tokens_per_s(trainer.state),
@@ -425,4 +460,6 @@ class TrainingRun:
             rows.append(("before", headline(self.base_metrics)))
         if self.report:
             rows.append(("after", headline(self.report.metrics)))
+        for name, report in self.set_reports.items():
+            rows.append((f"eval set '{name}'", headline(report.metrics)))
         self.out.print(summary_table("finsft: done", rows))

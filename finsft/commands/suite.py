@@ -1,0 +1,102 @@
+"""``finsft eval RECIPE [--adapter RUN] --suite fingpt-sentiment [--suite-data DIR]``: score a model on FinGPT's
+sentiment benchmarks (finsft.evaluation.suite), one table per set next to FinGPT's published rows. A set that
+cannot be loaded is reported as missing with the reason; the others still run."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+from finsft.commands.evaluate import results_folder
+from finsft.data import make_formatter
+from finsft.errors import DataError, FinsftError
+from finsft.evaluation import EvalReport, eval_settings, resolve_scorer, rows_fingerprint, score, write_report
+from finsft.evaluation.sets import summary
+from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, load_suite_set, published, suite_template
+from finsft.files import write_json
+from finsft.models import check_adapter, load_for_inference
+from finsft.progress import console
+from finsft.recipe import Recipe
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def suite_table(s: SuiteSet, n: int, where: str, metrics: dict[str, Any], model: str) -> Any:
+    """This model's accuracy, macro F1 and weighted F1 on one set, above FinGPT's published rows."""
+    from rich.table import Table
+
+    table = Table(title=f"{s.title}: {n} rows, {where}",
+                  caption="below the first row: FinGPT's published results (FinGPT README.md, commit ec315843)")
+    for col in ("model", "accuracy", "macro F1", "weighted F1"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    table.add_row(f"[bold]{model}[/]", _fmt(metrics["accuracy"]), _fmt(metrics["macro_f1"]),
+                  _fmt(metrics["weighted_f1"]))
+    for name, acc, f1 in published(s.name):
+        table.add_row(name, _fmt(acc), "-", _fmt(f1))
+    return table
+
+
+def limit_rows(rows: list[Row], limit: int | None, seed: int) -> tuple[list[Row], str]:
+    if limit and limit < len(rows):
+        picked = sorted(random.Random(seed).sample(range(len(rows)), limit))
+        return [rows[i] for i in picked], f", {limit} rows sampled with seed {seed}"
+    return rows, ""
+
+
+def suite_command(recipe: Recipe, suite: str, *, adapter: str | None = None, data_dir: str | None = None,
+                  limit: int | None = None, scorer: str | None = None, out: str | None = None) -> dict[str, Any]:
+    """Score every set of ``suite``; writes <results>/<set>/eval.json (the EvalReport shape), predictions and a
+    confusion plot per set, and <results>/suite.json. Returns suite.json's content."""
+    con = console()
+    if suite not in SUITES:
+        raise FinsftError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
+    if limit is not None and limit < 1:
+        raise FinsftError(f"--limit must be at least 1, not {limit}")
+    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
+        raise FinsftError(f"--suite-data '{data_dir}' is not a folder")
+    adapter_dir = check_adapter(adapter)
+    folder = results_folder(out, adapter_dir, suite)
+    seed = recipe.training["seed"]
+    loaded_sets: list[tuple[SuiteSet, list[Row], str]] = []
+    missing: dict[str, str] = {}
+    for s in SETS:
+        try:
+            rows, where = load_suite_set(s, str(Path(data_dir).expanduser()) if data_dir else None)
+        except (DataError, KeyError, ValueError) as exc:  # KeyError/ValueError: a label outside the mapping
+            missing[s.name] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DataError) else str(exc)
+            con.print(f"[yellow]{s.title}: missing[/] ({missing[s.name]})")
+            continue
+        rows, note = limit_rows(rows, limit, seed)
+        loaded_sets.append((s, rows, where + note))
+    result: dict[str, Any] = {"suite": suite, "sets": {}, "missing": missing}
+    if not loaded_sets:
+        raise FinsftError(f"no set of suite '{suite}' could be loaded: " + "; ".join(
+            f"{name}: {why}" for name, why in missing.items()))
+
+    template = suite_template()
+    scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)
+    loaded = load_for_inference(recipe, adapter, log=con.print)
+    formatter = make_formatter(recipe, template, loaded.tokenizer)
+    settings = eval_settings(recipe, formatter, scorer, limit)
+    what = f"adapter {loaded.adapter}" if loaded.adapter else f"base model {loaded.description}"
+    result.update(model=loaded.description, adapter=loaded.adapter, settings=settings)
+    con.print(f"suite {suite}: {what}, {scorer} scorer (FinGPT's own benchmarks generate; --scorer generate "
+              f"does the same)")
+    for s, rows, where in loaded_sets:
+        t0 = time.perf_counter()
+        res = score(loaded.model, formatter, rows, settings, con, f"{s.title} ({scorer})")
+        report = EvalReport(model=loaded.description, adapter=loaded.adapter, data=f"{s.title}: {where}",
+                            rows=len(rows), rows_fingerprint=rows_fingerprint(rows), settings=settings,
+                            metrics=res.metrics, seconds={"scoring": round(time.perf_counter() - t0, 2)})
+        write_report(folder / s.name, report, res.predictions, f"{recipe.name}: {s.title}, {what}")
+        con.print(suite_table(s, len(rows), where, res.metrics, "this model" if not loaded.adapter else "this adapter"))
+        result["sets"][s.name] = {"data": report.data, **summary(res.metrics)}
+    for name, why in missing.items():
+        con.print(f"[yellow]{name}: missing[/] ({why})")
+    write_json(folder / "suite.json", result)
+    con.print(f"wrote {folder}/suite.json and eval.json per set")
+    return result

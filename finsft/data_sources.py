@@ -1,0 +1,135 @@
+"""Dataset mixtures: ``data.datasets`` lists sources (TRL's DatasetMixtureConfig names: path, name, data_dir,
+data_files, split; plus finsft's column mapping and ``fraction``), read one by one, each mapped to the template's
+fields and cut to its fraction (a sample seeded with training.seed), then concatenated; shuffling, the validation
+split (grouped by unique input across every source), max_samples and balancing apply to the whole mixture.
+
+``build_splits`` is the entry point for both kinds of data section (one ``path``, or ``datasets``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Mapping
+from typing import Any
+
+from finsft.data import (
+    Splits,
+    _file_digest,
+    check_labels,
+    column,
+    finish_splits,
+    load_table,
+    to_template_rows,
+)
+from finsft.data import build_splits as build_single_splits
+from finsft.errors import DataError
+from finsft.recipe import Recipe
+from finsft.templates import Template
+
+
+def describe(source: Mapping[str, Any]) -> str:
+    """A source for people: its path, and its configuration and split when they matter."""
+    text = str(source["path"])
+    if source.get("name"):
+        text += f" ({source['name']})"
+    if source.get("data_dir"):
+        text += f" data_dir={source['data_dir']}"
+    if source.get("data_files"):
+        text += f" data_files={source['data_files']}"
+    if not os.path.isabs(text) or source.get("data_files"):
+        text += f" [{source.get('split', 'train')}]"
+    return text
+
+
+def _files_digest(files: Any) -> str | None:
+    """Digest of local data_files, or None when any of them is not a local file."""
+    names = [files] if isinstance(files, str) else list(files.values()) if isinstance(files, dict) else list(files)
+    if not all(isinstance(f, str) and os.path.isfile(f) for f in names):
+        return None
+    return hashlib.sha256("".join(_file_digest(f) for f in names).encode()).hexdigest()
+
+
+def load_source(source: Mapping[str, Any]) -> tuple[Any, str]:
+    """One source as a ``datasets.Dataset`` and a fingerprint of its content: a local file through
+    ``load_table``, anything else (hub ids, builders with data_files) through ``datasets.load_dataset``."""
+    import datasets
+
+    path, split = source["path"], source.get("split", "train")
+    name, data_dir, files = source.get("name"), source.get("data_dir"), source.get("data_files")
+    if os.path.isabs(path) and os.path.isfile(path) and not (name or data_dir or files):
+        return load_table(path, split)
+    what = describe(source)
+    try:
+        ds = datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=files, split=split)
+    except ValueError as exc:
+        if "split" in str(exc).lower():
+            raise DataError(f"dataset {what} has no split '{split}': {exc}") from exc
+        if "config" in str(exc).lower():
+            raise DataError(f"dataset {what}: {exc}. Set the source's 'name' to one of its configurations") from exc
+        raise DataError(f"cannot load dataset {what}: {exc}") from exc
+    except Exception as exc:  # ConnectionError, DatasetNotFoundError, FileNotFoundError...
+        raise DataError(
+            f"cannot load dataset {what}: it is not in the local Hugging Face cache and the hub cannot be reached "
+            f"(HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE', 'unset')}), or it does not exist. "
+            f"Download it where the hub is reachable, or point the source at a local file. "
+            f"({type(exc).__name__}: {exc})") from exc
+    digest = _files_digest(files) if files else None
+    return ds, digest or str(getattr(ds, "_fingerprint", what))
+
+
+def take_fraction(ds: Any, fraction: float, seed: int, index: int) -> Any:
+    """``round(fraction * rows)`` rows (at least 1) sampled with ``seed`` (and the source's index, so two sources
+    of one size do not draw the same rows), in their original order."""
+    if fraction >= 1:
+        return ds
+    n = max(1, round(fraction * len(ds)))
+    picked = random.Random(f"{seed}/{index}").sample(range(len(ds)), n)
+    return ds.select(sorted(picked))
+
+
+def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dict[str, Any]]]:
+    """Every source of data.datasets as template rows, concatenated; a digest of all of them; and what each
+    source gave (for the manifest)."""
+    import datasets
+
+    seed = recipe.training["seed"]
+    parts, digests, report = [], [], []
+    for i, source in enumerate(recipe.data["datasets"] or []):
+        what = describe(source)
+        ds, digest = load_source(source)
+        rows = to_template_rows(ds, template, source.get("columns") or {}, what)
+        check_labels(rows, template, what)
+        if template.messages_field:
+            from finsft.chat import check_conversations
+
+            check_conversations(column(rows, template.messages_field), what)
+        fraction = float(source.get("fraction", 1))
+        used = take_fraction(rows, fraction, seed, i)
+        parts.append(used)
+        digests.append(digest)
+        report.append({"path": source["path"], "name": source.get("name"), "split": source.get("split", "train"),
+                       "rows": len(rows), "rows_used": len(used), "fraction": fraction, "fingerprint": digest})
+    first = parts[0]
+    aligned = [first]
+    for part, info in zip(parts[1:], report[1:], strict=True):
+        if part.features != first.features:
+            try:
+                part = part.cast(first.features)
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"{info['path']}: its columns have other types than those of "
+                                f"{report[0]['path']} ({dict(part.features)} vs {dict(first.features)}): {exc}") from exc
+        aligned.append(part)
+    return datasets.concatenate_datasets(aligned), "+".join(digests), report
+
+
+def build_splits(recipe: Recipe, template: Template) -> Splits:
+    """The training and validation rows of the recipe's data section: one source (data.path) or a mixture
+    (data.datasets). ``Splits.sources`` lists each source with its rows and fingerprint."""
+    if not recipe.data.get("datasets"):
+        return build_single_splits(recipe, template)
+    rows, digest, report = load_mixture(recipe, template)
+    splits = finish_splits(rows, digest, recipe, template, f"the mixture of {len(report)} sources")
+    splits.sources = report
+    return splits
