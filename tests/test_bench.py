@@ -94,7 +94,9 @@ def test_seed_models_resolve_to_shipped_configs_with_random_weights(make_recipe:
     assert type(model).__name__ == cls
     assert 2.4e9 < n < 2.6e9 if "gemma" in hub_id else 7.1e9 < n < 7.3e9
     shape_estimate = model_shape(source)
-    assert shape_estimate is not None and shape_estimate[1:] == (config.hidden_size, config.num_hidden_layers)
+    assert shape_estimate is not None
+    assert (shape_estimate.hidden, shape_estimate.layers) == (config.hidden_size, config.num_hidden_layers)
+    assert abs(shape_estimate.parameters() - n) / n < 0.02  # the memory model's count of the real model
 
 
 @pytest.mark.parametrize(("hub_id", "ids"), [("google/gemma-2b", (2, 1, 0)), ("mistralai/Mistral-7B-v0.1", (1, 2, 2))])

@@ -57,7 +57,7 @@ def test_train_refuse_and_overwrite(make_recipe: Any, tmp_path: Path) -> None:
     # an existing non-empty output folder is refused, and left untouched
     again = finsft("train", str(recipe), cwd=tmp_path)
     assert again.returncode == 1
-    assert f"output folder {out} exists and is not empty" in again.stderr
+    assert f"output folder {out} holds an earlier run" in again.stderr
     assert "--overwrite" in again.stderr
     assert "Traceback" not in again.stderr
     assert snapshot(out) == before
