@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART_TRAIN
+from conftest import INVENTED_TRAIN
 
 from finsft.data import Formatter, build_splits, make_formatter, prepared_cache, tokenize_rows
 from finsft.errors import DataError, ModelLoadError
@@ -254,7 +254,7 @@ def test_balance_downsample_and_upsample(recipe: Any, tmp_path: Path) -> None:
 
 
 def test_model_hub_id_offline_is_a_clear_error(recipe: Any, tmp_path: Path) -> None:
-    r = recipe({"path": str(QUICKSTART_TRAIN)}, model={"name_or_path": "finsft-test/no-such-model"})
+    r = recipe({"path": str(INVENTED_TRAIN)}, model={"name_or_path": "finsft-test/no-such-model"})
     source = resolve_model(r)
     assert not source.is_local
     with pytest.raises(ModelLoadError) as exc:
@@ -270,7 +270,7 @@ def test_broken_local_model_folder(recipe: Any, tmp_path: Path) -> None:
     folder = tmp_path / "not-a-model"
     folder.mkdir()
     (folder / "readme.txt").write_text("nothing here")
-    r = recipe({"path": str(QUICKSTART_TRAIN)}, model={"name_or_path": str(folder)})
+    r = recipe({"path": str(INVENTED_TRAIN)}, model={"name_or_path": str(folder)})
     with pytest.raises(ModelLoadError) as exc:
         load_tokenizer(resolve_model(r), r)
     assert "not-a-model" in str(exc.value) and "config.json" in str(exc.value)
@@ -297,7 +297,7 @@ def tokenized(recipe_: Recipe, tokenizer: Any, data: list[dict[str, str]], max_l
 
 
 def test_completion_mask_covers_the_answer_and_eos(recipe: Any, tokenizer: Any) -> None:
-    r = recipe({"path": str(QUICKSTART_TRAIN)})
+    r = recipe({"path": str(INVENTED_TRAIN)})
     data = [{"instruction": "Classify.", "input": "Shares rose 5% after earnings", "output": "positive"}]
     ds = tokenized(r, tokenizer, data)
     ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
@@ -313,7 +313,7 @@ def test_completion_mask_covers_the_answer_and_eos(recipe: Any, tokenizer: Any) 
 
 
 def test_chat_template_masks_the_assistant_turn_with_end_of_turn(recipe: Any, tokenizer: Any) -> None:
-    r = recipe({"path": str(QUICKSTART_TRAIN)}, template={"chat_template": True, "system": "Be brief."})
+    r = recipe({"path": str(INVENTED_TRAIN)}, template={"chat_template": True, "system": "Be brief."})
     data = [{"input": "Profit fell", "output": "negative"}]
     ds = tokenized(r, tokenizer, data)
     ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
@@ -331,7 +331,7 @@ def test_chat_template_masks_the_assistant_turn_with_end_of_turn(recipe: Any, to
 def test_chat_template_needs_one(recipe: Any, tokenizer: Any) -> None:
     import copy
 
-    r = recipe({"path": str(QUICKSTART_TRAIN)}, template={"chat_template": True})
+    r = recipe({"path": str(INVENTED_TRAIN)}, template={"chat_template": True})
     plain = copy.deepcopy(tokenizer)
     plain.chat_template = None
     with pytest.raises(DataError, match="no chat template"):
@@ -339,7 +339,7 @@ def test_chat_template_needs_one(recipe: Any, tokenizer: Any) -> None:
 
 
 def test_truncation_keeps_the_answer_cue_and_the_answer(recipe: Any, tokenizer: Any) -> None:
-    r = recipe({"path": str(QUICKSTART_TRAIN)})
+    r = recipe({"path": str(INVENTED_TRAIN)})
     long_input = " ".join(["The company reported higher revenue and raised its guidance."] * 40)
     ds = tokenized(r, tokenizer, [{"input": long_input, "output": "positive"}], max_length=48)
     ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
@@ -352,7 +352,7 @@ def test_truncation_keeps_the_answer_cue_and_the_answer(recipe: Any, tokenizer: 
 def test_prepared_cache_reuses_tokenized_rows(recipe: Any, tokenizer: Any, tmp_path: Path) -> None:
     import datasets
 
-    r = recipe({"path": str(QUICKSTART_TRAIN)})
+    r = recipe({"path": str(INVENTED_TRAIN)})
     template = template_from_recipe(r["template"])
     formatter = make_formatter(r, template, tokenizer)
     data = datasets.Dataset.from_list(rows(5))

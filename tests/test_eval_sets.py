@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+from conftest import INVENTED_TEST, INVENTED_TRAIN
 
 from finsft.recipe import check_recipe, load_recipe
 from finsft.testing import write_jsonl
@@ -18,23 +18,23 @@ from finsft.training.run import train
 def test_set_rules(make_recipe: Any, tmp_path: Path) -> None:
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"input": "q", "output": "a"}])
     sets = {
-        "ok": {"path": str(QUICKSTART_TEST)},
+        "ok": {"path": str(INVENTED_TEST)},
         "missing": {"path": str(tmp_path / "nope.jsonl")},
         "typo": {"path": str(qa), "template": "fiqa_q"},
         "custom": {"path": str(qa), "template": "custom"},
         "qa_labels": {"path": str(qa), "template": "fiqa_qa", "labels": "fingpt3"},
         "cols": {"path": str(qa), "columns": {"inptu": "question"}},
     }
-    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(QUICKSTART_TEST), "sets": sets})))
+    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(INVENTED_TEST), "sets": sets})))
     found = {p.path: p.message for p in problems}
     assert set(found) == {"$.evaluation.sets.missing.path", "$.evaluation.sets.typo.template",
                           "$.evaluation.sets.custom.template", "$.evaluation.sets.qa_labels.labels",
                           "$.evaluation.sets.cols.columns.inptu"}
     assert "Did you mean 'fiqa_qa'" in found["$.evaluation.sets.typo.template"]
-    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(QUICKSTART_TEST), "scorer": "likelihood",
+    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(INVENTED_TEST), "scorer": "likelihood",
                                                            "sets": {"qa": {"path": str(qa), "template": "fiqa_qa"}}})))
     assert [p.path for p in problems] == ["$.evaluation.sets.qa.template"]
-    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(QUICKSTART_TEST),
+    _, problems = check_recipe(str(make_recipe(evaluation={"path": str(INVENTED_TEST),
                                                            "sets": {"a b": {"path": str(qa)}}})))
     assert [p.path for p in problems] == ["$.evaluation.sets"]  # a set name is a folder name
 
@@ -43,9 +43,9 @@ def test_run_scores_every_set_before_and_after(make_recipe: Any, tmp_path: Path)
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i}?", "answer": f"It is {i}."}
                                              for i in range(5)])
     recipe = load_recipe(str(make_recipe(
-        data={"path": None, "datasets": [{"path": str(QUICKSTART_TRAIN), "fraction": 0.5}]},
-        evaluation={"path": str(QUICKSTART_TEST), "before_training": True, "max_samples": 6, "max_new_tokens": 4,
-                    "sets": {"heldout": {"path": str(QUICKSTART_TEST), "max_samples": 5},
+        data={"path": None, "datasets": [{"path": str(INVENTED_TRAIN), "fraction": 0.5}]},
+        evaluation={"path": str(INVENTED_TEST), "before_training": True, "max_samples": 6, "max_new_tokens": 4,
+                    "sets": {"heldout": {"path": str(INVENTED_TEST), "max_samples": 5},
                              "qa": {"path": str(qa), "template": "fiqa_qa", "max_samples": 3,
                                     "columns": {"input": "question", "output": "answer"}}}})))
     out = train(recipe)
@@ -61,13 +61,13 @@ def test_run_scores_every_set_before_and_after(make_recipe: Any, tmp_path: Path)
     assert qa_report["settings"]["template"] == "fiqa_qa" and qa_report["settings"]["scorer"] == "generate"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summaries = [(r["eval_set"], r["phase"]) for r in lines if "eval_set" in r]
-    assert summaries == [("quickstart_sentiment_test", "before_training"), ("heldout", "before_training"),
-                         ("qa", "before_training"), ("quickstart_sentiment_test", "after_training"),
+    assert summaries == [("invented_headlines_test", "before_training"), ("heldout", "before_training"),
+                         ("qa", "before_training"), ("invented_headlines_test", "after_training"),
                          ("heldout", "after_training"), ("qa", "after_training")]
     heldout = next(r for r in lines if r.get("eval_set") == "heldout" and r["phase"] == "after_training")
     assert heldout["step"] == 2 and set(heldout) == {"eval_set", "phase", "step", "n", "accuracy", "macro_f1",
                                                      "weighted_f1"}
     manifest = json.loads((out / "manifest.json").read_text())
     (source,) = manifest["data"]["sources"]
-    assert source["path"] == str(QUICKSTART_TRAIN) and source["fraction"] == 0.5
+    assert source["path"] == str(INVENTED_TRAIN) and source["fraction"] == 0.5
     assert source["rows_used"] == round(source["rows"] * 0.5) and len(source["fingerprint"]) == 64

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+from conftest import INVENTED_TEST, INVENTED_TRAIN
 
 from finsft.cli import main
 from finsft.evaluation import (
@@ -141,11 +141,11 @@ def _recipe(tiny_model: Path, out: Path, **extra: Any) -> dict[str, Any]:
         "name": "tiny-eval",
         "model": {"name_or_path": str(tiny_model)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 48, "validation_size": 8},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 48, "validation_size": 8},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                      "max_length": 128, "eval_steps": 1},
-        "evaluation": {"path": str(QUICKSTART_TEST), "max_samples": 8, "batch_size": 4},
+        "evaluation": {"path": str(INVENTED_TEST), "max_samples": 8, "batch_size": 4},
         "output": {"dir": str(out / "run")},
     }
     recipe.update(extra)
@@ -158,7 +158,7 @@ def label_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     likelihood scorer can take its next-token path."""
     from finsft.testing import build_tiny_model
 
-    texts = [json.loads(line)["input"] for line in QUICKSTART_TRAIN.read_text().splitlines()]
+    texts = [json.loads(line)["input"] for line in INVENTED_TRAIN.read_text().splitlines()]
     return build_tiny_model(tmp_path_factory.mktemp("label-model"),
                             texts=[*texts, *["Answer: negative Answer: neutral Answer: positive"] * 50])
 
@@ -201,7 +201,7 @@ def test_eval_during_training(trained: dict[str, Any]) -> None:
 
 
 def _rows(n: int) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in QUICKSTART_TEST.read_text().splitlines()[:n]]
+    return [json.loads(line) for line in INVENTED_TEST.read_text().splitlines()[:n]]
 
 
 @pytest.mark.slow
@@ -278,16 +278,16 @@ def test_eval_cli_base_and_adapter(trained: dict[str, Any], tmp_path: Path) -> N
     # Relative --data (to the current folder), generate scorer; results go under the run (RUN/eval/<data name>/)
     # by default, never over the training run's own eval.json.
     training_eval = (run / "eval.json").read_bytes()
-    data = os.path.relpath(QUICKSTART_TEST, tmp_path)
+    data = os.path.relpath(INVENTED_TEST, tmp_path)
     tuned = _cli("eval", recipe, "--adapter", str(run), "--data", data, "--limit", "5", "--scorer", "generate",
                  cwd=tmp_path)
     assert tuned.returncode == 0, tuned.stderr
     assert (run / "eval.json").read_bytes() == training_eval
-    results = run / "eval" / Path(QUICKSTART_TEST).stem
+    results = run / "eval" / Path(INVENTED_TEST).stem
     report = json.loads((results / "eval.json").read_text())
     assert report["adapter"] == str(run) and report["settings"]["scorer"] == "generate"
     assert report["settings"]["max_new_tokens"] == 8 and report["rows"] == 5
-    assert str(QUICKSTART_TEST) in report["data"]
+    assert str(INVENTED_TEST) in report["data"]
     preds = [json.loads(line) for line in (results / "predictions.jsonl").read_text().splitlines()]
     assert all(p["pred"] == fingpt_change_target(p["answer"]) for p in preds)
 
@@ -354,9 +354,9 @@ def test_eval_missing_adapter(recipe_file: Path, tmp_path: Path, capsys: pytest.
 
 def test_eval_likelihood_needs_labels(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     recipe = tmp_path / "qa.json"
-    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(QUICKSTART_TRAIN)},
+    recipe.write_text(json.dumps({"model": {"name_or_path": str(tiny_model)}, "data": {"path": str(INVENTED_TRAIN)},
                                   "template": {"name": "fiqa_qa"}, "output": {"dir": str(tmp_path / "r")}}))
-    code = main(["eval", str(recipe), "--scorer", "likelihood", "--data", str(QUICKSTART_TEST),
+    code = main(["eval", str(recipe), "--scorer", "likelihood", "--data", str(INVENTED_TEST),
                  "--out", str(tmp_path / "o")])
     assert code == 1
     assert "ranks labels" in capsys.readouterr().err
@@ -379,7 +379,7 @@ def test_eval_full_fine_tune_folder(label_model: Path, tmp_path: Path) -> None:
     assert not (run / "adapter_config.json").exists()
     report = evaluate_command(recipe, adapter=str(run), limit=4)
     assert report["adapter"] == str(run) and report["rows"] == 4
-    assert json.loads((run / "eval" / QUICKSTART_TEST.stem / "eval.json").read_text()) == report
+    assert json.loads((run / "eval" / INVENTED_TEST.stem / "eval.json").read_text()) == report
     tuned = load_for_inference(recipe, str(run)).model
     base = load_for_inference(recipe, None).model
     assert any(not (a == b).all() for a, b in zip(tuned.parameters(), base.parameters(), strict=True))

