@@ -154,7 +154,8 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
     if missing:
         raise DataError(missing_columns_message(source, missing, mapping, have, columns))
     present = {col: field for field, col in mapping.items() if col in have}
-    ds = text_columns(ds, present, source)
+    # A chat template's messages field holds the conversation (a list of turns); every other field is text.
+    ds = text_columns(ds, {c: f for c, f in present.items() if f != template.messages_field}, source)
     ds = ds.select_columns(list(present))
     if any(col != field for col, field in present.items()):
         ds = ds.rename_columns({c: f for c, f in present.items() if c != f})
@@ -292,12 +293,16 @@ def load_split(path: str, split: str, template: Template, columns: Mapping[str, 
 
 
 def build_splits(recipe: Recipe, template: Template) -> Splits:
-    """The training and validation rows the recipe describes."""
-    data = recipe["data"]
-    train, digest = load_split(data["path"], data["split"], template, data["columns"])
-    source = {"path": data["path"], "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
+    """The training and validation rows of a recipe with one source, ``data.path`` (a mixture of sources in
+    ``data.datasets``: :func:`finsft.data_sources.build_splits`)."""
+    data = recipe.data
+    path = data["path"]
+    if not path:
+        raise DataError("data.path is not set: name the training data (or a mixture in data.datasets)")
+    train, digest = load_split(path, data["split"], template, data["columns"])
+    source = {"path": path, "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
               "fraction": 1, "fingerprint": digest}
-    splits = finish_splits(train, digest, recipe, template, data["path"])
+    splits = finish_splits(train, digest, recipe, template, path)
     splits.sources = [source]
     return splits
 
@@ -305,8 +310,8 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
 def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, what: str) -> Splits:
     """Shuffle, the validation split (by unique group_by value), max_samples and class balance, on the rows of
     every source together; ``digest`` fingerprints the sources."""
-    data = recipe["data"]
-    seed = recipe["training"]["seed"]
+    data = recipe.data
+    seed = recipe.training["seed"]
     if data["shuffle"]:
         train = train.shuffle(seed=seed)  # an index mapping: rewriting the table costs seconds on large sets
     validation = None
@@ -314,7 +319,7 @@ def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, w
         validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"])
         digest = f"{digest}+{vdigest}"
     elif data["validation_size"]:
-        train, validation = group_split(train, data["validation_size"], data["group_by"], seed, data["path"])
+        train, validation = group_split(train, data["validation_size"], data["group_by"], seed, what)
     if data["max_samples"]:
         train = train.select(range(min(data["max_samples"], len(train))))
     if template.labels:
@@ -389,7 +394,7 @@ class Formatter:
 
 
 def make_formatter(recipe: Recipe, template: Template, tokenizer: Any) -> Formatter:
-    t = recipe["template"]
+    t = recipe.template
     if template.messages_field and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"template '{template.name}' formats conversations with the tokenizer's chat template, and "
                         "this tokenizer has none")

@@ -197,7 +197,8 @@ def test_defaults_are_filled_and_explicit_values_kept() -> None:
     assert "$schema" not in cfg and "extends" not in cfg
     assert recipe.raw == json.loads((FIXTURES / "valid" / "minimal.json").read_text())
     assert recipe.name == "minimal"  # no "name": the file's stem
-    assert recipe["output"] == {"dir": "runs/fixture", "save_merged": False, "plot": True}
+    assert recipe["output"] == {"dir": "runs/fixture", "save_merged": False, "plot": True, "push_to_hub": False,
+                                "hub_model_id": None, "hub_private_repo": True}
 
     full = rc.load_recipe(str(FIXTURES / "valid" / "full.json"))
     assert full.name == "full-fixture.v1"

@@ -160,9 +160,112 @@ def _metrics_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _usage_lines(kind: str, repo_id: str | None, recipe: Mapping[str, Any]) -> list[str]:
+    """How to load the folder, with and without finsft."""
+    lines: list[str] = []
+    lines += ["", "## How to use", ""]
+    if kind == "adapter":
+        lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
+                  "", f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")', "```", "",
+                  "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER`, `finsft predict RECIPE "
+                  "--adapter THIS_FOLDER --input \"...\"`."]
+    else:
+        sub = ', subfolder="merged"' if kind == "merged" and repo_id else ""
+        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})', "```"]
+    template = recipe.get("template", {})
+    lines += ["", f"Prompts follow finsft's `{template.get('name')}` template"
+                  f"{' through the tokenizer chat template' if template.get('chat_template') else ''}; use the same "
+                  "format at inference (the recipe below has it)."]
+    return lines
+
+
+def _data_lines(datasets: list[dict[str, Any]]) -> list[str]:
+    """The training, validation and evaluation data with their fingerprints and licences."""
+    lines: list[str] = []
+    lines += ["", "## Data", "", "| role | data | split | rows | fingerprint | licence |", "|---|---|---|---:|---|---|"]
+    for d in datasets:
+        ref = f"[{d['ref']}](https://huggingface.co/datasets/{d['ref']})" if d["hub"] else f"`{d['name']}` (local file)"
+        licence = f"{d['license']} ({d['recognised']})" if d["license"] else UNKNOWN_LICENSE
+        lines.append(f"| {d['role']} | {ref} | {_fmt(d['split'])} | {_fmt(d['rows'])} | {_fmt(d['fingerprint'])} | "
+                     f"{licence} |")
+    return lines
+
+
+def _evaluation_lines(report: Mapping[str, Any] | None) -> list[str]:
+    """The evaluation numbers, before and after training."""
+    lines: list[str] = []
+    lines += ["", "## Evaluation", ""]
+    if report and report.get("metrics"):
+        lines += [f"{report.get('rows')} rows of {report.get('data')} (rows fingerprint "
+                  f"`{report.get('rows_fingerprint')}`), scored with the `{report.get('settings', {}).get('scorer')}` "
+                  "scorer.", ""]
+        lines += _metrics_table(report)
+    else:
+        lines.append("The run did not evaluate the model (the recipe has no `evaluation` section, or evaluation was "
+                     "skipped). Score it with `finsft eval RECIPE --adapter THIS_FOLDER`.")
+    return lines
+
+
+def _training_lines(manifest: Mapping[str, Any], recipe: Mapping[str, Any], method: str, lora: Any) -> list[str]:
+    """How the model was trained: settings, the plan, the recipe, library versions."""
+    lines: list[str] = []
+    train = manifest.get("train", {})
+    hw = manifest.get("hardware", {})
+    t = recipe.get("training", {})
+    lines += ["", "## Training", "",
+              f"- method: {method}" + (f" (r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout="
+                                       f"{lora.get('lora_dropout')}, target modules {lora.get('target_modules')})"
+                                       if lora else ""),
+              f"- steps: {_fmt(train.get('global_step'))}, effective batch {_fmt(train.get('effective_batch'))}, "
+              f"learning rate {t.get('learning_rate')} ({t.get('lr_scheduler_type')}), max length "
+              f"{t.get('max_length')}, seed {t.get('seed')}",
+              f"- final mean training loss: {_fmt(train.get('train_loss'))}",
+              f"- hardware: {hw.get('device', '-')} ({hw.get('name', '-')}), {hw.get('world_size', 1)} process(es); "
+              f"wall time {manifest.get('wall_seconds') or 0:.0f} s"]
+    plan = manifest.get("plan") or []
+    if plan:
+        lines += ["", "Choices finsft made for this hardware (the plan):", "", "| setting | value | reason |",
+                  "|---|---|---|"]
+        lines += [f"| {_fmt(c.get('setting'))} | {_fmt(c.get('value'))} | "
+                  f"{'auto: ' if c.get('automatic') else ''}{_fmt(c.get('reason'))} |" for c in plan]
+    lines += ["", "<details><summary>The resolved recipe (recipe.json)</summary>", "", "```json",
+              json.dumps(dict(recipe), indent=2, ensure_ascii=False), "```", "", "</details>"]
+    libs = manifest.get("libraries") or {}
+    if libs:
+        lines += ["", "## Library versions", "", "| library | version |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in libs.items()]
+    return lines
+
+
+def _limitations_lines(datasets: list[dict[str, Any]], base: str | None, base_ref: Any, base_licence: str | None) -> list[str]:
+    """Intended use, limitations and licences."""
+    lines: list[str] = []
+    nc = [d for d in datasets if d["role"] in ("training", "validation") and d["license"] and "-nc" in d["license"]]
+    lines += ["", "## Intended use and limitations", "",
+              "- Intended for research on financial text (sentiment, question answering) in the prompt format it was "
+              "trained on. It is not financial advice and must not be the sole basis of investment decisions.",
+              "- It inherits the biases and failure modes of its base model and its training data; scores hold for "
+              "the evaluation data above and may not carry over to other sources, periods or phrasing.",
+              "- Like any language model it can answer confidently and wrongly: check its outputs."]
+    if nc:
+        lines.append(f"- Trained on data under a non-commercial licence ({', '.join(d['license'] for d in nc)}): "
+                     "check whether your use of this model is allowed.")
+    lines += ["", "## Licences", "",
+              f"- base model {base or base_ref}: {base_licence or UNKNOWN_LICENSE}"]
+    for d in datasets:
+        lines.append(f"- {d['role']} data {d['name']}: "
+                     f"{(d['license'] + ' (' + d['recognised'] + ')') if d['license'] else UNKNOWN_LICENSE}")
+    lines += ["- this card's `license` field is the base model's licence; the data licences above may add terms.",
+              "", "Card written by finsft from the run's recipe.json, manifest.json and eval.json."]
+    return lines
+
+
 def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, Any],
               report: Mapping[str, Any] | None, repo_id: str | None = None) -> str:
-    """The whole README.md: YAML metadata and Markdown body."""
+    """The whole README.md: YAML metadata and Markdown body, section by section."""
     from huggingface_hub import ModelCard, ModelCardData
 
     kind = _kind(folder)
@@ -199,83 +302,11 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
         lines += ["", f"The run loaded the base model from `{base_ref}`{f' (`{gguf}`, de-quantized)' if gguf else ''}; "
                       f"its hub id {base} comes from {how}."]
 
-    lines += ["", "## How to use", ""]
-    if kind == "adapter":
-        lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
-                  "", f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")', "```", "",
-                  "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER`, `finsft predict RECIPE "
-                  "--adapter THIS_FOLDER --input \"...\"`."]
-    else:
-        sub = ', subfolder="merged"' if kind == "merged" and repo_id else ""
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})', "```"]
-    template = recipe.get("template", {})
-    lines += ["", f"Prompts follow finsft's `{template.get('name')}` template"
-                  f"{' through the tokenizer chat template' if template.get('chat_template') else ''}; use the same "
-                  "format at inference (the recipe below has it)."]
-
-    lines += ["", "## Data", "", "| role | data | split | rows | fingerprint | licence |", "|---|---|---|---:|---|---|"]
-    for d in datasets:
-        ref = f"[{d['ref']}](https://huggingface.co/datasets/{d['ref']})" if d["hub"] else f"`{d['name']}` (local file)"
-        licence = f"{d['license']} ({d['recognised']})" if d["license"] else UNKNOWN_LICENSE
-        lines.append(f"| {d['role']} | {ref} | {_fmt(d['split'])} | {_fmt(d['rows'])} | {_fmt(d['fingerprint'])} | "
-                     f"{licence} |")
-
-    lines += ["", "## Evaluation", ""]
-    if report and report.get("metrics"):
-        lines += [f"{report.get('rows')} rows of {report.get('data')} (rows fingerprint "
-                  f"`{report.get('rows_fingerprint')}`), scored with the `{report.get('settings', {}).get('scorer')}` "
-                  "scorer.", ""]
-        lines += _metrics_table(report)
-    else:
-        lines.append("The run did not evaluate the model (the recipe has no `evaluation` section, or evaluation was "
-                     "skipped). Score it with `finsft eval RECIPE --adapter THIS_FOLDER`.")
-
-    train = manifest.get("train", {})
-    hw = manifest.get("hardware", {})
-    t = recipe.get("training", {})
-    lines += ["", "## Training", "",
-              f"- method: {method}" + (f" (r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout="
-                                       f"{lora.get('lora_dropout')}, target modules {lora.get('target_modules')})"
-                                       if lora else ""),
-              f"- steps: {_fmt(train.get('global_step'))}, effective batch {_fmt(train.get('effective_batch'))}, "
-              f"learning rate {t.get('learning_rate')} ({t.get('lr_scheduler_type')}), max length "
-              f"{t.get('max_length')}, seed {t.get('seed')}",
-              f"- final mean training loss: {_fmt(train.get('train_loss'))}",
-              f"- hardware: {hw.get('device', '-')} ({hw.get('name', '-')}), {hw.get('world_size', 1)} process(es); "
-              f"wall time {manifest.get('wall_seconds') or 0:.0f} s"]
-    plan = manifest.get("plan") or []
-    if plan:
-        lines += ["", "Choices finsft made for this hardware (the plan):", "", "| setting | value | reason |",
-                  "|---|---|---|"]
-        lines += [f"| {_fmt(c.get('setting'))} | {_fmt(c.get('value'))} | "
-                  f"{'auto: ' if c.get('automatic') else ''}{_fmt(c.get('reason'))} |" for c in plan]
-    lines += ["", "<details><summary>The resolved recipe (recipe.json)</summary>", "", "```json",
-              json.dumps(dict(recipe), indent=2, ensure_ascii=False), "```", "", "</details>"]
-    libs = manifest.get("libraries") or {}
-    if libs:
-        lines += ["", "## Library versions", "", "| library | version |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in libs.items()]
-
-    nc = [d for d in datasets if d["role"] in ("training", "validation") and d["license"] and "-nc" in d["license"]]
-    lines += ["", "## Intended use and limitations", "",
-              "- Intended for research on financial text (sentiment, question answering) in the prompt format it was "
-              "trained on. It is not financial advice and must not be the sole basis of investment decisions.",
-              "- It inherits the biases and failure modes of its base model and its training data; scores hold for "
-              "the evaluation data above and may not carry over to other sources, periods or phrasing.",
-              "- Like any language model it can answer confidently and wrongly: check its outputs."]
-    if nc:
-        lines.append(f"- Trained on data under a non-commercial licence ({', '.join(d['license'] for d in nc)}): "
-                     "check whether your use of this model is allowed.")
-    lines += ["", "## Licences", "",
-              f"- base model {base or base_ref}: {base_licence or UNKNOWN_LICENSE}"]
-    for d in datasets:
-        lines.append(f"- {d['role']} data {d['name']}: "
-                     f"{(d['license'] + ' (' + d['recognised'] + ')') if d['license'] else UNKNOWN_LICENSE}")
-    lines += ["- this card's `license` field is the base model's licence; the data licences above may add terms.",
-              "", "Card written by finsft from the run's recipe.json, manifest.json and eval.json."]
+    lines += _usage_lines(kind, repo_id, recipe)
+    lines += _data_lines(datasets)
+    lines += _evaluation_lines(report)
+    lines += _training_lines(manifest, recipe, method, lora)
+    lines += _limitations_lines(datasets, base, base_ref, base_licence)
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
     return str(card)
 

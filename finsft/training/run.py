@@ -37,7 +37,7 @@ from finsft.evaluation import (
     rows_fingerprint,
     score,
 )
-from finsft.evaluation.report import EvalSet, write_report
+from finsft.evaluation.report import write_report
 from finsft.evaluation.sets import NamedSet, extra_sets, log_summary, summary_line
 from finsft.files import write_json
 from finsft.models import (
@@ -66,6 +66,7 @@ from finsft.training.output import (
     CHECKPOINTS,
     RunDirs,
     RunLock,
+    check_target,
     checkpoint_step,
     latest_checkpoint,
     mean_train_loss,
@@ -121,9 +122,8 @@ class TrainingRun:
         self.wall_start = time.time()
         self.checkpoint: str | None = None
         self.previous: list[dict[str, Any]] = []
-        self.base_metrics: dict[str, Any] | None = None
-        self.report: EvalReport | None = None
-        self.sets: list[NamedSet] = []  # evaluation.sets, scored next to the main set
+        # The evaluation set (evaluation.path or the validation split) first, then evaluation.sets.
+        self.sets: list[NamedSet] = []
         self.set_base: dict[str, dict[str, Any]] = {}
         self.set_reports: dict[str, EvalReport] = {}
         self.model: Any = None
@@ -199,6 +199,7 @@ class TrainingRun:
         problem: str | None = None
         if self.main:
             try:
+                check_target(self.dirs, self.recipe)  # refused folders get no lock file either
                 self.lock.acquire(self.dirs.final)
                 self.checkpoint = prepare(self.recipe, self.dirs, overwrite=self.overwrite, resume=self.resume,
                                           force=self.force)
@@ -232,12 +233,12 @@ class TrainingRun:
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
                       f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
-        self.eval_rows: EvalSet | None = None
         if self.recipe.evaluation and self.main:
-            self.eval_rows = eval_set(recipe, self.template, self.splits.validation)
+            rows = eval_set(recipe, self.template, self.splits.validation)
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
-            self.eval_settings = eval_settings(recipe, self.formatter, scorer)
-            self.sets = extra_sets(recipe, self.template, self.tokenizer)
+            main_set = NamedSet(rows.name, rows, self.template, self.formatter,
+                                eval_settings(recipe, self.formatter, scorer))
+            self.sets = [main_set, *extra_sets(recipe, self.template, self.tokenizer)]
 
     # -------------------------------------------------------------------------------------------- the model
 
@@ -250,26 +251,20 @@ class TrainingRun:
             self.model = load_training_model(self.source, self.recipe, self.plan)
 
     def evaluate_before(self) -> None:
-        """Score the base model, when the recipe asks and this is not a resumed run."""
+        """Score the base model on every evaluation set, when the recipe asks and this is not a resumed run."""
         ev = self.recipe.evaluation
-        if not (ev and ev["before_training"] and self.main and not self.checkpoint and self.eval_rows):
+        if not (ev and ev["before_training"] and self.main and not self.checkpoint and self.sets):
             return
         if not self.plan.evaluate_before_training:
             self.out.print(f"evaluation before training skipped: {self.plan.choice('evaluation.before_training').reason}")
             return
-        with self.phase("evaluation of the base model"):
-            result = score(self.model, self.formatter, self.eval_rows.rows, self.eval_settings, self.out,
-                           "evaluating the base model")
-        self.base_metrics = result.metrics
-        self.out.print(f"before training ({result.scorer}, {len(self.eval_rows.rows)} rows): "
-                       f"{headline(result.metrics)}")
-        self._log_set(self.eval_rows.name, "before_training", result.metrics)
-        for s in self.sets:
+        for i, s in enumerate(self.sets):
             with self.phase("evaluation of the base model"):
                 res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
-                            f"evaluating the base model on '{s.name}'")
+                            "evaluating the base model" + (f" on '{s.name}'" if i else ""))
             self.set_base[s.name] = res.metrics
-            self.out.print(f"before training, {summary_line(s.name, res.metrics)}")
+            self.out.print(f"before training ({res.scorer}, {len(s.rows.rows)} rows): {headline(res.metrics)}" if i == 0
+                           else f"before training, {summary_line(s.name, res.metrics)}")
             self._log_set(s.name, "before_training", res.metrics)
 
     def _log_set(self, name: str, phase: str, metrics: dict[str, Any]) -> None:
@@ -336,42 +331,37 @@ class TrainingRun:
                 self.out.print(note)
 
     def evaluate_after(self) -> None:
-        """Score the trained model; eval.json holds both numbers. Rank 0 alone (no collective is left)."""
+        """Score the trained model on every evaluation set. The first set's report is the run's eval.json; the
+        others go to eval/<name>/eval.json (one report shape). Rank 0 alone (no collective is left)."""
         recipe = self.recipe
-        if not (recipe.evaluation and self.main and self.eval_rows):
+        if not (recipe.evaluation and self.main and self.sets):
             return
         if self.sharded:
             self.out.print(f"evaluation skipped: the model is sharded across {self.world} processes "
                            f"({self.state.distributed_type}); evaluate the saved adapter with: finsft eval "
                            f"{shlex.quote(recipe.source)} --adapter {shlex.quote(str(self.dirs.final))}")
             return
-        rows = self.eval_rows
-        t0 = time.perf_counter()
-        with self.phase("evaluation of the trained model"):
-            result = score(self.trainer.model, self.formatter, rows.rows, self.eval_settings, self.out,
-                           "evaluating the trained model")
-        self.out.print(f"after training ({result.scorer}, {len(rows.rows)} rows): {headline(result.metrics)}")
-        self.report = EvalReport(
-            model=self.source.description, adapter=str(self.dirs.final), data=rows.description, rows=len(rows.rows),
-            rows_fingerprint=rows_fingerprint(rows.rows), settings=self.eval_settings, metrics=result.metrics,
-            base_metrics=self.base_metrics, seconds={"scoring": round(time.perf_counter() - t0, 2)})
-        write_report(self.dirs.work, self.report, result.predictions, f"{recipe.name}: after training")
-        self._log_set(rows.name, "after_training", result.metrics)
-        for s in self.sets:
+        for i, s in enumerate(self.sets):
             t0 = time.perf_counter()
             with self.phase("evaluation of the trained model"):
                 res = score(self.trainer.model, s.formatter, s.rows.rows, s.settings, self.out,
-                            f"evaluating the trained model on '{s.name}'")
+                            "evaluating the trained model" + (f" on '{s.name}'" if i else ""))
             base = self.set_base.get(s.name)
-            self.out.print(f"after training, {summary_line(s.name, res.metrics, base)}")
+            self.out.print(f"after training ({res.scorer}, {len(s.rows.rows)} rows): {headline(res.metrics)}" if i == 0
+                           else f"after training, {summary_line(s.name, res.metrics, base)}")
             report = EvalReport(
                 model=self.source.description, adapter=str(self.dirs.final), data=s.rows.description,
                 rows=len(s.rows.rows), rows_fingerprint=rows_fingerprint(s.rows.rows), settings=s.settings,
                 metrics=res.metrics, base_metrics=base, seconds={"scoring": round(time.perf_counter() - t0, 2)})
-            write_report(self.dirs.work / "eval" / s.name, report, res.predictions,
-                         f"{recipe.name}: '{s.name}' after training")
+            folder = self.dirs.work if i == 0 else self.dirs.work / "eval" / s.name
+            write_report(folder, report, res.predictions, f"{recipe.name}: '{s.name}' after training")
             self.set_reports[s.name] = report
             self._log_set(s.name, "after_training", res.metrics)
+
+    @property
+    def report(self) -> EvalReport | None:
+        """The run's eval.json: the first evaluation set's report."""
+        return self.set_reports.get(self.sets[0].name) if self.sets else None
 
     # ------------------------------------------------------------------------------------------------ finish
 
@@ -400,14 +390,7 @@ class TrainingRun:
                           {**self.result.metrics, "train_loss": manifest["train"]["train_loss"]},
                           self.report.metrics if self.report else None)
             write_json(work / "manifest.json", manifest)
-            report = self.report.as_dict() if self.report else None
-            for folder in (work, work / "merged"):  # a model card (README.md) in every output folder
-                if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
-                    try:
-                        write_model_card(folder, manifest, recipe.config, report)
-                    except (ValueError, KeyError, TypeError) as exc:  # a card must never cost the finished run
-                        self.out.print(f"[yellow]warning:[/] the model card {folder / 'README.md'} was not written: "
-                                       f"{exc}")
+            self.write_cards(manifest)
             publish(self.dirs)
         self.print_summary(manifest)
         if recipe.output["push_to_hub"]:
@@ -416,6 +399,17 @@ class TrainingRun:
             self.out.print(f"pushed {len(result.files)} files to {result.url} "
                            f"({'private' if result.private else 'public'} if new): {result.commit_url}")
         return self.dirs.final
+
+    def write_cards(self, manifest: dict[str, Any]) -> None:
+        """A model card (README.md) in every output folder: the adapter or model, and merged/."""
+        report = self.report.as_dict() if self.report else None
+        for folder in (self.dirs.work, self.dirs.work / "merged"):
+            if (folder / "adapter_config.json").is_file() or (folder / "config.json").is_file():
+                try:
+                    write_model_card(folder, manifest, self.recipe.config, report)
+                except (ValueError, KeyError, TypeError) as exc:  # a card must never cost the finished run
+                    self.out.print(f"[yellow]warning:[/] the model card {folder / 'README.md'} was not written: "
+                                   f"{exc}")
 
     def manifest(self) -> dict[str, Any]:
         import platform
@@ -456,10 +450,9 @@ class TrainingRun:
             ("train loss", f"{manifest['train']['train_loss']:.4f}"),
             ("tokens/s", f"{tps:,.0f}" if tps else "-"), ("wall time", f"{manifest['wall_seconds']:.0f} s"),
         ]
-        if self.base_metrics:
-            rows.append(("before", headline(self.base_metrics)))
-        if self.report:
-            rows.append(("after", headline(self.report.metrics)))
-        for name, report in self.set_reports.items():
-            rows.append((f"eval set '{name}'", headline(report.metrics)))
+        for i, (name, report) in enumerate(self.set_reports.items()):
+            label = "" if i == 0 else f" ('{name}')"
+            if report.base_metrics:
+                rows.append((f"before{label}", headline(report.base_metrics)))
+            rows.append((f"after{label}", headline(report.metrics)))
         self.out.print(summary_table("finsft: done", rows))
