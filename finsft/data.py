@@ -127,20 +127,29 @@ def load_table(path: str, split: str) -> tuple[Any, str]:
                 raise DataError(f"data file '{path}' is empty: it has no rows") from exc
             raise DataError(f"cannot read data file '{path}': {exc}") from exc
         return ds, digest
+    ds = load_hub_dataset(path, split, what=f"'{path}'", fix="set data.path to a local .jsonl/.csv/.parquet file")
+    return ds, str(getattr(ds, "_fingerprint", path))
+
+
+def load_hub_dataset(path: str, split: str, *, what: str, fix: str, name: str | None = None,
+                     data_dir: str | None = None, data_files: Any = None) -> Any:
+    """``datasets.load_dataset`` with errors for people: a missing split or configuration, or a dataset that is
+    neither cached nor reachable. ``what`` names the source in messages, ``fix`` says what else to do."""
+    import datasets
+
     try:
-        ds = datasets.load_dataset(path, split=split)
+        return datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=data_files, split=split)
     except ValueError as exc:
         if "split" in str(exc).lower():
-            raise DataError(f"hub dataset '{path}' has no split '{split}': {exc}") from exc
-        raise DataError(f"cannot load hub dataset '{path}': {exc}") from exc
+            raise DataError(f"dataset {what} has no split '{split}': {exc}") from exc
+        if "config" in str(exc).lower():
+            raise DataError(f"dataset {what}: {exc}. Set the source's 'name' to one of its configurations") from exc
+        raise DataError(f"cannot load dataset {what}: {exc}") from exc
     except Exception as exc:  # ConnectionError, DatasetNotFoundError, FileNotFoundError...
         raise DataError(
-            f"cannot load hub dataset '{path}' (split '{split}'): it is not in the local Hugging Face cache and the "
-            f"hub cannot be reached (HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE', 'unset')}), or it "
-            f"does not exist. Download it where the hub is reachable, or set data.path to a local "
-            f".jsonl/.csv/.parquet file. ({type(exc).__name__}: {exc})"
-        ) from exc
-    return ds, str(getattr(ds, "_fingerprint", path))
+            f"cannot load dataset {what} (split '{split}'): it is not in the local Hugging Face cache and the hub "
+            f"cannot be reached (HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE', 'unset')}), or it does "
+            f"not exist. Download it where the hub is reachable, or {fix}. ({type(exc).__name__}: {exc})") from exc
 
 
 def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], source: str) -> Any:

@@ -20,6 +20,7 @@ from finsft.data import (
     check_labels,
     column,
     finish_splits,
+    load_hub_dataset,
     load_table,
     to_template_rows,
 )
@@ -54,27 +55,14 @@ def _files_digest(files: Any) -> str | None:
 def load_source(source: Mapping[str, Any]) -> tuple[Any, str]:
     """One source as a ``datasets.Dataset`` and a fingerprint of its content: a local file through
     ``load_table``, anything else (hub ids, builders with data_files) through ``datasets.load_dataset``."""
-    import datasets
 
     path, split = source["path"], source.get("split", "train")
     name, data_dir, files = source.get("name"), source.get("data_dir"), source.get("data_files")
     if os.path.isabs(path) and os.path.isfile(path) and not (name or data_dir or files):
         return load_table(path, split)
     what = describe(source)
-    try:
-        ds = datasets.load_dataset(path, name=name, data_dir=data_dir, data_files=files, split=split)
-    except ValueError as exc:
-        if "split" in str(exc).lower():
-            raise DataError(f"dataset {what} has no split '{split}': {exc}") from exc
-        if "config" in str(exc).lower():
-            raise DataError(f"dataset {what}: {exc}. Set the source's 'name' to one of its configurations") from exc
-        raise DataError(f"cannot load dataset {what}: {exc}") from exc
-    except Exception as exc:  # ConnectionError, DatasetNotFoundError, FileNotFoundError...
-        raise DataError(
-            f"cannot load dataset {what}: it is not in the local Hugging Face cache and the hub cannot be reached "
-            f"(HF_DATASETS_OFFLINE={os.environ.get('HF_DATASETS_OFFLINE', 'unset')}), or it does not exist. "
-            f"Download it where the hub is reachable, or point the source at a local file. "
-            f"({type(exc).__name__}: {exc})") from exc
+    ds = load_hub_dataset(path, split, what=what, fix="point the source at a local file", name=name,
+                          data_dir=data_dir, data_files=files)
     digest = _files_digest(files) if files else None
     return ds, digest or str(getattr(ds, "_fingerprint", what))
 

@@ -165,6 +165,6 @@ def test_unreachable_hub_dataset_names_the_id_and_the_local_alternative(make_rec
     path = make_recipe(data={"path": "finsft-test/does-not-exist"})
     assert cli([str(path)]) == 1
     err = " ".join(capsys.readouterr().err.split())
-    assert "hub dataset 'finsft-test/does-not-exist'" in err
+    assert "cannot load dataset 'finsft-test/does-not-exist'" in err
     assert "data.path to a local .jsonl/.csv/.parquet file" in err
     assert not (tmp_path / "recipe-out").exists()
