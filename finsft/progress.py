@@ -99,6 +99,9 @@ class ProgressCallback(TrainerCallback):
             self.out.print(self._line(state))
         if "eval_loss" in logs:
             self.out.print(f"step {state.global_step}: eval_loss {logs['eval_loss']:.4f}")
+        if "eval_weighted_f1" in logs:
+            self.out.print(f"step {state.global_step}: task accuracy {logs['eval_accuracy']:.3f}, macro F1 "
+                           f"{logs['eval_macro_f1']:.3f}, weighted F1 {logs['eval_weighted_f1']:.3f}")
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
         self.end = time.perf_counter()  # the summary's tokens/s excludes saving and evaluation after training

@@ -269,7 +269,7 @@ RULES = {
         {"data": VALIDATION, "training": {"eval_steps": 4, "save_steps": 6, "load_best_model_at_end": True}},
         "$.training.save_steps", "save_steps (6) must be a multiple of eval_steps (4)"),
     "a metric finsft does not compute": (
-        {"data": VALIDATION, "training": {"eval_steps": 4, "metric_for_best_model": "accuracy"}},
+        {"data": VALIDATION, "training": {"eval_steps": 4, "metric_for_best_model": "bleu"}},
         "$.training.metric_for_best_model", "not computed"),
     "save best without evaluation": (
         {"training": {"save_strategy": "best"}}, "$.training.save_strategy", "does not evaluate"),
@@ -303,7 +303,7 @@ def test_finsfts_own_keys_bind_to_the_library_constructors() -> None:
 
     # finsft's own settings (compiled into several library arguments, or into callbacks)
     finsft_only = {"training": {"precision", "group_by_length", "gradient_checkpointing", "early_stopping_patience",
-                                "early_stopping_threshold"}}
+                                "early_stopping_threshold", "eval_task_samples"}}
     props = schema()["properties"]
     for section, cls in (("lora", LoraConfig), ("quantization", BitsAndBytesConfig), ("training", SFTConfig)):
         params = inspect.signature(cls).parameters

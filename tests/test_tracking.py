@@ -100,3 +100,32 @@ def test_run_folder_has_trainer_state_and_results_at_the_top(make_recipe: Any) -
     assert all_results["eval_loss"] == eval_results["eval_loss"]
     task = json.loads((out / "eval.json").read_text())["metrics"]
     assert all_results["task_accuracy"] == task["accuracy"] and "task_weighted_f1" in all_results
+
+
+@pytest.mark.slow
+def test_task_metric_at_each_evaluation_chooses_the_best_checkpoint(make_recipe: Any) -> None:
+    """Classification: each evaluation during training also scores the task on a seeded validation sample;
+    eval_weighted_f1 is in metrics.jsonl and trainer_state.json, and metric_for_best_model can use it."""
+    out = run(make_recipe, data=VALIDATION, training={
+        "max_steps": 4, "eval_steps": 2, "eval_task_samples": 6, "metric_for_best_model": "weighted_f1",
+        "load_best_model_at_end": True})
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    task = [r for r in records if "eval_weighted_f1" in r]
+    assert [r["step"] for r in task] == [2, 4]
+    assert all(0 <= r[k] <= 1 for r in task for k in ("eval_accuracy", "eval_macro_f1", "eval_weighted_f1"))
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["best_metric"] == pytest.approx(max(r["eval_weighted_f1"] for r in task))
+    best_step = max(task, key=lambda r: r["eval_weighted_f1"])["step"]  # first of equals: the Trainer keeps it
+    assert Path(state["best_model_checkpoint"]).name == f"checkpoint-{best_step}"
+
+
+def test_task_metrics_need_a_classification_template_and_samples(make_recipe: Any) -> None:
+    from finsft.recipe import check_recipe
+
+    ok = make_recipe("ok", data=VALIDATION, training={"eval_steps": 2, "metric_for_best_model": "eval_weighted_f1"})
+    assert check_recipe(str(ok))[1] == []
+    off = make_recipe("off", data=VALIDATION, training={"eval_steps": 2, "metric_for_best_model": "weighted_f1",
+                                                         "eval_task_samples": 0})
+    problems = check_recipe(str(off))[1]
+    assert [p.path for p in problems] == ["$.training.metric_for_best_model"]
+    assert "eval_task_samples > 0" in problems[0].message

@@ -105,6 +105,7 @@ class TrainingSection(TypedDict):
     save_strategy: str
     early_stopping_patience: int | None
     early_stopping_threshold: float
+    eval_task_samples: int
     seed: int
     dataloader_num_workers: int
     report_to: str | list[str]

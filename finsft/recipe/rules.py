@@ -53,7 +53,8 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sectio
     if ok("training", "data"):
         out += eval_steps_rules(cfg.get("training"), has_validation)
         if isinstance(cfg.get("training"), dict):
-            out += training_rules_for_evaluation(cfg["training"], has_validation)
+            out += training_rules_for_evaluation(cfg["training"], has_validation,
+                                                 classification=template is not None and template.is_classification)
     out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data"))
     out += model_rules(section("model"))
     return out

@@ -8,8 +8,10 @@ from typing import Any
 
 Found = list[tuple[list[str | int], str]]
 
-# finsft evaluates during training with the validation loss only (no compute_metrics).
+# finsft evaluates during training with the validation loss, and for classification templates the task metrics of
+# training.eval_task_samples validation rows (finsft.training.task_metric).
 LOSS_METRICS = ("loss", "eval_loss")
+TASK_METRICS = ("accuracy", "macro_f1", "weighted_f1")
 
 
 def eval_strategy(train: Mapping[str, Any]) -> str:
@@ -46,7 +48,7 @@ def strategies(train: Mapping[str, Any], has_eval: bool = True) -> dict[str, Any
     return {"eval_strategy": evaluate, "save_strategy": save, "save_steps": save_steps}
 
 
-def training_rules(train: Mapping[str, Any], has_validation: bool) -> Found:
+def training_rules(train: Mapping[str, Any], has_validation: bool, classification: bool = False) -> Found:
     """Problems of the evaluation/checkpoint/early-stopping keys of a training section with defaults applied."""
     out: Found = []
     resolved = strategies(train)
@@ -80,7 +82,10 @@ def training_rules(train: Mapping[str, Any], has_validation: bool) -> Found:
                                                     f"save_steps ({every_save}) must be a multiple of eval_steps "
                                                     f"({every_eval})"))
     metric = train.get("metric_for_best_model")
-    if isinstance(metric, str) and metric not in LOSS_METRICS:
-        out.append((["training", "metric_for_best_model"], f"'{metric}' is not computed: finsft's evaluation during "
-                                                           "training reports the validation loss (\"eval_loss\")"))
+    task = classification and bool(train.get("eval_task_samples", 200))
+    allowed = [*LOSS_METRICS, *((m for t in TASK_METRICS for m in (t, f"eval_{t}")) if task else ())]
+    if isinstance(metric, str) and metric not in allowed:
+        why = ("" if task else " (task metrics need a classification template and training.eval_task_samples > 0)")
+        out.append((["training", "metric_for_best_model"], f"'{metric}' is not computed by finsft's evaluation during "
+                                                           f"training{why}; allowed: {', '.join(allowed)}"))
     return out

@@ -76,6 +76,7 @@ from finsft.training.output import (
 )
 from finsft.training.report import library_versions, plot_losses, print_plan
 from finsft.training.signals import RunInterrupted, graceful_signals, stop_callback
+from finsft.training.task_metric import task_metric_callback, task_rows
 from finsft.training.tracking import check_trackers, write_results
 from finsft.training.trainer import build_trainer, model_is_sharded
 
@@ -283,8 +284,13 @@ class TrainingRun:
         self.progress.history.extend(self.previous)
         args = get_sft_config(self.recipe, self.plan, str(self.dirs.work / CHECKPOINTS),
                               has_eval=self.val_ds is not None)
+        callbacks = []
+        rows = task_rows(self.recipe, self.formatter, self.splits.validation) if args.eval_strategy != "no" else []
+        if rows:
+            callbacks.append(task_metric_callback(self.formatter, rows, args.per_device_eval_batch_size, self.progress))
         set_seed(self.recipe.training["seed"])
-        self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds)
+        self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
+                                     callbacks)
         self.trainer.add_callback(self.progress)
         return self.trainer
 
