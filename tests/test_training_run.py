@@ -28,3 +28,16 @@ def test_the_training_seed_governs_lora_initialisation(make_recipe: Any) -> None
     assert a and a.keys() == b.keys() == c.keys()
     assert all((a[k] == b[k]).all() for k in a), "the same seed must build the same LoRA layers"
     assert any((a[k] != c[k]).any() for k in a), "another seed must build other LoRA layers"
+
+
+def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_process_waits(make_recipe: Any,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """accelerate's FSDP plugin has no CPU device (it raises "There are currently no available devices found" in
+    every rank): finsft says so first, with the DDP launch line that works on CPU."""
+    from finsft.errors import FinsftError
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "1")
+    with TrainingRun(load_recipe(str(make_recipe()))) as run, pytest.raises(FinsftError, match="DDP: accelerate launch"):
+        run.setup()
+    assert not run.dirs.work.exists()

@@ -48,7 +48,7 @@ from finsft.models import (
     portable_adapter,
     resolve_model,
 )
-from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run
+from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
 from finsft.publish import check_can_push, default_repo_id, push_run, write_model_card
 from finsft.quiet import quiet_libraries
@@ -56,6 +56,7 @@ from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
 from finsft.training.advice import oom_message
 from finsft.training.launch import (
+    WORKING_CPU_LAUNCH,
     broadcast,
     check_world_size,
     launcher_warning,
@@ -169,6 +170,12 @@ class TrainingRun:
         if recipe.output["push_to_hub"] and self.main:
             check_can_push(self.repo_id, "output.hub_model_id")  # a missing token fails now, not after training
         self.hardware = detect_hardware()
+        engine = sharding_engine()
+        if engine and not self.hardware.is_gpu:
+            # accelerate's FSDP plugin refuses CPU-only machines ("There are currently no available devices
+            # found"), and DeepSpeed needs GPUs: say so before any process waits for another.
+            raise FinsftError(f"{engine} shards the model across GPUs and this machine has none; on CPU, train "
+                              f"with several processes through DDP: {WORKING_CPU_LAUNCH}")
         warning = launcher_warning()
         if warning:
             out.print(f"[yellow]warning:[/] {warning}")
