@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import Problem, RecipeError
+from finsft.files import NotASmallFile, read_small_text
 from finsft.recipe.model import Recipe
 from finsft.recipe.paths import (
     PATH_FIELDS,
@@ -90,9 +91,12 @@ def loads(text: str, duplicates: list[str] | None = None) -> Any:
 
 def _read_json(path: str, problems: list[Problem]) -> tuple[dict[str, Any] | None, str]:
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")  # tolerate the byte-order mark some editors write
+        text = read_small_text(path)  # a regular file below MAX_RECIPE_BYTES; tolerates a byte-order mark
     except FileNotFoundError:
         problems.append(Problem(path, "$", "file not found"))
+        return None, ""
+    except NotASmallFile as exc:
+        problems.append(Problem(path, "$", f"cannot read file as a recipe: it is {exc}"))
         return None, ""
     except (OSError, UnicodeDecodeError) as exc:
         problems.append(Problem(path, "$", f"cannot read file: {exc}"))

@@ -139,6 +139,13 @@ def schema_problems(recipe: dict[str, Any]) -> list[tuple[list[str | int], str]]
         elif kind == "minLength" and isinstance(err.instance, str) and not err.instance:
             what = _subschema(path).get("description", "")
             out.append((path, "must be a non-empty string" + (f": {what[0].lower()}{what[1:]}" if what else "")))
+        elif kind == "maxLength" and isinstance(err.instance, str):
+            name = err.instance if len(err.instance) <= 40 else err.instance[:37] + "..."
+            out.append((path, f"'{name}' is {len(err.instance)} characters long; at most {err.validator_value} are "
+                              "allowed (it becomes a file or folder name): choose a shorter one"))
+        elif kind == "pattern" and isinstance(err.instance, str) and "^[^/" in str(err.validator_value):
+            out.append((path, f"{_short(err.instance)} holds a slash, backslash or control character; it becomes a "
+                              "file or folder name: use letters, digits, spaces, _ . or -"))
         elif kind == "not":
             out.append((path, f"{_short(err.instance)} is not allowed here (see `finsft schema`: "
                               f"{_subschema(path).get('description', '')})"))
