@@ -117,8 +117,17 @@ def _max_diff(a: list[Any], b: list[Any]) -> float:
 
 
 def check_out(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FinsftError(f"output folder {out} exists and is not empty: choose a new folder for the merged model")
+    """The merged model goes into a new or empty folder only: merge never replaces a file, a folder with anything
+    in it (an earlier merge included: it may be in use) or a symbolic link."""
+    if out.is_symlink():
+        raise FinsftError(f"--out {out} is a symbolic link (to {os.path.realpath(out)}); finsft does not write "
+                          "through links: name a new folder for the merged model")
+    if out.exists() and not out.is_dir():
+        raise FinsftError(f"--out {out} is a file; finsft does not replace it: name a new folder for the merged "
+                          "model, e.g. --out runs/NAME-merged")
+    if out.exists() and any(out.iterdir()):
+        raise FinsftError(f"output folder {out} exists and is not empty; finsft never replaces a folder: choose a "
+                          "new folder for the merged model")
 
 
 def merge_and_save(peft_model: Any, tokenizer: Any, out: str | Path, *, dtype: Any = None,

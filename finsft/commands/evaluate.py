@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from pathlib import Path
@@ -21,10 +22,12 @@ from finsft.evaluation import (
     score,
     write_report,
 )
+from finsft.evaluation.report import is_results_folder
 from finsft.models import check_adapter, load_for_inference
 from finsft.progress import console
 from finsft.recipe import Recipe
 from finsft.templates import template_from_recipe
+from finsft.training.output import made_by_finsft
 
 
 def local_or_hub(ref: str | None) -> str | None:
@@ -34,18 +37,50 @@ def local_or_hub(ref: str | None) -> str | None:
     return ref
 
 
+def _training_sets(run: Path) -> set[str]:
+    """The evaluation.sets a training run scored itself (its eval/<name>/ folders are part of the run)."""
+    try:
+        config = json.loads((run / "recipe.json").read_text(encoding="utf-8"))
+        return set((config.get("evaluation") or {}).get("sets") or {})
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
 def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> Path:
-    """Where eval.json goes: ``--out``, else ``RUN/eval/<data name>/`` under the evaluated run (never over the
-    training run's own eval.json)."""
+    """Where eval.json goes, checked before anything heavy is loaded. ``--out`` names a new or empty folder, a
+    folder of earlier finsft results (written again), or a finsft training run (then, as with ``--adapter``, the
+    results go to ``RUN/eval/<data name>/``). Nothing else is replaced: not a file, not a folder finsft did not
+    write, not the training run's own eval.json or the eval/<set>/ of its evaluation.sets."""
     if out:
         folder = Path(out).expanduser().absolute()
+        if folder.is_symlink():
+            raise FinsftError(f"--out '{out}' is a symbolic link (to {os.path.realpath(folder)}); finsft does not "
+                              "write through links: name the folder itself, or a new one")
         if folder.exists() and not folder.is_dir():
-            raise FinsftError(f"--out '{out}' is a file, not a folder")
-        return folder
-    if adapter_dir is None:
+            raise FinsftError(f"--out '{out}' is a file, not a folder; finsft does not replace it: name a new "
+                              "folder, e.g. --out results/NAME")
+        if folder.is_dir() and made_by_finsft(folder):
+            run = folder  # a training run: its own eval.json, predictions and card stay as training wrote them
+        elif folder.is_dir() and any(folder.iterdir()) and not is_results_folder(folder):
+            raise FinsftError(f"--out '{out}' is a folder that holds files finsft did not write; finsft never "
+                              "replaces them: name a new or empty folder, e.g. --out results/NAME")
+        else:
+            return folder
+    elif adapter_dir is None:
         raise FinsftError("where should the results go? Pass --out DIR (without --adapter there is no run folder "
                           "to write eval.json into)")
-    return adapter_dir / "eval" / set_name
+    else:
+        run = adapter_dir
+    target = run / "eval" / set_name
+    if set_name in _training_sets(run) and target.exists():
+        raise FinsftError(f"{target} holds the training run's own evaluation of its set '{set_name}' (its model "
+                          "card reports it); finsft does not replace it: pass --out DIR to write this evaluation "
+                          "to a new folder")
+    if target.is_symlink() or (target.exists() and not (target.is_dir() and (not any(target.iterdir())
+                                                                               or is_results_folder(target)))):
+        raise FinsftError(f"{target} holds files finsft did not write; finsft never replaces them: pass --out DIR "
+                          "to write the results to a new folder")
+    return target
 
 
 def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | None = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,6 @@ from finsft.commands.evaluate import local_or_hub
 from finsft.data import load_table, make_formatter, to_template_rows
 from finsft.errors import FinsftError
 from finsft.evaluation import ScoringProgress, default_max_new_tokens, generate, map_answer, prompt_template
-from finsft.files import write_jsonl
 from finsft.models import check_adapter, load_for_inference
 from finsft.progress import console
 from finsft.recipe import Recipe
@@ -27,6 +27,11 @@ def output_file(out: str) -> Path:
     path = Path(out).expanduser().absolute()
     if path.is_dir():
         raise FinsftError(f"--out '{out}' is a folder; name a file, e.g. {Path(out) / 'predictions.jsonl'}")
+    if path.exists() or path.is_symlink():
+        # A JSONL file of predictions looks like the data it was made from (a QA file has "answer" too), so no
+        # shape tells finsft's file from the user's: predict writes new files only.
+        raise FinsftError(f"--out '{out}' already exists; finsft predict writes only a new file and never replaces "
+                          "one (it could be your data): name a new file, or delete the old predictions first")
     if path.parent.exists() and not path.parent.is_dir():
         raise FinsftError(f"--out '{out}': '{path.parent}' is a file, not a folder")
     return path
@@ -85,7 +90,9 @@ def predict_command(recipe: Recipe, *, adapter: str | None = None, inputs: Seque
     if target is not None:
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            write_jsonl(target, records)
+            with open(target, "x", encoding="utf-8") as f:  # "x": a file made meanwhile is not replaced either
+                for r in records:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
         except OSError as exc:
             raise FinsftError(f"cannot write the predictions to {target}: {exc.strerror or exc}") from exc
         con.print(f"wrote {len(records)} predictions to {target}")

@@ -218,3 +218,32 @@ def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[st
         plot_confusion(report.metrics, folder / "confusion.png", title)
         written.append("confusion.png")
     return written
+
+
+RESULT_FILES = frozenset({"eval.json", "predictions.jsonl", "confusion.png", "suite.json"})
+_REPORT_KEYS = frozenset({"model", "data", "rows", "rows_fingerprint", "settings", "metrics"})
+
+
+def is_results_folder(folder: Path) -> bool:
+    """A folder of evaluation results finsft wrote (``finsft eval`` or ``--suite``): nothing but eval.json (in the
+    EvalReport shape), predictions.jsonl, confusion.png, suite.json and folders of the same kind, no symbolic link.
+    Such a folder may be written again; any other non-empty folder is the user's."""
+    found = False
+    for p in folder.iterdir():
+        if p.is_symlink():
+            return False
+        if p.is_dir():
+            if not is_results_folder(p):
+                return False
+            found = True
+        elif p.name not in RESULT_FILES or not p.is_file():
+            return False
+        elif p.name == "eval.json":
+            try:
+                report = json.loads(p.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return False
+            if not (isinstance(report, dict) and report.keys() >= _REPORT_KEYS):
+                return False
+            found = True
+    return found

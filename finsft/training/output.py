@@ -112,6 +112,10 @@ def check_target(dirs: RunDirs, recipe: Recipe) -> None:
                                      "a run reads: choose a new folder, e.g. output.dir=runs/NAME")
             if path.is_dir() and (_inside(candidate, path) or _inside(candidate, real)):
                 raise OutputDirError(f"output.dir {final} lies inside {what} ({path}): choose a folder outside it")
+    if final.is_symlink():
+        raise OutputDirError(f"output.dir {final} is a symbolic link (to {os.path.realpath(final)}); a run replaces "
+                             "its output folder as a whole and does not follow links: set output.dir to the folder "
+                             "itself, or choose a new one")
     for path in (final, dirs.work):
         if path.exists() and not path.is_dir():
             raise OutputDirError(f"output.dir: {path} is a file, not a folder; finsft does not replace it: choose "
@@ -265,9 +269,72 @@ def recipe_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 
 def _failed_start(work: Path) -> bool:
-    """A work folder with nothing but finsft's start files: an earlier run failed before its first training step
-    (a model or data error), so there is nothing to resume or keep."""
-    return {p.name for p in work.iterdir()} <= {"recipe.json", MARKER}
+    """A work folder with nothing but finsft's start files (its marker among them): an earlier run failed before
+    its first training step (a model or data error), so there is nothing to resume or keep."""
+    return (work / MARKER).is_file() and {p.name for p in work.iterdir()} <= {"recipe.json", MARKER}
+
+
+def check_work_folder(work: Path) -> None:
+    """An existing ``<dir>.partial`` is finsft's own only when it carries the marker (finsft writes it first into
+    every work folder it makes) and holds no symbolic link: the Trainer writes checkpoints into it and deletes old
+    ones (``save_total_limit``), and a checkpoints/ that is a link would point that deleting at the user's
+    folders. Anything else is the user's: refused, never resumed into, replaced or deleted."""
+    if work.is_symlink():
+        raise OutputDirError(f"{work} is a symbolic link (to {os.path.realpath(work)}); finsft works only in a "
+                             "folder it made and does not follow links out of it: move the link away or choose "
+                             "another output.dir")
+    if not work.is_dir():
+        return
+    if not (work / MARKER).is_file():
+        raise OutputDirError(f"{work} exists but has no {MARKER} marker (finsft writes one into every work folder "
+                             "it makes), so it is not a finsft run, even if it holds a recipe.json: finsft neither "
+                             "resumes into, replaces (--overwrite) nor deletes it. Move it away or choose another "
+                             "output.dir")
+    for root, dirs, files in os.walk(work):
+        for name in dirs + files:
+            path = Path(root) / name
+            if path.is_symlink():
+                raise OutputDirError(f"{path} is a symbolic link (to {os.path.realpath(path)}); the run writes, "
+                                     "rotates (save_total_limit) and deletes checkpoints inside its folder and "
+                                     "never follows a link out of it: remove the link (the folder it points to is "
+                                     "not touched), or choose another output.dir")
+
+
+def _checkpoint_state(ckpt: Path) -> dict[str, Any]:
+    try:
+        state = json.loads((ckpt / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+def check_checkpoint(ckpt: str | Path, max_steps: int) -> None:
+    """The checkpoint a run resumes from is what its name says: trainer_state.json's global_step equals the step
+    in the folder name and does not exceed the recipe's training.max_steps (when set). A checkpoint copied from
+    another run, or edited, would otherwise be published as this run's finished training."""
+    ckpt = Path(ckpt)
+    state = _checkpoint_state(ckpt)
+    step = state.get("global_step")
+    named = checkpoint_step(ckpt)
+    problem = None
+    if not isinstance(step, int) or isinstance(step, bool):
+        problem = f"its trainer_state.json has no global_step (found {step!r})"
+    elif step != named:
+        problem = f"its trainer_state.json says global_step {step}, but the folder is named for step {named}"
+    elif max_steps > 0 and step > max_steps:
+        problem = f"it is at step {step}, beyond the recipe's training.max_steps={max_steps}"
+    if problem:
+        raise OutputDirError(f"cannot resume from {ckpt}: {problem}, so it did not come from this run. Delete that "
+                             "checkpoint folder to resume from the one before it, or start over with --overwrite")
+
+
+def training_finished(ckpt: str | Path | None) -> bool:
+    """The checkpoint is the one the Trainer saves at the end of training (global_step reached its max_steps)."""
+    if ckpt is None:
+        return False
+    state = _checkpoint_state(Path(ckpt))
+    step, total = state.get("global_step"), state.get("max_steps")
+    return isinstance(step, int) and isinstance(total, int) and total > 0 and step >= total
 
 
 def _start_work(dirs: RunDirs, recipe: Recipe) -> None:
@@ -281,7 +348,7 @@ def _start_work(dirs: RunDirs, recipe: Recipe) -> None:
 
 
 def _remove_finsft_folder(path: Path) -> None:
-    if not made_by_finsft(path) and not (path / "recipe.json").is_file():
+    if path.is_symlink() or not (path / MARKER).is_file():
         raise OutputDirError(f"{path} was not made by finsft (no {MARKER} marker); finsft does not delete it: "
                              "move it away or choose another output.dir")
     shutil.rmtree(path)
@@ -291,6 +358,7 @@ def prepare(recipe: Recipe, dirs: RunDirs, *, overwrite: bool, resume: bool, for
     """Check the output folder's state and create the work folder; returns the checkpoint to resume from. Main
     process only, with the run's lock held."""
     check_target(dirs, recipe)
+    check_work_folder(dirs.work)
     if resume:
         if not dirs.work.exists():
             hint = " (that run finished)" if _nonempty(dirs.final) else ""
@@ -309,7 +377,10 @@ def prepare(recipe: Recipe, dirs: RunDirs, *, overwrite: bool, resume: bool, for
                                      + recipe_diff(old, recipe.config))
         if force or not saved.exists():
             write_json(saved, recipe.config)
-        return latest_checkpoint(dirs.work)
+        ckpt = latest_checkpoint(dirs.work)
+        if ckpt is not None:
+            check_checkpoint(ckpt, recipe.training["max_steps"])
+        return ckpt
     if _nonempty(dirs.final):
         if not made_by_finsft(dirs.final):
             raise OutputDirError(f"output folder {dirs.final} exists and was not made by finsft; finsft never "
