@@ -21,7 +21,7 @@ import shlex
 import signal
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -73,10 +73,20 @@ from finsft.training.output import (
     mean_train_loss,
     prepare,
     publish,
+    training_finished,
     trim_metrics,
 )
 from finsft.training.report import library_versions, plot_losses, print_plan
-from finsft.training.signals import RunInterrupted, graceful_signals, stop_callback
+from finsft.training.signals import (
+    PHASES,
+    PhaseInterrupted,
+    RunInterrupted,
+    check_deferred,
+    enter_phase,
+    graceful_signals,
+    phase_key,
+    stop_callback,
+)
 from finsft.training.task_metric import task_metric_callback, task_rows
 from finsft.training.tracking import check_trackers, write_results
 from finsft.training.trainer import build_trainer, model_is_sharded
@@ -87,13 +97,7 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
     """Run the recipe; returns the output folder. ``command``: the finsft command line that runs it (named in
     the resume hint of an interrupted run)."""
     with TrainingRun(recipe, overwrite=overwrite, resume=resume, force=force, command=command) as run:
-        run.setup()
-        run.load_model()
-        run.evaluate_before()
-        run.train()
-        run.save()
-        run.evaluate_after()
-        return run.finish()
+        return run.run()
 
 
 def io_problem(exc: BaseException) -> str | None:
@@ -131,12 +135,61 @@ class TrainingRun:
         self.model: Any = None
         self.trainer: Any = None
         self.result: Any = None
+        self.signals: dict[str, int] | None = None  # while run() runs: the signal state shared by the phases
+        self.prepared = False  # the output folder was checked and the work folder made (or resumed)
 
     def __enter__(self) -> TrainingRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.lock.release()
+
+    @property
+    def resume_cmd(self) -> str:
+        return resume_command(self.recipe, self.command)
+
+    def run(self) -> Path:
+        """Every phase in order, each answering SIGINT/SIGTERM with what was kept and the command that continues:
+        setup, model loading and the evaluations stop at once; training checkpoints first; saving and finishing
+        complete what they write, then stop before the run is published."""
+        steps = (("setup", self.setup, True), ("model", self.load_model, True),
+                 ("before", self.evaluate_before, True), ("training", self.train, False),
+                 ("saving", self.save, False), ("after", self.evaluate_after, True), ("finish", self.finish, False))
+        with graceful_signals() as sig:
+            self.signals = sig
+            try:
+                for key, step, immediate in steps:
+                    enter_phase(sig, key, immediate=immediate)
+                    step()
+                    if key != "finish":  # finish checks before it publishes; after that the run is done
+                        check_deferred(sig)
+            except PhaseInterrupted as exc:
+                raise RunInterrupted(self.interrupted(phase_key(sig), exc.signum), exc.signum) from None
+            finally:
+                self.signals = None
+        return self.dirs.final
+
+    def interrupted(self, key: str, signum: int) -> str:
+        """What a signal during the phase ``key`` kept, and the exact command that continues."""
+        name, what = signal.Signals(signum).name, PHASES[key]
+        final, work = self.dirs.final, self.dirs.work
+        if key == "push":
+            return (f"{name} during {what}: the finished run is in {final}; nothing was lost. Upload it with:\n  "
+                    f"finsft push {shlex.quote(str(final))}")
+        if not self.prepared and not self.resume:
+            again = shlex.join(self.command or ["finsft", "train", self.recipe.source])
+            return (f"{name} during {what}: stopped before the output folder was prepared; nothing was written and "
+                    f"{final} is unchanged. Start again with:\n  {again}")
+        ckpt = latest_checkpoint(work) if self.main else None
+        if self.result is not None or training_finished(ckpt):
+            step = self.trainer.state.global_step if self.trainer is not None else None
+            done = f" at step {step}" if step is not None else ""
+            return (f"{name} during {what}: training had finished{done} (checkpoint {ckpt}); the run is kept in "
+                    f"{work} and {final} was not written. Resume with:\n  {self.resume_cmd}\n(it does not train "
+                    "again: it saves, evaluates and publishes the run)")
+        return (f"{name} during {what}: the run is kept in {work} (newest checkpoint: "
+                f"{ckpt or 'none, no training step was saved'}); {final} was not written. Resume with:\n  "
+                f"{self.resume_cmd}")
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -196,7 +249,6 @@ class TrainingRun:
         self.source: ModelSource = source or resolve_model(recipe, log=lambda *_: None)
         self.plan: Plan = plan_run(recipe, self.hardware, model_shape(self.source,
                                                                       recipe.model["trust_remote_code"]))
-        self.resume_cmd = resume_command(recipe, self.command)
         check_fits(self.plan)  # before any weight is loaded: the overrides that would fit, if it does not
         self._prepare_output()
         self.tokenizer = load_tokenizer(self.source, recipe)
@@ -216,6 +268,7 @@ class TrainingRun:
         self.checkpoint, problem = broadcast((self.checkpoint, problem), self.world)
         if problem is not None:
             raise OutputDirError(problem)
+        self.prepared = True
         if self.resume and self.main:
             step = checkpoint_step(self.checkpoint) if self.checkpoint else 0
             self.previous = trim_metrics(self.dirs.work / "metrics.jsonl", step)
@@ -304,7 +357,10 @@ class TrainingRun:
     def train(self) -> None:
         with self.phase("training"):
             trainer = self.trainer or self.build_trainer()
-            with graceful_signals() as sig:
+            if self.checkpoint and training_finished(self.checkpoint):
+                self._restore_finished(trainer)
+                return
+            with nullcontext(self.signals) if self.signals is not None else graceful_signals() as sig:
                 trainer.add_callback(stop_callback(sig, self.world))
                 try:
                     self.result = trainer.train(resume_from_checkpoint=self.checkpoint)
@@ -326,6 +382,24 @@ class TrainingRun:
                 f"{name}: stopped at step {trainer.state.global_step}/{trainer.state.max_steps} and saved "
                 f"{latest_checkpoint(self.dirs.work)}; {self.dirs.final} was not written. Resume with:\n  "
                 f"{self.resume_cmd}", sig["signal"])
+
+    def _restore_finished(self, trainer: Any) -> None:
+        """Resuming a run whose training had finished (a signal came while it saved, evaluated or finished): the
+        weights and trainer state of its last checkpoint, without a training step (the Trainer would take one more
+        step past max_steps)."""
+        from transformers import TrainerState
+        from transformers.trainer_utils import TrainOutput
+
+        assert self.checkpoint is not None
+        trainer._load_from_checkpoint(self.checkpoint)  # the Trainer's own loader: adapters and full models
+        trainer.state = TrainerState.load_from_json(str(Path(self.checkpoint) / "trainer_state.json"))
+        now = time.perf_counter()
+        self.progress.start = self.progress.end = now  # no tokens/s for a run that did not train now
+        self.progress.start_tokens = int(trainer.state.num_input_tokens_seen or 0)
+        loss = mean_train_loss(self.progress.history) or 0.0
+        self.result = TrainOutput(trainer.state.global_step, loss, {"train_loss": loss})
+        self.out.print(f"training had finished (step {trainer.state.global_step}/{trainer.state.max_steps}, "
+                       f"{Path(self.checkpoint).name}): not training again; saving, evaluating and publishing")
 
     def save(self) -> None:
         """The adapter (or full model) and tokenizer into the work folder. Every rank takes part: gathering
@@ -404,9 +478,13 @@ class TrainingRun:
                           self.report.metrics if self.report else None)
             write_json(work / "manifest.json", manifest)
             self.write_cards(manifest)
+            if self.signals is not None:
+                check_deferred(self.signals)  # a signal while finishing: stop before publishing
             publish(self.dirs)
         self.print_summary(manifest)
         if recipe.output["push_to_hub"]:
+            if self.signals is not None:
+                enter_phase(self.signals, "push", immediate=True)
             result = push_run(self.dirs.final, self.repo_id, private=recipe.output["hub_private_repo"],
                               log=self.out.print)
             self.out.print(f"pushed {len(result.files)} files to {result.url} "

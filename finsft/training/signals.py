@@ -1,8 +1,19 @@
-"""Signals: the first Ctrl-C or SIGTERM checkpoints and stops the run at the end of the current step (on every
-rank at the same step); the run then exits with 128 + the signal number and the command that resumes it."""
+"""Signals: every phase of a run answers the first Ctrl-C or SIGTERM with what was kept and the command that
+continues (the run exits with 128 + the signal number).
+
+- Training checkpoints and stops at the end of the current step (on every rank at the same step).
+- Saving and finishing (short, and writing files) complete what they are writing, then stop before publishing.
+- Setup, model loading and the evaluations stop at once: the handler raises :class:`PhaseInterrupted` (a
+  BaseException, so that no library's ``except Exception`` turns it into another error).
+
+For tests only: with ``FINSFT_TEST_SIGNAL_AT_PHASE=PHASE`` (or ``PHASE:SIGINT``; PHASE one of :data:`PHASES`'
+keys) the run sends itself SIGTERM (or SIGINT) as that phase begins, through the operating system and the real
+handler, so that a test can interrupt a phase that lasts a fraction of a second on a tiny model.
+"""
 
 from __future__ import annotations
 
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -10,6 +21,40 @@ from contextlib import contextmanager, suppress
 from typing import Any
 
 from finsft.errors import FinsftError
+
+# The phases of a run, in order: the key (used by FINSFT_TEST_SIGNAL_AT_PHASE) and the words in messages.
+PHASES = {"setup": "setup", "model": "model loading", "before": "the evaluation of the base model",
+          "training": "training", "saving": "saving", "after": "the evaluation of the trained model",
+          "finish": "finishing", "push": "the upload to the hub"}
+TEST_SIGNAL_ENV = "FINSFT_TEST_SIGNAL_AT_PHASE"
+
+
+class PhaseInterrupted(BaseException):
+    """A signal stopped a phase; the run turns it into :class:`RunInterrupted` with its message."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def enter_phase(state: dict[str, int], key: str, *, immediate: bool) -> None:
+    """Mark the phase ``key`` as running: a signal during an ``immediate`` phase raises PhaseInterrupted at once,
+    during another one it is only recorded (see :func:`check_deferred`)."""
+    state["phase"] = list(PHASES).index(key)
+    state["immediate"] = int(immediate)
+    spec = os.environ.get(TEST_SIGNAL_ENV, "")
+    if spec and spec.split(":")[0] == key:
+        os.kill(os.getpid(), getattr(signal, spec.split(":")[1]) if ":" in spec else signal.SIGTERM)
+
+
+def check_deferred(state: dict[str, int]) -> None:
+    """Raise PhaseInterrupted when a signal came during a phase that finished what it was writing first."""
+    if state.get("signal"):
+        raise PhaseInterrupted(state["signal"])
+
+
+def phase_key(state: dict[str, int]) -> str:
+    return list(PHASES)[state.get("phase", 0)]
 
 
 class RunInterrupted(FinsftError):
@@ -22,8 +67,9 @@ class RunInterrupted(FinsftError):
 
 @contextmanager
 def graceful_signals() -> Iterator[dict[str, int]]:
-    """Turn the first SIGINT/SIGTERM into a request to checkpoint and stop. A second Ctrl-C aborts at once, unless
-    it comes within a second of the first (a launcher forwarding the same Ctrl-C)."""
+    """Turn the first SIGINT/SIGTERM into a request to stop: recorded (training checkpoints and stops at the end
+    of the step), or raised as PhaseInterrupted while the state says the phase is ``immediate``. A second Ctrl-C
+    aborts at once, unless it comes within a second of the first (a launcher forwarding the same Ctrl-C)."""
     state: dict[str, int] = {}
     first = [0.0]
     previous = {}
@@ -35,6 +81,8 @@ def graceful_signals() -> Iterator[dict[str, int]]:
             return
         first[0] = time.monotonic()
         state["signal"] = signum
+        if state.get("immediate"):
+            raise PhaseInterrupted(signum)
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         with suppress(ValueError):  # not the main thread
