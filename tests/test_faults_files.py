@@ -131,7 +131,8 @@ CASES = [
 
 # Cases that load the heavy libraries before they refuse run in-process (cli.main, the same entry point without
 # the interpreter start-up, ~25 s each on a loaded 2-core machine); one case of each kind runs as a subprocess.
-IN_PROCESS = {"eval-out-is-a-file", "eval-out-is-a-user-folder", "merge-out-is-a-file", "user-partial---overwrite", "user-partial---resume"}
+IN_PROCESS = {"eval-out-is-a-file", "eval-out-is-a-user-folder", "merge-out-is-a-file", "user-partial---overwrite",
+              "user-partial---resume"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(c, id=c.id, marks=list(c.marks)) for c in CASES])
