@@ -91,7 +91,7 @@ def test_resume_refuses_a_changed_recipe_with_a_diff_unless_forced(make_recipe: 
     with pytest.raises(OutputDirError, match="nothing to resume"):
         prepare(recipe, dirs, overwrite=False, resume=True, force=False)
     assert prepare(recipe, dirs, overwrite=False, resume=False, force=False) is None
-    ckpt = _checkpoint(dirs.work, 4)
+    ckpt = _checkpoint(dirs.work, 2)  # the recipe's max_steps: a later step would be refused
     assert prepare(recipe, dirs, overwrite=False, resume=True, force=False) == str(ckpt)
 
     changed = load_recipe(str(path), ["training.learning_rate=0.5", "lora.r=8"])
