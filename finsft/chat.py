@@ -63,7 +63,7 @@ def check_conversation(value: Any, where: str = "") -> list[dict[str, str]]:
     out = []
     for i, msg in enumerate(value):
         if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or "content" not in msg:
-            raise DataError(f"{at}message {i} must be an object with a string 'role' and a 'content', got {msg!r:.120}")
+            raise DataError(f"{at}message {i} must be an object with string 'role' and 'content', got {msg!r:.120}")
         if msg["role"] not in ROLES:
             raise DataError(f"{at}message {i} has role '{msg['role']}'; allowed: {', '.join(ROLES)}."
                             f"{_role_hint(msg['role'])}")

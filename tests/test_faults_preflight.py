@@ -139,10 +139,10 @@ DRIVER = textwrap.dedent("""
                 traceback.print_exc()
                 code = -1
         out[name] = {"code": code, "output": sink.getvalue(),
-                     "heavy": [m for m in %r if m in sys.modules],
+                     "heavy": [m for m in HEAVY_MODULES if m in sys.modules],
                      "unchanged": tree_digest(__import__("pathlib").Path(user)) == before}
     print(json.dumps(out))
-""" % (HEAVY,))
+""").replace("HEAVY_MODULES", repr(HEAVY))
 
 
 def _fill(text: str, user: Path, runs: Path) -> str:
@@ -251,7 +251,7 @@ def test_over_long_conversations_are_truncated_or_dropped_with_a_count(tiny_mode
     assert len(ids) == 2 and all(len(x) <= limit for x in ids) and all(any(m) for m in masks)
     assert said and "2 of 3 conversations" in said[0] and "1 truncated" in said[0] and "1 dropped" in said[0]
     assert "training.max_length" in said[0]
-    with pytest.raises(DataError, match="raise training.max_length"):
+    with pytest.raises(DataError, match=r"raise training\.max_length"):
         tokenize_conversations(tok, [long_question], None, limit)
 
 
