@@ -1,7 +1,7 @@
 """Experiment tracking, early stopping, and the Hugging Face-style result files of a run.
 
 * ``training.report_to`` / ``run_name`` go to transformers' integrations (the Trainer builds their callbacks);
-  finsft checks the trackers are installed before loading anything, writes TensorBoard events to the run
+  finsft.preflight checks the trackers are installed before loading anything; writes TensorBoard events to the run
   folder's ``runs/`` and logs the resolved recipe to each tracker it knows (TensorBoard, W&B, MLflow).
 * ``training.early_stopping_patience`` adds transformers' ``EarlyStoppingCallback``.
 * ``write_results`` puts ``trainer_state.json``, ``train_results.json``, ``eval_results.json`` and
@@ -15,11 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finsft.preflight import TRACKER_PACKAGES, requested_trackers
+from finsft.preflight import requested_trackers
 
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
-# The tracker checks run in the preflight (before torch is imported); kept importable from here.
-PACKAGES = TRACKER_PACKAGES
 
 
 def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:
