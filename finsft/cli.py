@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -144,6 +145,15 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.command == "train" and args.force and not args.resume:
         parser.error("--force only applies with --resume (it accepts a recipe that changed since the run): add "
                      "--resume, or drop --force")
+    if args.command == "plan" and args.gpu_memory is not None and not (
+            math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
+        parser.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory as a positive number of GiB, e.g. "
+                     "--gpu-memory 24 (or name a GPU with --hardware PROFILE)")
+    if args.command == "plan" and args.hardware is not None and not args.hardware.strip():
+        from finsft.plan.hardware import PROFILES
+
+        parser.error(f"--hardware is empty: name a GPU profile ({', '.join(PROFILES)}), or give --gpu-memory "
+                     "GIB; leave both out to plan for this machine")
     if args.command == "predict" and args.input and any(not text.strip() for text in args.input):
         parser.error("--input is empty: give the text to predict on, e.g. --input \"Shares rose 5% after "
                      "earnings\"")
@@ -213,43 +223,52 @@ def _quiet_libraries() -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    checked = preflight(recipe, "train")  # before torch, transformers and TRL are imported
     _quiet_libraries()
     from finsft.training import train
 
     train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force,
-          command=["finsft", "train", args.recipe, *args.overrides])  # for the resume hint
+          command=["finsft", "train", args.recipe, *args.overrides], checked=checked)  # command: the resume hint
     return EXIT_OK
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    _quiet_libraries()
     if args.suite_data and not args.suite:
         raise FinsftError("--suite-data goes with --suite (e.g. --suite fingpt-sentiment)")
+    if args.suite and (args.data or args.split):
+        raise FinsftError("--suite scores the suite's own data: leave out --data and --split")
+    if args.limit is not None and args.limit < 1:
+        raise FinsftError(f"--limit must be at least 1, not {args.limit}")
+    checked = preflight(recipe, "eval", data=args.data, split=args.split, limit=args.limit, suite=args.suite,
+                        suite_data=args.suite_data, adapter=args.adapter)
+    _quiet_libraries()
     if args.suite:
-        if args.data or args.split:
-            raise FinsftError("--suite scores the suite's own data: leave out --data and --split")
         from finsft.commands.suite import suite_command
 
         suite_command(recipe, args.suite, adapter=args.adapter, data_dir=args.suite_data, limit=args.limit,
-                      scorer=args.scorer, out=args.out)
+                      scorer=args.scorer, out=args.out, checked=checked)
         return EXIT_OK
     from finsft.commands.evaluate import evaluate_command
 
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
-                     scorer=args.scorer, out=args.out)
+                     scorer=args.scorer, out=args.out, checked=checked)
     return EXIT_OK
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    preflight(recipe, "predict", adapter=args.adapter)
     _quiet_libraries()
     from finsft.commands.predict import predict_command
 
@@ -259,9 +278,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    preflight(recipe, "merge", adapter=args.adapter)
     _quiet_libraries()
     from finsft.commands.merge import merge_command
 

@@ -28,7 +28,7 @@ LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parque
 # Tokens kept from the end of an over-long prompt: the answer cue ("...Answer:") must survive truncation.
 PROMPT_TAIL = 16
 # Part of the prepared-data cache key: bump it when tokenize_rows changes what it produces.
-PREP_VERSION = 3
+PREP_VERSION = 4
 # Texts per tokenizer call: big batches for the fast tokenizers' parallel encoding, bounded memory.
 TOKENIZE_CHUNK = 20_000
 
@@ -152,16 +152,20 @@ def load_hub_dataset(path: str, split: str, *, what: str, fix: str, name: str | 
             f"not exist. Download it where the hub is reachable, or {fix}. ({type(exc).__name__}: {exc})") from exc
 
 
-def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], source: str) -> Any:
+def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], source: str, *,
+                     section: str = "data", path: str | None = None) -> Any:
     """Keep and rename the columns the template reads; clear errors for missing columns, an empty table and
-    values that are not text."""
+    values that are not text; chat data: every conversation checked (finsft.chat), bad ones named by their line
+    in ``path``. ``section`` is the recipe key whose ``columns`` map this source (``data``,
+    ``data.datasets[1]``, ``evaluation.sets.NAME``): hints name it."""
     if len(ds) == 0:
         raise DataError(f"{source}: the dataset is empty: it has no rows")
     have = list(ds.column_names)
     mapping = {field: columns.get(field, field) for field in template.fields}
     missing = {field: col for field, col in mapping.items() if col not in have and field not in template.defaults}
     if missing:
-        raise DataError(missing_columns_message(source, missing, mapping, have, columns))
+        raise DataError(missing_columns_message(source, missing, mapping, have, columns, f"{section}.columns",
+                                                template.messages_field))
     present = {col: field for field, col in mapping.items() if col in have}
     # A chat template's messages field holds the conversation (a list of turns); every other field is text.
     ds = text_columns(ds, {c: f for c, f in present.items() if f != template.messages_field}, source)
@@ -171,20 +175,44 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
     for field in template.fields:
         if field not in ds.column_names:  # optional field with a default, absent from the data
             ds = ds.add_column(field, [template.defaults[field]] * len(ds))
+    if template.messages_field:
+        from finsft.chat import check_conversations
+
+        # Decoded values: a column mixing text and other content is stored as JSON text, which ``column`` returns
+        # as is (a number would pass as its digits, a list of parts as its JSON).
+        check_conversations(ds[template.messages_field][:], source, path)
     return ds
 
 
+# Column names under which conversations are commonly stored (ShareGPT, UltraChat, ...).
+CONVERSATION_COLUMNS = ("conversations", "conversation", "chat", "dialog", "dialogue", "turns")
+
+
 def missing_columns_message(source: str, missing: Mapping[str, str], mapping: Mapping[str, str],
-                            have: Sequence[str], columns: Mapping[str, str]) -> str:
-    """Which template fields have no column, and the data.columns entry that would fix each (the file's closest
-    unused column when there is one)."""
+                            have: Sequence[str], columns: Mapping[str, str], key: str = "data.columns",
+                            messages_field: str | None = None) -> str:
+    """Which template fields have no column, and the ``key`` entry (data.columns, data.datasets[i].columns,
+    evaluation.sets.NAME.columns) that would fix each (the file's closest unused column when there is one). Chat
+    data (``messages_field``) is mapped only to a column that holds conversations."""
     import difflib
+
+    if messages_field and messages_field in missing:
+        conv = [c for c in have if c.lower() in CONVERSATION_COLUMNS]
+        msg = (f"{source}: no '{missing[messages_field]}' column; the file has columns: {', '.join(have)}. The "
+               f"'chat' template reads conversations: a list of {{\"role\", \"content\"}} messages per row "
+               f"(roles system/user/assistant).")
+        if conv:
+            return msg + f" Did you mean {key} = {json.dumps({messages_field: conv[0]})}?"
+        return msg + (" Write each row as {\"messages\": [{\"role\": \"user\", \"content\": ...}, {\"role\": "
+                      "\"assistant\", \"content\": ...}]}, or, for prompt/answer text columns, use a text template "
+                      "(finsft templates lists them; template.name \"custom\" with template.prompt and "
+                      "template.completion fits any columns)")
 
     used = {col for field, col in mapping.items() if field not in missing}
     free = [c for c in have if c not in used]
     parts, fix = [], {}
     for field, col in missing.items():
-        named = ", as data.columns says" if field in columns else ""
+        named = f", as {key} says" if field in columns else ""
         parts.append(f"'{col}' (for template field '{field}'){named}")
         close = difflib.get_close_matches(col, free, n=1, cutoff=0.6) or difflib.get_close_matches(
             field, free, n=1, cutoff=0.6)
@@ -197,9 +225,9 @@ def missing_columns_message(source: str, missing: Mapping[str, str], mapping: Ma
     msg = f"{source}: missing column {', '.join(parts)}; the file has columns: {', '.join(have)}."
     if fix:
         example = json.dumps({**{k: v for k, v in columns.items() if k not in missing}, **fix})
-        return msg + f" Did you mean data.columns = {example}?"
+        return msg + f" Did you mean {key} = {example}?"
     field = next(iter(missing))
-    return msg + (f" Map each field to one of the file's columns with data.columns, e.g. "
+    return msg + (f" Map each field to one of the file's columns with {key}, e.g. "
                   f"{{\"{field}\": \"{(free or list(have))[0]}\"}}.")
 
 
@@ -225,7 +253,8 @@ def text_columns(ds: Any, present: Mapping[str, str], source: str) -> Any:
     return ds
 
 
-def check_labels(ds: Any, template: Template, source: str) -> None:
+def check_labels(ds: Any, template: Template, source: str, key: str = "template.labels") -> None:
+    """Every label in the template's label set; the hint names ``key``, the setting that picks the label set."""
     if not template.labels:
         return
     counts = Counter(str(v).strip() for v in column(ds, template.label_field))
@@ -235,7 +264,7 @@ def check_labels(ds: Any, template: Template, source: str) -> None:
         hint = ""
         for name, labels in LABEL_SETS.items():
             if set(counts) <= set(labels) and tuple(labels) != template.labels:
-                hint = f" These are the '{name}' labels: set template.labels to \"{name}\"."
+                hint = f" These are the '{name}' labels: set {key} to \"{name}\"."
         raise DataError(f"{source}: labels outside the template's label set ({'/'.join(template.labels)}): "
                         f"{shown}.{hint}")
 
@@ -296,7 +325,7 @@ def balance(ds: Any, field: str, mode: str, seed: int) -> Any:
 def load_split(path: str, split: str, template: Template, columns: Mapping[str, str]) -> tuple[Any, str]:
     """One data source as template rows, labels checked."""
     ds, digest = load_table(path, split)
-    ds = to_template_rows(ds, template, columns, path)
+    ds = to_template_rows(ds, template, columns, path, path=path)
     check_labels(ds, template, path)
     return ds, digest
 
@@ -359,9 +388,9 @@ class Formatter:
 
     def prompt(self, row: Mapping[str, Any]) -> str:
         if self.template.messages_field:  # chat data: the conversation up to its last assistant turn
-            from finsft.chat import conversation_prompt, with_system
+            from finsft.chat import check_conversation, conversation_prompt, with_system
 
-            messages = with_system(list(row[self.template.messages_field]), self.system)
+            messages = with_system(check_conversation(row[self.template.messages_field]), self.system)
             return conversation_prompt(self.tokenizer, messages)[0]
         text = self.template.render_prompt(row)
         if not self.chat:
@@ -474,7 +503,7 @@ def encode_continuation(tok: Any, texts: list[str]) -> list[list[int]]:
 
 
 def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, num_proc: int | None = None,
-                  desc: str = "tokenizing") -> Any:
+                  desc: str = "tokenizing", log: Callable[[str], None] | None = None) -> Any:
     """``input_ids`` + ``completion_mask`` for every row. Over-long rows lose the middle of the prompt (its head and
     its last PROMPT_TAIL tokens, the answer cue, stay), then the end of the completion.
 
@@ -491,8 +520,8 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
     if formatter.template.messages_field:  # chat data: loss on assistant turns (finsft.chat)
         from finsft.chat import tokenize_conversations
 
-        conversations = column(rows, formatter.template.messages_field)
-        ids, masks = tokenize_conversations(tok, conversations, formatter.system, max_length)
+        conversations = rows[formatter.template.messages_field][:]  # decoded (see to_template_rows)
+        ids, masks = tokenize_conversations(tok, conversations, formatter.system, max_length, log)
         return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
     fields = [f for f in formatter.template.fields if f in rows.column_names]
     table = rows.select_columns(fields).with_format("arrow")[:]
@@ -557,7 +586,7 @@ def prepared_cache(rows: Any, formatter: Formatter, max_length: int | None, data
         log(f"{name}: {len(rows)} rows tokenized, from cache ({target})")
         return datasets.load_from_disk(str(target))
     log(f"{name}: tokenizing {len(rows)} rows")
-    ds = tokenize_rows(rows, formatter, max_length, desc=f"tokenizing {name}")
+    ds = tokenize_rows(rows, formatter, max_length, desc=f"tokenizing {name}", log=log)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = tempfile.mkdtemp(dir=target.parent, prefix=digest + ".tmp-")
     try:

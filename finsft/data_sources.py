@@ -18,7 +18,6 @@ from finsft.data import (
     Splits,
     _file_digest,
     check_labels,
-    column,
     finish_splits,
     load_hub_dataset,
     load_table,
@@ -87,12 +86,10 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
     for i, source in enumerate(recipe.data["datasets"] or []):
         what = describe(source)
         ds, digest = load_source(source)
-        rows = to_template_rows(ds, template, source.get("columns") or {}, what)
+        local = source["path"] if os.path.isabs(source["path"]) and not source.get("data_files") else None
+        rows = to_template_rows(ds, template, source.get("columns") or {}, what, section=f"data.datasets[{i}]",
+                                path=local)
         check_labels(rows, template, what)
-        if template.messages_field:
-            from finsft.chat import check_conversations
-
-            check_conversations(column(rows, template.messages_field), what)
         fraction = float(source.get("fraction", 1))
         used = take_fraction(rows, fraction, seed, i)
         parts.append(used)

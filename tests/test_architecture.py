@@ -22,9 +22,10 @@ LAYERS: dict[str, int] = {
     "finsft.data_sources": 5,
     "finsft.models": 6,
     "finsft.merge": 7, "finsft.evaluation": 7, "finsft.publish": 7,
-    "finsft.training": 8,
-    "finsft.bench": 9, "finsft.commands": 9, "finsft.docs": 9, "finsft.library_schema": 9, "finsft.cli": 10,
-    "finsft.__main__": 11,
+    "finsft.preflight": 8,
+    "finsft.training": 9,
+    "finsft.bench": 10, "finsft.commands": 10, "finsft.docs": 10, "finsft.library_schema": 10, "finsft.cli": 11,
+    "finsft.__main__": 12,
 }
 
 

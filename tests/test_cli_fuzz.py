@@ -1,9 +1,10 @@
 """Random command lines thrown at ``finsft.cli.main`` in process: whatever the words, options, overrides and
 (mutated) recipe files, the CLI answers with an exit code, never an uncaught exception.
 
-Only the light paths run: validate, show, schema, templates, and the heavy commands up to the point where the
-recipe is valid. A command that gets past validation stops at ``_quiet_libraries`` (the first step towards the
-heavy imports), which the test replaces with a sentinel: reaching it is a fine outcome, not a failure.
+Only the light paths run: validate, show, schema, templates, plan, push, and the heavy commands through their
+preflight (finsft.preflight: local data files, chat rows, mixtures, evaluation sets, suite data, trackers, the
+hub). A command that gets past the preflight stops at ``_quiet_libraries`` (the first step towards the heavy
+imports), which the test replaces with a sentinel: reaching it is a fine outcome, not a failure.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ BASE: dict[str, Any] = {
     "name": "fuzz",
     "model": {"name_or_path": "finsft-test/no-such-model"},
     "lora": {"r": 4, "lora_alpha": 8},
-    "data": {"path": "finsft-test/no-such-data", "validation_size": 0.1},
+    "data": {"path": "ok.jsonl", "validation_size": 0.1},
     "template": {"name": "fingpt_sentiment"},
     "training": {"max_steps": 1},
     "output": {"dir": "runs/fuzz"},
@@ -44,20 +45,29 @@ def _heavy() -> None:
 KEYS = ["model.name_or_path", "model.gguf_file", "data.path", "data.validation_path", "data.validation_size",
         "data.columns.input", "data.group_by", "template.name", "template.prompt", "template.completion",
         "template.labels", "training.max_steps", "training.learning_rate", "training.packing", "output.dir",
-        "evaluation.path", "evaluation.scorer", "lora", "quantization", "extends", "name", "nope.key", "a..b", ""]
+        "evaluation.path", "evaluation.scorer", "lora", "quantization", "extends", "name", "nope.key", "a..b", "",
+        "data.datasets", "evaluation.sets", "training.report_to", "output.push_to_hub", "output.hub_model_id"]
 VALUES = ["", " ", "1", "-1", "0.5", "1e400", "NaN", "null", "true", "[]", "{}", "\"x\"", "~/x", ".", "/",
           "{input:{input.__class__}}", "{input:>100000000}", "{input}", " {output}", "fingpt9", "custom",
-          "[[[[[[[[[[", "\"\\ud800\"", "package:", "package:os", "a.json", "x.jsonl", "é", "\x00"]
+          "[[[[[[[[[[", "\"\\ud800\"", "package:", "package:os", "a.json", "x.jsonl", "é", "\x00",
+          # chat, mixtures, evaluation sets, trackers
+          "chat", "chat.jsonl", "ok.jsonl", "empty.jsonl", "heads.jsonl", "[\"wandb\"]", "[\"tensorboard\"]",
+          '[{"path": "chat.jsonl"}, {"path": "ok.jsonl", "fraction": 0.5}]', '[{"path": "empty.jsonl"}]',
+          '[{"path": "heads.jsonl", "columns": {"input": "headline"}}]', '[{"path": "nope.jsonl"}]',
+          '{"s": {"path": "heads.jsonl"}}', '{"s": {"path": "chat.jsonl", "template": "chat"}}', '{"": {}}']
 WORDS = ["validate", "show", "schema", "templates", "train", "eval", "predict", "merge", "bench", "trian",
          "valdate", "help", "r.json", "bad.json", "mut.json", "missing.json", "--help", "--version", "--format",
          "json", "github", "text", "--set", "--overwrite", "--resume", "--force", "--adapter", "--data", "--out",
          "--input", "--file", "--limit", "--scorer", "--steps", "--random-weights", "-x", "--", "=", "*.json",
-         "**/*.json", "[", ""]
+         "**/*.json", "[", "", "plan", "push", "--suite", "fingpt-sentiment", "--suite-data", "suite", "--gpu-memory",
+         "nan", "--hardware", "h100-80gb", "--repo", "--public"]
 
 
 OPTIONS = ["--overwrite", "--resume", "--force", "--format", "json", "github", "--set", "--limit", "0",
            "--input", "", "--input", "Shares rose", "--out", "--data", "x.jsonl", "--scorer", "generate",
-           "--adapter", "runs/fuzz", "--file", "x.jsonl"]
+           "--adapter", "runs/fuzz", "--file", "x.jsonl", "--suite", "fingpt-sentiment", "--suite-data", "suite",
+           "--suite-data", "nope", "--gpu-memory", "nan", "--gpu-memory", "-1", "--gpu-memory", "inf",
+           "--gpu-memory", "24", "--hardware", "", "--hardware", "h100-80gb", "--repo", "me/x", "--public"]
 
 
 def _override() -> st.SearchStrategy[str]:
@@ -98,10 +108,30 @@ def cases(draw: Any) -> tuple[list[str], str]:
         text = text[:cut] + draw(st.sampled_from(["", "}", ",", "\"", "\x00", "é", "]]"]))
     argv = draw(st.lists(ARG, min_size=1, max_size=7))
     if draw(st.integers(0, 2)):  # mostly a command and a recipe, then random words
-        argv = [draw(st.sampled_from(["validate", "show", "train", "eval", "predict", "merge", "bench"])),
+        argv = [draw(st.sampled_from(["validate", "show", "train", "eval", "predict", "merge", "bench", "plan",
+                                      "push"])),
                 draw(st.sampled_from(["r.json", "mut.json", "bad.json", "missing.json"])),
                 *draw(st.lists(_override() | st.sampled_from(OPTIONS), max_size=5))]
     return argv, text
+
+
+def _jsonl(path: Path, rows: list[Any]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+def _data_files(folder: Path) -> None:
+    """Small local data the recipes and overrides name: sentiment rows, chat rows (one with a role typo and one
+    with text parts), an empty file, a file with another column name, and suite data with an unknown label."""
+    labels = ("negative", "neutral", "positive")
+    _jsonl(folder / "ok.jsonl", [{"input": f"Shares moved {i}", "output": labels[i % 3]} for i in range(12)])
+    conv = [{"role": "user", "content": "How did shares move?"}, {"role": "assistant", "content": "They rose."}]
+    _jsonl(folder / "chat.jsonl", [{"messages": conv}] * 4 + [
+        {"messages": [{"role": "User", "content": "hi"}, conv[1]]},
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}, conv[1]]}])
+    (folder / "empty.jsonl").write_text("\n", encoding="utf-8")
+    _jsonl(folder / "heads.jsonl", [{"headline": f"Shares moved {i}", "output": "neutral"} for i in range(4)])
+    (folder / "suite").mkdir()
+    _jsonl(folder / "suite" / "tfns_valid.jsonl", [{"text": "x", "label": 0}, {"text": "y", "label": 7}])
 
 
 @settings(max_examples=int(os.environ.get("FINSFT_FUZZ_EXAMPLES", "150")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
@@ -113,6 +143,7 @@ def test_cli_main_never_raises(tmp_path_factory: pytest.TempPathFactory, case: t
     (folder / "r.json").write_text(json.dumps(BASE), encoding="utf-8")
     (folder / "mut.json").write_text(mutated, encoding="utf-8")
     (folder / "bad.json").write_bytes(b"{\"model\": \xff\xfe}")
+    _data_files(folder)
     sink = io.StringIO()
     cwd = os.getcwd()
     with pytest.MonkeyPatch.context() as mp:

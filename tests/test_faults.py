@@ -158,6 +158,11 @@ def _no_literal_tilde(w: World) -> None:
     assert (w.home / "x.partial").exists() or (w.home / "x").exists(), "output.dir=~/x did not go to $HOME/x"
 
 
+def _long_chat(w: World) -> None:
+    _jsonl(w.user / "long_chat.jsonl", [{"messages": [{"role": "user", "content": "Shares rose " * 20},
+                                                      {"role": "assistant", "content": "positive"}]}] * 4)
+
+
 def _finished_run(w: World) -> None:
     """A finished max_steps=1 run in runs/done (for merge)."""
     done = run_cli([*(w.fill(a) for a in TRAIN), f"output.dir={w.runs / 'done'}"], cwd=w.user)
@@ -183,8 +188,11 @@ CASES = [
          ["data.validation_size", "only 20 rows"]),
     Case("eval-data-missing-local-file", ["eval", "{user}/r.json", "--data", "missing.jsonl", "--out", "{runs}/ev"],
          1, ["missing.jsonl", "not found"]),
-    Case("output-dir-tilde", [*TRAIN, "output.dir=~/x", "data.path={user}/blank.jsonl"], 1, ["no rows"],
-         cwd="{runs}", env={"HOME": "{home}"}, check=_no_literal_tilde),
+    # An error after the output folder is made (data errors come before it, in the preflight): every conversation
+    # is longer than max_length before its answer, found when tokenizing.
+    Case("output-dir-tilde", [*TRAIN, "output.dir=~/x", "template.name=chat", "data.path={user}/long_chat.jsonl",
+                              "training.max_length=8"], 1, ["training.max_length"],
+         cwd="{runs}", env={"HOME": "{home}"}, setup=_long_chat, check=_no_literal_tilde),
     # ---- GGUF (finsft/models.py)
     Case("gguf-garbage", [*TRAIN, "model.gguf_file=garbage.gguf"], 1, ["garbage.gguf", "not a GGUF file"]),
     Case("gguf-header-only", [*TRAIN, "model.gguf_file=header-only.gguf"], 1, ["header-only.gguf", "truncated"]),

@@ -180,8 +180,9 @@ def test_chat_masks_with_the_tiny_chatml_template(tiny_model: Path) -> None:
     assert ids[0] == tok(tok.apply_chat_template(CONVERSATION, tokenize=False), add_special_tokens=False)["input_ids"]
     end = "<|im_end|>"
     assert trained_text(tok, ids[0], masks[0]) == [f"positive{end}", f"negative, because profits fell{end}"]
-    short_ids, short_masks = tokenize_conversations(tok, [CONVERSATION], None, 12)
-    assert short_ids[0] == ids[0][:12] and short_masks[0] == masks[0][:12]
+    cut = masks[0].index(1) + 2  # inside the first assistant turn: truncated, kept
+    short_ids, short_masks = tokenize_conversations(tok, [CONVERSATION], None, cut)
+    assert short_ids[0] == ids[0][:cut] and short_masks[0] == masks[0][:cut]
 
 
 @pytest.mark.parametrize("bad, fragment", [

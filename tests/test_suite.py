@@ -116,7 +116,7 @@ def test_missing_sets_are_named_with_the_reason(tmp_path: Path) -> None:
         load_suite_set(SETS[3], str(tmp_path))
     (tmp_path / "fpb.jsonl").write_text(json.dumps({"text": "x", "label": 1}) + "\n" * 1 +
                                         json.dumps({"text": "y", "label": 0}) + "\n")
-    with pytest.raises(DataError, match="FPB: missing column sentence"):
+    with pytest.raises(DataError, match=r"FPB file .*fpb.jsonl: missing column sentence"):
         load_suite_set(SETS[0], str(tmp_path))
 
 

@@ -12,9 +12,9 @@ import pytest
 from _runs import adapter, max_abs_diff
 
 from finsft.errors import FinsftError
+from finsft.preflight import check_trackers, missing_trackers
 from finsft.recipe import load_recipe
 from finsft.training import train
-from finsft.training.tracking import check_trackers, missing_trackers
 
 FAST = {"warmup_steps": 0, "lr_scheduler_type": "constant"}
 VALIDATION = {"max_samples": 24, "validation_size": 8}

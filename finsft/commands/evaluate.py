@@ -9,11 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from finsft.data import make_formatter
-from finsft.data_sources import build_splits
 from finsft.errors import FinsftError
 from finsft.evaluation import (
     EvalReport,
-    eval_set,
     eval_settings,
     metrics_tables,
     predictions_table,
@@ -24,17 +22,11 @@ from finsft.evaluation import (
 )
 from finsft.evaluation.report import is_results_folder
 from finsft.models import check_adapter, load_for_inference
+from finsft.preflight import Checked, preflight
 from finsft.progress import console
 from finsft.recipe import Recipe
 from finsft.templates import template_from_recipe
 from finsft.training.output import made_by_finsft
-
-
-def local_or_hub(ref: str | None) -> str | None:
-    """A path given on the command line is relative to the current folder; anything else is a hub id."""
-    if ref and os.path.exists(os.path.expanduser(ref)):
-        return os.path.abspath(os.path.expanduser(ref))
-    return ref
 
 
 def _training_sets(run: Path) -> set[str]:
@@ -85,23 +77,22 @@ def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> 
 
 def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | None = None,
                      split: str | None = None, limit: int | None = None, scorer: str | None = None,
-                     out: str | None = None) -> dict[str, Any]:
+                     out: str | None = None, checked: Checked | None = None) -> dict[str, Any]:
     """Writes eval.json, predictions.jsonl (and confusion.png for classification) into the results folder.
-    Returns eval.json's content."""
+    Returns eval.json's content. ``checked``: the preflight's result (the evaluation rows) when the caller ran
+    it."""
     con = console()
     if limit is not None and limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {limit}")
     adapter_dir = check_adapter(adapter)
     if out is None and adapter_dir is None:
         results_folder(out, adapter_dir, "")  # the error, before anything heavy
-    template = template_from_recipe(recipe.template)
-    ev = recipe.evaluation_settings
-    scorer = resolve_scorer(scorer or ev["scorer"], template)
-    data = local_or_hub(data)
-    validation = None
-    if not data and not ev["path"]:
-        validation = build_splits(recipe, template).validation
-    rows = eval_set(recipe, template, validation, data, split, limit)
+    if checked is None:
+        checked = preflight(recipe, "eval", data=data, split=split, limit=limit)
+    template = checked.template or template_from_recipe(recipe.template)
+    scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)
+    rows = checked.main_set
+    assert rows is not None
     out_dir = results_folder(out, adapter_dir, rows.name)
 
     t0 = time.perf_counter()

@@ -37,13 +37,13 @@ def recipe_model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
 
 def make_plan(recipe: Recipe, hardware: str | None = None, gpu_memory: float | None = None) -> tuple[Plan, str]:
     hw: Hardware
-    if hardware and gpu_memory:
+    if hardware is not None and gpu_memory is not None:
         from finsft.errors import FinsftError
 
         raise FinsftError("give --hardware or --gpu-memory, not both")
-    if hardware:
+    if hardware is not None:
         hw = hardware_profile(hardware)
-    elif gpu_memory:
+    elif gpu_memory is not None:
         hw = gpu_with_memory(gpu_memory)
     else:
         from finsft.plan.hardware import detect_hardware

@@ -8,11 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from finsft.commands.evaluate import local_or_hub
 from finsft.data import load_table, make_formatter, to_template_rows
 from finsft.errors import FinsftError
 from finsft.evaluation import ScoringProgress, default_max_new_tokens, generate, map_answer, prompt_template
 from finsft.models import check_adapter, load_for_inference
+from finsft.preflight import local_or_hub
 from finsft.progress import console
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe

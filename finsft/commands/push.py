@@ -5,17 +5,16 @@ from __future__ import annotations
 
 from rich.console import Console
 
-from finsft.publish import PushResult, check_run_folder, default_repo_id, push_run, read_run
+from finsft.preflight import preflight_push
+from finsft.publish import PushResult, push_run
 
 
 def push_command(run: str, *, repo: str | None = None, public: bool = False) -> PushResult:
     """Push ``run`` to ``repo`` (default: the run's output.hub_model_id, else its recipe name under your account),
     private unless ``public`` or the run's recipe says output.hub_private_repo=false."""
     con = Console(highlight=False, soft_wrap=True)  # not finsft.progress's: that imports transformers
-    folder = check_run_folder(run)
-    recipe, manifest, _ = read_run(folder)
+    folder, recipe, _, repo_id = preflight_push(run, repo)  # run folder, repository id, hub, token
     output = recipe.get("output") or {}
-    repo_id = repo or default_repo_id(output, str(manifest.get("recipe") or recipe.get("name") or folder.name))
     private = not public and bool(output.get("hub_private_repo", True))
     result = push_run(folder, repo_id, private=private, log=con.print)
     con.print(f"pushed {len(result.files)} files to {result.url} ({'private' if result.private else 'public'} if "

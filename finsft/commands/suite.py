@@ -6,17 +6,17 @@ from __future__ import annotations
 
 import random
 import time
-from pathlib import Path
 from typing import Any
 
 from finsft.commands.evaluate import results_folder
 from finsft.data import make_formatter
-from finsft.errors import DataError, FinsftError
+from finsft.errors import FinsftError
 from finsft.evaluation import EvalReport, eval_settings, resolve_scorer, rows_fingerprint, score, write_report
 from finsft.evaluation.sets import summary
-from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, load_suite_set, published, suite_template
+from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, published, suite_template
 from finsft.files import write_json
 from finsft.models import check_adapter, load_for_inference
+from finsft.preflight import Checked, preflight
 from finsft.progress import console
 from finsft.recipe import Recipe
 
@@ -48,34 +48,30 @@ def limit_rows(rows: list[Row], limit: int | None, seed: int) -> tuple[list[Row]
 
 
 def suite_command(recipe: Recipe, suite: str, *, adapter: str | None = None, data_dir: str | None = None,
-                  limit: int | None = None, scorer: str | None = None, out: str | None = None) -> dict[str, Any]:
+                  limit: int | None = None, scorer: str | None = None, out: str | None = None,
+                  checked: Checked | None = None) -> dict[str, Any]:
     """Score every set of ``suite``; writes <results>/<set>/eval.json (the EvalReport shape), predictions and a
-    confusion plot per set, and <results>/suite.json. Returns suite.json's content."""
+    confusion plot per set, and <results>/suite.json. Returns suite.json's content. ``checked``: the preflight's
+    result (the suite's rows) when the caller ran it."""
     con = console()
     if suite not in SUITES:
         raise FinsftError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
     if limit is not None and limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {limit}")
-    if data_dir is not None and not Path(data_dir).expanduser().is_dir():
-        raise FinsftError(f"--suite-data '{data_dir}' is not a folder")
     adapter_dir = check_adapter(adapter)
     folder = results_folder(out, adapter_dir, suite)
+    if checked is None:
+        checked = preflight(recipe, "eval", suite=suite, suite_data=data_dir)
     seed = recipe.training["seed"]
     loaded_sets: list[tuple[SuiteSet, list[Row], str]] = []
-    missing: dict[str, str] = {}
-    for s in SETS:
-        try:
-            rows, where = load_suite_set(s, str(Path(data_dir).expanduser()) if data_dir else None)
-        except (DataError, KeyError, ValueError) as exc:  # KeyError/ValueError: a label outside the mapping
-            missing[s.name] = f"{type(exc).__name__}: {exc}" if not isinstance(exc, DataError) else str(exc)
-            con.print(f"[yellow]{s.title}: missing[/] ({missing[s.name]})")
-            continue
+    missing = dict(checked.suite_missing)
+    titles = {s.name: s.title for s in SETS}
+    for name, why in missing.items():
+        con.print(f"[yellow]{titles[name]}: missing[/] ({why})")
+    for s, rows, where in checked.suite_sets:
         rows, note = limit_rows(rows, limit, seed)
         loaded_sets.append((s, rows, where + note))
     result: dict[str, Any] = {"suite": suite, "sets": {}, "missing": missing}
-    if not loaded_sets:
-        raise FinsftError(f"no set of suite '{suite}' could be loaded: " + "; ".join(
-            f"{name}: {why}" for name, why in missing.items()))
 
     template = suite_template()
     scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)

@@ -6,6 +6,7 @@ summary line per set and phase in metrics.jsonl."""
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -53,20 +54,21 @@ def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Templ
     source = {"path": spec["path"], "name": spec.get("name"), "split": spec.get("split", "test")}
     what = f"evaluation set '{name}' ({describe(source)})"
     ds, fp = load_source(source)
-    ds = to_template_rows(ds, template, spec.get("columns") or {}, what)
-    check_labels(ds, template, what)
+    local = spec["path"] if os.path.isabs(spec["path"]) else None
+    ds = to_template_rows(ds, template, spec.get("columns") or {}, what, section=f"evaluation.sets.{name}",
+                          path=local)
+    check_labels(ds, template, what, f"evaluation.sets.{name}.labels")
     cap = spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
     ds, note = sample(ds, cap, recipe.training["seed"])
     return EvalSet([dict(r) for r in ds], f"{describe(source)}{note} ({fp})", name)
 
 
-def extra_sets(recipe: Recipe, template: Template, tokenizer: Any) -> list[NamedSet]:
-    """Every set of evaluation.sets, loaded and with its formatter and scoring settings."""
+def named_sets(recipe: Recipe, loaded: list[tuple[str, Template, EvalSet]], tokenizer: Any) -> list[NamedSet]:
+    """Sets whose rows are loaded (name, template, rows), with their formatter and scoring settings."""
     ev = recipe.evaluation_settings
     out = []
-    for name, spec in (ev.get("sets") or {}).items():
-        t = set_template(spec, template)
-        rows = load_set(recipe, name, spec, t)
+    for name, t, rows in loaded:
+        spec = ev["sets"][name]
         formatter = make_formatter(recipe, t, tokenizer)
         settings = eval_settings(recipe, formatter, resolve_scorer(ev["scorer"], t), spec.get("max_samples"))
         out.append(NamedSet(name, rows, t, formatter, settings))

@@ -62,7 +62,7 @@ def _instruction_format(ds: Any) -> bool:
 def _need(ds: Any, columns: tuple[str, ...], what: str) -> None:
     missing = [c for c in columns if c not in ds.column_names]
     if missing:
-        raise DataError(f"{what}: missing column {', '.join(missing)}; expected the hub dataset's columns "
+        raise DataError(f"missing column {', '.join(missing)}; expected the {what} hub dataset's columns "
                         f"({', '.join(columns)}) or FinGPT's instruction/input/output; it has "
                         f"{', '.join(ds.column_names)}")
 
@@ -71,32 +71,87 @@ def _rows(ds: Any, make: Callable[[Mapping[str, Any]], Row]) -> list[Row]:
     return [make(r) for r in ds]
 
 
+def _allowed(labels: Mapping[Any, str]) -> str:
+    return ", ".join(f"{k!r} ({v})" if k != v else repr(k) for k, v in labels.items())
+
+
+def _label(labels: Mapping[Any, str], value: Any, column: str, as_int: bool = False) -> str:
+    """``labels[value]``; a DataError naming the column, the value and the labels allowed otherwise."""
+    key = value
+    if as_int:
+        try:
+            key = int(value)
+        except (TypeError, ValueError):
+            key = value
+    if key in labels:
+        return labels[key]
+    raise DataError(f"column '{column}' holds {value!r}, not a label of this set; allowed: {_allowed(labels)}")
+
+
+def _unknown_labels(values: list[Any], labels: Mapping[Any, str], column: str, as_int: bool = False) -> None:
+    """Every value of a label column known, else one DataError with the unknown values, their counts and the labels
+    allowed."""
+    from collections import Counter
+
+    bad: Counter[str] = Counter()
+    for v in values:
+        try:
+            _label(labels, v, column, as_int)
+        except DataError:
+            bad[repr(v)] += 1
+    if bad:
+        shown = ", ".join(f"{v} ({n} rows)" for v, n in bad.most_common(8))
+        raise DataError(f"column '{column}' holds labels this set does not have: {shown}; allowed: "
+                        f"{_allowed(labels)}")
+
+
 def _from_instructions(ds: Any, default_instruction: str, labels: Mapping[Any, str] | None = None) -> list[Row]:
-    """Rows already in FinGPT's format; an output that is a source label (e.g. NWGI's 7) is mapped to 3."""
+    """Rows already in FinGPT's format; an output that is a source label (e.g. NWGI's 7) is mapped to 3. Every
+    output must then be one of FinGPT's three labels."""
+    allowed = {**{v: v for v in FINGPT3}, **(labels or {})}
+    _unknown_labels([str(v).strip() if isinstance(v, str) else v for v in ds["output"]], allowed, "output")
+
     def make(r: Mapping[str, Any]) -> Row:
         out = r["output"]
-        out = labels.get(out, out) if labels else out
+        out = out.strip() if isinstance(out, str) else out
         return {"instruction": r.get("instruction") or default_instruction, "input": str(r["input"]),
-                "output": str(out).strip()}
+                "output": allowed[out]}
     return _rows(ds, make)
+
+
+def _split(ds: Any, what: str, **kwargs: Any) -> Any:
+    """FinGPT's seeded test split; a file too small for it is a DataError, not a scikit-learn message."""
+    try:
+        return ds.train_test_split(seed=42, **kwargs)["test"]
+    except ValueError as exc:
+        raise DataError(f"{len(ds)} rows are too few for {what}'s seed-42 test split ({exc}); the file should hold "
+                        "the whole dataset") from exc
 
 
 def prepare_fpb(ds: Any, local: bool) -> list[Row]:
     """FinGPT's fpb.py: the seed-42 test split (25%) of sentences_50agree, labels 0/1/2 = neg/neu/pos."""
-    ds = ds.train_test_split(seed=42)["test"]
+    if not _instruction_format(ds):
+        _need(ds, ("sentence", "label"), "FPB")
+        _unknown_labels(ds["label"], FPB_LABELS, "label", as_int=True)
+    ds = _split(ds, "FPB")
     if _instruction_format(ds):
         return _from_instructions(ds, NEWS)
-    _need(ds, ("sentence", "label"), "FPB")
-    return _rows(ds, lambda r: {"instruction": NEWS, "input": r["sentence"], "output": FPB_LABELS[int(r["label"])]})
+    return _rows(ds, lambda r: {"instruction": NEWS, "input": r["sentence"],
+                                "output": _label(FPB_LABELS, r["label"], "label", as_int=True)})
 
 
 def prepare_fiqa(ds: Any, local: bool) -> list[Row]:
     """FinGPT's fiqa.py: ``train_test_split(0.226, seed=42)['test']`` of train+validation+test; labels from the
     score; the tweet instruction for posts."""
-    ds = ds.train_test_split(0.226, seed=42)["test"]
+    if not _instruction_format(ds):
+        _need(ds, ("sentence", "sentiment_score", "format"), "FiQA-SA")
+        bad = [v for v in ds["sentiment_score"] if not isinstance(v, (int, float)) or isinstance(v, bool)]
+        if bad:
+            raise DataError(f"column 'sentiment_score' holds {bad[0]!r} ({len(bad)} rows): it must be a number from -1 "
+                            "to 1 (below -0.1 negative, below 0.1 neutral, else positive)")
+    ds = _split(ds, "FiQA-SA", test_size=0.226)
     if _instruction_format(ds):
         return _from_instructions(ds, NEWS)
-    _need(ds, ("sentence", "sentiment_score", "format"), "FiQA-SA")
     return _rows(ds, lambda r: {"instruction": TWEET if r["format"] == "post" else NEWS, "input": r["sentence"],
                                 "output": fiqa_label(float(r["sentiment_score"]))})
 
@@ -106,7 +161,9 @@ def prepare_tfns(ds: Any, local: bool) -> list[Row]:
     if _instruction_format(ds):
         return _from_instructions(ds, TWEET)
     _need(ds, ("text", "label"), "TFNS")
-    return _rows(ds, lambda r: {"instruction": TWEET, "input": r["text"], "output": TFNS_LABELS[int(r["label"])]})
+    _unknown_labels(ds["label"], TFNS_LABELS, "label", as_int=True)
+    return _rows(ds, lambda r: {"instruction": TWEET, "input": r["text"],
+                                "output": _label(TFNS_LABELS, r["label"], "label", as_int=True)})
 
 
 def prepare_nwgi(ds: Any, local: bool) -> list[Row]:
@@ -114,6 +171,7 @@ def prepare_nwgi(ds: Any, local: bool) -> list[Row]:
     if _instruction_format(ds):
         return _from_instructions(ds, NEWS, NWGI_LABELS)
     _need(ds, ("news", "label"), "NWGI")
+    _unknown_labels(ds["label"], NWGI_LABELS, "label")
     return _rows(ds, lambda r: {"instruction": NEWS, "input": r["news"], "output": NWGI_LABELS[r["label"]]})
 
 
@@ -200,7 +258,10 @@ def load_suite_set(s: SuiteSet, data_dir: str | None) -> tuple[list[Row], str]:
             raise DataError(f"no {s.local_file}{{{','.join(SUFFIXES)}}} in {data_dir} (it should hold "
                             f"{s.local_holds})")
         ds, fp = load_table(path, "train")
-        return s.prepare(ds, True), f"{path} ({fp[:16]})"
+        try:
+            return s.prepare(ds, True), f"{path} ({fp[:16]})"
+        except DataError as exc:
+            raise DataError(f"{s.title} file {path}: {exc}") from None
     parts, fps = [], []
     for split in s.splits:
         ds, fp = load_source({"path": s.hub_id, "name": s.config, "split": split})
@@ -208,7 +269,10 @@ def load_suite_set(s: SuiteSet, data_dir: str | None) -> tuple[list[Row], str]:
         fps.append(fp)
     ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
     where = f"{s.hub_id}{f' ({s.config})' if s.config else ''} [{'+'.join(s.splits)}]"
-    return s.prepare(ds, False), f"{where} ({'+'.join(f[:16] for f in fps)})"
+    try:
+        return s.prepare(ds, False), f"{where} ({'+'.join(f[:16] for f in fps)})"
+    except DataError as exc:
+        raise DataError(f"{s.title} ({where}): {exc}") from None
 
 
 def suite_template() -> Any:

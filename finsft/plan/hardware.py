@@ -4,6 +4,7 @@ plan can be made for a GPU this machine does not have (``finsft plan --hardware 
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 from dataclasses import dataclass
 
@@ -66,7 +67,7 @@ def hardware_profile(name: str) -> Hardware:
 
 def gpu_with_memory(gib: float) -> Hardware:
     """An Ampere-or-newer GPU with ``gib`` GiB (``--gpu-memory``)."""
-    if gib <= 0:
+    if not math.isfinite(gib) or gib <= 0:
         raise FinsftError(f"--gpu-memory must be a positive number of GiB, got {gib}")
     return _gpu(f"GPU with {gib:g} GiB", gib, (8, 0))
 

@@ -26,11 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from finsft.data import Formatter, make_formatter, prepared_cache
-from finsft.data_sources import build_splits
 from finsft.errors import FinsftError, OutputDirError
 from finsft.evaluation import (
     EvalReport,
-    eval_set,
     eval_settings,
     headline,
     resolve_scorer,
@@ -38,7 +36,7 @@ from finsft.evaluation import (
     score,
 )
 from finsft.evaluation.report import write_report
-from finsft.evaluation.sets import NamedSet, extra_sets, log_summary, summary_line
+from finsft.evaluation.sets import NamedSet, log_summary, named_sets, summary_line
 from finsft.files import write_json
 from finsft.models import (
     ModelSource,
@@ -49,8 +47,9 @@ from finsft.models import (
     resolve_model,
 )
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
+from finsft.preflight import Checked, preflight
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
-from finsft.publish import check_can_push, default_repo_id, push_run, write_model_card
+from finsft.publish import default_repo_id, push_run, write_model_card
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
@@ -88,15 +87,16 @@ from finsft.training.signals import (
     stop_callback,
 )
 from finsft.training.task_metric import task_metric_callback, task_rows
-from finsft.training.tracking import check_trackers, write_results
+from finsft.training.tracking import write_results
 from finsft.training.trainer import build_trainer, model_is_sharded
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-          command: list[str] | None = None) -> Path:
+          command: list[str] | None = None, checked: Checked | None = None) -> Path:
     """Run the recipe; returns the output folder. ``command``: the finsft command line that runs it (named in
-    the resume hint of an interrupted run)."""
-    with TrainingRun(recipe, overwrite=overwrite, resume=resume, force=force, command=command) as run:
+    the resume hint of an interrupted run); ``checked``: the preflight's result when the caller ran it."""
+    with TrainingRun(recipe, overwrite=overwrite, resume=resume, force=force, command=command,
+                     checked=checked) as run:
         return run.run()
 
 
@@ -117,8 +117,9 @@ class TrainingRun:
     """One training run and its state between phases."""
 
     def __init__(self, recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False,
-                 command: list[str] | None = None):
+                 command: list[str] | None = None, checked: Checked | None = None):
         self.recipe = recipe
+        self.checked = checked
         self.overwrite, self.resume, self.force = overwrite, resume, force
         self.command = command
         self.out = console()
@@ -216,12 +217,13 @@ class TrainingRun:
     # ------------------------------------------------------------------------------------------------- setup
 
     def setup(self) -> None:
-        """Hardware, the distributed state, the plan, the output folder, the tokenizer and the data."""
-        quiet_libraries()
+        """The preflight (trackers, hub, data, evaluation sets: finsft.preflight), hardware, the distributed state,
+        the plan, the output folder, the tokenizer and the tokenized data."""
         recipe, out = self.recipe, self.out
+        if self.checked is None:
+            self.checked = preflight(recipe, "train")
+        quiet_libraries()
         self.repo_id = default_repo_id(dict(recipe.output), recipe.name)
-        if recipe.output["push_to_hub"] and self.main:
-            check_can_push(self.repo_id, "output.hub_model_id")  # a missing token fails now, not after training
         self.hardware = detect_hardware()
         engine = sharding_engine()
         if engine and not self.hardware.is_gpu:
@@ -235,8 +237,7 @@ class TrainingRun:
         if recipe.model["trust_remote_code"]:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
-        self.template: Template = template_from_recipe(recipe.template)
-        check_trackers(recipe.training["report_to"])  # a missing tracker package, before anything heavy
+        self.template: Template = self.checked.template or template_from_recipe(recipe.template)
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -278,8 +279,10 @@ class TrainingRun:
 
     def _prepare_data(self) -> None:
         recipe, out = self.recipe, self.out
+        checked = self.checked
+        assert checked is not None and checked.splits is not None
+        self.splits = checked.splits
         with self.state.main_process_first():
-            self.splits = build_splits(recipe, self.template)
             self.formatter: Formatter = make_formatter(recipe, self.template, self.tokenizer)
             max_length = recipe.training["max_length"]
             t0 = time.perf_counter()
@@ -294,12 +297,12 @@ class TrainingRun:
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
                       f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
-        if self.recipe.evaluation and self.main:
-            rows = eval_set(recipe, self.template, self.splits.validation)
+        if self.recipe.evaluation and self.main and checked.main_set is not None:
+            rows = checked.main_set
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             main_set = NamedSet(rows.name, rows, self.template, self.formatter,
                                 eval_settings(recipe, self.formatter, scorer))
-            self.sets = [main_set, *extra_sets(recipe, self.template, self.tokenizer)]
+            self.sets = [main_set, *named_sets(recipe, checked.sets, self.tokenizer)]
 
     # -------------------------------------------------------------------------------------------- the model
 

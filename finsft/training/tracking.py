@@ -1,7 +1,7 @@
 """Experiment tracking, early stopping, and the Hugging Face-style result files of a run.
 
 * ``training.report_to`` / ``run_name`` go to transformers' integrations (the Trainer builds their callbacks);
-  finsft checks the trackers are installed before loading anything, writes TensorBoard events to the run
+  finsft.preflight checks the trackers are installed before loading anything; writes TensorBoard events to the run
   folder's ``runs/`` and logs the resolved recipe to each tracker it knows (TensorBoard, W&B, MLflow).
 * ``training.early_stopping_patience`` adds transformers' ``EarlyStoppingCallback``.
 * ``write_results`` puts ``trainer_state.json``, ``train_results.json``, ``eval_results.json`` and
@@ -15,45 +15,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from finsft.errors import FinsftError
+from finsft.preflight import requested_trackers
 
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
-# integration -> (modules, any of which makes it available; the pip package)
-PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
-    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
-    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio"), "comet_ml": (("comet_ml",), "comet-ml"),
-    "neptune": (("neptune",), "neptune"), "clearml": (("clearml",), "clearml"), "dvclive": (("dvclive",), "dvclive"),
-    "codecarbon": (("codecarbon",), "codecarbon"), "swanlab": (("swanlab",), "swanlab"),
-    "dagshub": (("dagshub",), "dagshub"), "flyte": (("flytekit",), "flytekit"),
-    "azure_ml": (("azureml",), "azureml-core"), "kubeflow": (("kubeflow",), "kubeflow"),
-}
-
-
-def requested_trackers(report_to: Any) -> list[str]:
-    if report_to in (None, "none"):
-        return []
-    return [report_to] if isinstance(report_to, str) else list(report_to)
-
-
-def missing_trackers(report_to: Any) -> list[str]:
-    """The trackers training.report_to names whose package is not installed."""
-    import importlib.util
-
-    def installed(modules: tuple[str, ...]) -> bool:
-        return any(importlib.util.find_spec(m) is not None for m in modules)
-
-    return [t for t in requested_trackers(report_to) if t in PACKAGES and not installed(PACKAGES[t][0])]
-
-
-def check_trackers(report_to: Any) -> None:
-    """Refuse to start when training.report_to names a tracker whose package is not installed (the Trainer
-    would fail only after the model has loaded)."""
-    missing = missing_trackers(report_to)
-    if missing:
-        pips = " ".join(PACKAGES[t][1] for t in missing)
-        extra = " (or pip install 'finsft[tensorboard]')" if missing == ["tensorboard"] else ""
-        raise FinsftError(f"training.report_to names {', '.join(missing)}, not installed here: pip install {pips}"
-                          f"{extra}; or remove it from training.report_to")
 
 
 def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:

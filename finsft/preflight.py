@@ -1,0 +1,236 @@
+"""Fail fast: the one step every command takes before torch, transformers or TRL are imported.
+
+Everything that can be found without the model is checked here and reported at once (one message listing every
+problem): the trackers ``training.report_to`` names are installed (``importlib.util.find_spec``, nothing
+imported), a push to the hub has the hub switched on and a token, the data sources (one file or every source of a
+mixture) exist, are not empty and have the mapped columns and known labels, chat rows are conversations (file and
+line of each bad one), the evaluation sets load with their columns, and the suite's ``--suite-data`` folder holds
+files with the expected columns and labels. What is read here (data rows, evaluation rows, suite rows) is handed
+to the command in :class:`Checked`, so nothing is read twice.
+
+Only the light libraries run here: jsonschema, ``datasets`` (for the data files) and ``huggingface_hub``'s
+constants; ``tests/test_faults_preflight.py`` checks that no heavy module is loaded when a preflight error is
+raised.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finsft.data import Splits
+from finsft.data_sources import build_splits
+from finsft.errors import DataError, FinsftError
+from finsft.evaluation.report import EvalSet, eval_set
+from finsft.evaluation.sets import load_set, set_template
+from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, load_suite_set, local_file
+from finsft.models import check_adapter
+from finsft.publish import check_can_push, check_run_folder, default_repo_id, read_run
+from finsft.recipe import Recipe
+from finsft.templates import Template, template_from_recipe
+
+# integration -> (modules, any of which makes it available; the pip package)
+TRACKER_PACKAGES: dict[str, tuple[tuple[str, ...], str]] = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "tensorboard"), "wandb": (("wandb",), "wandb"),
+    "mlflow": (("mlflow",), "mlflow"), "trackio": (("trackio",), "trackio"), "comet_ml": (("comet_ml",), "comet-ml"),
+    "neptune": (("neptune",), "neptune"), "clearml": (("clearml",), "clearml"), "dvclive": (("dvclive",), "dvclive"),
+    "codecarbon": (("codecarbon",), "codecarbon"), "swanlab": (("swanlab",), "swanlab"),
+    "dagshub": (("dagshub",), "dagshub"), "flyte": (("flytekit",), "flytekit"),
+    "azure_ml": (("azureml",), "azureml-core"), "kubeflow": (("kubeflow",), "kubeflow"),
+}
+
+
+class PreflightError(FinsftError):
+    """Every problem the preflight found, in one message."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            text = self.problems[0]
+        else:
+            text = (f"{len(self.problems)} problems, found before loading the model:\n"
+                    + "\n".join(f"- {p}" for p in self.problems))
+        super().__init__(text)
+
+
+@dataclass
+class Checked:
+    """What the preflight read, for the command to use as is."""
+
+    template: Template | None = None
+    splits: Splits | None = None  # the training data (train); the data whose validation split is evaluated (eval)
+    main_set: EvalSet | None = None  # evaluation.path, --data or the validation split
+    sets: list[tuple[str, Template, EvalSet]] = field(default_factory=list)  # evaluation.sets
+    suite_sets: list[tuple[SuiteSet, list[Row], str]] = field(default_factory=list)
+    suite_missing: dict[str, str] = field(default_factory=dict)  # set -> why it was not loaded (not fatal)
+    problems: list[str] = field(default_factory=list)
+
+    @contextmanager
+    def check(self) -> Iterator[None]:
+        """Run one check; its error joins the list instead of stopping the others."""
+        try:
+            yield
+        except FinsftError as exc:
+            self.problems.append(str(exc))
+
+    def raise_problems(self) -> None:
+        if self.problems:
+            raise PreflightError(self.problems)
+
+
+def requested_trackers(report_to: Any) -> list[str]:
+    if report_to in (None, "none"):
+        return []
+    return [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def missing_trackers(report_to: Any) -> list[str]:
+    """The trackers training.report_to names whose package is not installed (found, not imported)."""
+
+    def installed(modules: tuple[str, ...]) -> bool:
+        return any(importlib.util.find_spec(m) is not None for m in modules)
+
+    return [t for t in requested_trackers(report_to)
+            if t in TRACKER_PACKAGES and not installed(TRACKER_PACKAGES[t][0])]
+
+
+def check_trackers(report_to: Any) -> None:
+    """Refuse to start when training.report_to names a tracker whose package is not installed (the Trainer
+    would fail only after the model has loaded)."""
+    missing = missing_trackers(report_to)
+    if missing:
+        pips = " ".join(TRACKER_PACKAGES[t][1] for t in missing)
+        extra = " (or pip install 'finsft[tensorboard]')" if missing == ["tensorboard"] else ""
+        raise FinsftError(f"training.report_to names {', '.join(missing)}, not installed here: pip install {pips}"
+                          f"{extra}; or remove it from training.report_to")
+
+
+def local_or_hub(ref: str | None) -> str | None:
+    """A path given on the command line is relative to the current folder; anything else is a hub id."""
+    if ref and os.path.exists(os.path.expanduser(ref)):
+        return os.path.abspath(os.path.expanduser(ref))
+    return ref
+
+
+def _quiet_datasets() -> None:
+    import datasets
+
+    datasets.disable_progress_bars()
+
+
+def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: str | None = None,
+              limit: int | None = None, suite: str | None = None, suite_data: str | None = None,
+              adapter: str | None = None) -> Checked:
+    """The checks of ``command`` (train, eval, predict, merge) on ``recipe``; PreflightError listing every
+    problem. ``data``/``split``/``limit``: finsft eval's --data, --split, --limit; ``suite``/``suite_data``:
+    finsft eval --suite, --suite-data; ``adapter``: the --adapter folder of eval, predict and merge."""
+    _quiet_datasets()
+    checked = Checked()
+    if adapter is not None:
+        with checked.check():
+            check_adapter(adapter)
+    with checked.check():
+        checked.template = template_from_recipe(recipe.template)
+    template = checked.template
+    if command == "train":
+        with checked.check():
+            check_trackers(recipe.training["report_to"])
+        if recipe.output["push_to_hub"]:
+            with checked.check():  # a missing token fails now, not after training
+                check_can_push(default_repo_id(dict(recipe.output), recipe.name), "output.hub_model_id")
+    if template is None:
+        checked.raise_problems()
+        return checked
+    if command == "train":
+        with checked.check():
+            checked.splits = build_splits(recipe, template)
+        if recipe.evaluation:
+            _evaluation_sets(checked, recipe, template)
+    elif command == "eval" and suite:
+        _suite(checked, suite, suite_data)
+    elif command == "eval":
+        ref = local_or_hub(data)
+        ev = recipe.evaluation_settings
+        validation = None
+        if not ref and not ev["path"]:
+            with checked.check():
+                checked.splits = build_splits(recipe, template)
+                validation = checked.splits.validation
+        if ref or ev["path"] or validation is not None:
+            with checked.check():
+                checked.main_set = eval_set(recipe, template, validation, ref, split, limit)
+    checked.raise_problems()
+    return checked
+
+
+def _evaluation_sets(checked: Checked, recipe: Recipe, template: Template) -> None:
+    """The run's evaluation rows: evaluation.path or the validation split, and every set of evaluation.sets."""
+    validation = checked.splits.validation if checked.splits is not None else None
+    if recipe.evaluation_settings["path"] or validation is not None or checked.splits is not None:
+        with checked.check():
+            checked.main_set = eval_set(recipe, template, validation)
+    for name, spec in (recipe.evaluation_settings.get("sets") or {}).items():
+        with checked.check():
+            t = set_template(spec, template)
+            checked.sets.append((name, t, load_set(recipe, name, spec, t)))
+
+
+def _suite(checked: Checked, suite: str, suite_data: str | None) -> None:
+    """The suite's sets. From --suite-data, a file that is absent is reported as missing (a folder may hold some
+    of the sets) and a file that is present but wrong is an error; from the hub, a set that cannot be loaded is
+    missing."""
+    if suite not in SUITES:
+        checked.problems.append(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
+        return
+    folder = None
+    if suite_data is not None:
+        path = Path(suite_data).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a folder" if path.exists() else "does not exist"
+            checked.problems.append(
+                f"--suite-data '{suite_data}' {what}: name the folder that holds the suite's files "
+                f"({', '.join(s.local_file + '.jsonl' for s in SETS)})")
+            return
+        folder = str(path.absolute())
+    for s in SETS:
+        if folder is not None and local_file(folder, s) is None:
+            checked.suite_missing[s.name] = (f"no {s.local_file}.jsonl (or .json/.csv/.parquet) in {folder} (it "
+                                             f"should hold {s.local_holds})")
+            continue
+        try:
+            rows, where = load_suite_set(s, folder)
+        except DataError as exc:
+            if folder is not None:
+                checked.problems.append(str(exc))
+            else:
+                checked.suite_missing[s.name] = str(exc)
+            continue
+        checked.suite_sets.append((s, rows, where))
+    if not checked.suite_sets and not checked.problems:
+        checked.problems.append(f"no set of suite '{suite}' could be loaded: " + "; ".join(
+            f"{name}: {why}" for name, why in checked.suite_missing.items()))
+
+
+def preflight_push(run: str, repo: str | None) -> tuple[Path, dict[str, Any], dict[str, Any], str]:
+    """``finsft push``: the run folder is a finished run, the repository id is valid, the hub is switched on and
+    there is a token; every problem at once. Returns (folder, recipe, manifest, repository id)."""
+    checked = Checked()
+    folder: Path | None = None
+    recipe: dict[str, Any] = {}
+    manifest: dict[str, Any] = {}
+    with checked.check():
+        folder = check_run_folder(run)
+        recipe, manifest, _ = read_run(folder)
+    output = recipe.get("output") or {}
+    repo_id = repo or default_repo_id(output, str(manifest.get("recipe") or recipe.get("name")
+                                                  or Path(run).expanduser().absolute().name))
+    with checked.check():
+        check_can_push(repo_id, "--repo" if repo else "output.hub_model_id")
+    checked.raise_problems()
+    assert folder is not None
+    return folder, recipe, manifest, repo_id
