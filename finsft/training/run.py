@@ -77,9 +77,9 @@ from finsft.training.output import (
 )
 from finsft.training.report import library_versions, plot_losses, print_plan
 from finsft.training.signals import RunInterrupted, graceful_signals, stop_callback
-from finsft.training.task_metric import task_metric_callback, task_rows
+from finsft.training.task_metric import task_metric, task_rows
 from finsft.training.tracking import check_trackers, write_results
-from finsft.training.trainer import build_trainer, model_is_sharded
+from finsft.training.trainer import build_trainer, model_is_sharded, score_keys
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False,
@@ -136,6 +136,8 @@ class TrainingRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.trainer is not None:
+            self.trainer.end_tracking()  # the trackers' end of run, held for the scores after training
         self.lock.release()
 
     @contextmanager
@@ -291,14 +293,14 @@ class TrainingRun:
         self.progress.history.extend(self.previous)
         args = get_sft_config(self.recipe, self.plan, str(self.dirs.work / CHECKPOINTS),
                               has_eval=self.val_ds is not None)
-        callbacks = []
         rows = task_rows(self.recipe, self.formatter, self.splits.validation) if args.eval_strategy != "no" else []
-        if rows:
-            callbacks.append(task_metric_callback(self.formatter, rows, args.per_device_eval_batch_size, self.progress))
         set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
-                                     callbacks)
+                                     task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
+                                     if rows else None)
         self.trainer.add_callback(self.progress)
+        for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers
+            self.trainer.scores_before.update(score_keys("before", base, name if i else None))
         return self.trainer
 
     def train(self) -> None:
@@ -370,6 +372,8 @@ class TrainingRun:
             write_report(folder, report, res.predictions, f"{recipe.name}: '{s.name}' after training")
             self.set_reports[s.name] = report
             self._log_set(s.name, "after_training", res.metrics)
+            self.trainer.log_scores(score_keys("after", res.metrics, s.name if i else None))
+        self.trainer.end_tracking()
 
     @property
     def report(self) -> EvalReport | None:

@@ -56,6 +56,13 @@ def check_trackers(report_to: Any) -> None:
                           f"{extra}; or remove it from training.report_to")
 
 
+def is_tracker(callback: Any) -> bool:
+    """One of transformers' report_to integrations (TensorBoardCallback, WandbCallback, MLflowCallback...)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return isinstance(callback, tuple(INTEGRATION_TO_CALLBACK.values()))
+
+
 def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:
     """Logs the resolved recipe to the trackers once they have started (callbacks run in the order they were
     added, and the Trainer adds its integrations first)."""
