@@ -50,7 +50,7 @@ from finsft.models import (
 )
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
-from finsft.publish import check_can_push, default_repo_id, push_run, write_model_card
+from finsft.publish import check_can_push, default_repo_id, prompt_example, push_run, write_model_card
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
@@ -458,6 +458,8 @@ class TrainingRun:
                                           * self.world),
                       "resumed_from": os.path.relpath(self.checkpoint, self.dirs.work) if self.checkpoint else None},
             "wall_seconds": round(time.time() - self.wall_start, 1),
+            # one training row's prompt, exactly as the template made it (the model card shows it)
+            "example": prompt_example(self.formatter, dict(self.splits.train[0])) if len(self.splits.train) else None,
         }
 
     def print_summary(self, manifest: dict[str, Any]) -> None:

@@ -67,7 +67,7 @@ def trainer_class() -> type:
                 if card.is_file():
                     card.unlink()
 
-    class FinsftTrainer(SFTTrainer):  # type: ignore[misc]
+    class FinsftTrainer(SFTTrainer):
         task_metric: TaskMetric | None = None
 
         def __init__(self, *args: Any, task_metric: TaskMetric | None = None, **kwargs: Any):
@@ -81,7 +81,7 @@ def trainer_class() -> type:
                             ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
             output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
                                              ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-            if self.task_metric is not None and description == "Evaluation":
+            if self.task_metric is not None and description == "Evaluation" and output.metrics is not None:
                 # Trainer.evaluate logs this dict next, then hands it to on_evaluate and the best-model choice.
                 output.metrics.update({f"{metric_key_prefix}_{k}": round(float(v), 6)
                                        for k, v in self.task_metric(self.model).items()})
