@@ -79,7 +79,8 @@ def test_every_output_folder_has_a_finsft_card(run_dir: Path, tiny_model: Path,
             "accuracy": round(report["metrics"]["accuracy"], 4), "macro F1": round(report["metrics"]["macro_f1"], 4),
             "weighted F1": round(report["metrics"]["weighted_f1"], 4)}
         assert {(r.dataset_type, r.dataset_split) for r in results} == {(TFNS, "validation")}
-        assert "tfns_quickstart_heldout.jsonl" in results[0].dataset_name
+        assert results[0].dataset_name.startswith("tfns_quickstart_heldout.jsonl (a 300-row class-balanced subset")
+        assert results[0].dataset_name.endswith(f", {report['rows']} rows scored")
         # no path of this machine anywhere; files by name
         for where in (str(run_dir.parent), str(tiny_model), str(REPO)):
             assert where not in card.content

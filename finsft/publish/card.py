@@ -188,6 +188,8 @@ def _eval_results(report: Mapping[str, Any] | None, datasets: list[dict[str, Any
         return []
     m = report["metrics"]
     common = _eval_dataset(datasets)
+    if report.get("rows"):
+        common["dataset_name"] += f", {report['rows']} rows scored"
     template = recipe.get("template", {}).get("name")
     if "accuracy" in m:
         task: dict[str, Any] = {"task_type": "text-classification", "task_name": f"sentiment / classification ({template})"}
@@ -264,13 +266,12 @@ def _usage_lines(kind: str, repo_id: str | None, base: str | None, recipe: Mappi
     lines: list[str] = ["", "## Prompt format", ""]
     chat = bool(example.get("chat_template")) if example else bool(template.get("chat_template"))
     fields = dict(example.get("row") or {}) if example else {}
-    plain = "prompt" in template or template.get("name") in _PLAIN_TEMPLATES
     if example:
         lines += [f"The model was trained on prompts made by finsft's `{template.get('name')}` template"
                   f"{' and the tokenizer chat template' if chat else ''}. For this training row:", "",
                   "```json", json.dumps(fields, indent=2, ensure_ascii=False), "```", "",
                   "the exact prompt is (the answer follows it):", "", "```text", str(example.get("prompt")), "```"]
-        labels = template.get("labels") or (_template_labels(recipe) if plain else None)
+        labels = _template_labels(recipe)
         if labels:
             lines += ["", f"The answer is one of: {', '.join(f'`{x}`' for x in labels)}."]
     else:
@@ -308,9 +309,6 @@ def _usage_lines(kind: str, repo_id: str | None, base: str | None, recipe: Mappi
         lines += ["", "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER` scores it as in the "
                       "evaluation below; `finsft predict RECIPE --adapter THIS_FOLDER --input \"...\"` answers one text."]
     return lines
-
-
-_PLAIN_TEMPLATES = ("fingpt_sentiment", "fiqa_qa", "short_sentiment")
 
 
 def _template(recipe: Mapping[str, Any]) -> Any:

@@ -299,6 +299,7 @@ class TrainingRun:
                                      task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
                                      if rows else None)
         self.trainer.add_callback(self.progress)
+        self.trainer.defer_tracker_end = True  # the scores after training reach the trackers before their run ends
         for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers
             self.trainer.scores_before.update(score_keys("before", base, name if i else None))
         return self.trainer

@@ -74,6 +74,8 @@ def trainer_class() -> type:
             super().__init__(*args, **kwargs)
             self.task_metric = task_metric
             self.scores_before: dict[str, float] = {}
+            # True: the trackers' on_train_end waits for end_tracking (the caller logs scores after training)
+            self.defer_tracker_end = False
             self._held_ends: list[Callable[[], Any]] = []
             self.add_callback(NoStubCards())
 
@@ -94,7 +96,8 @@ def trainer_class() -> type:
         def train(self, *args: Any, **kwargs: Any) -> Any:
             if self.scores_before:
                 self.add_callback(LogAtStart(self, self.scores_before))
-            self._hold_tracker_ends()
+            if self.defer_tracker_end:
+                self._hold_tracker_ends()
             return super().train(*args, **kwargs)
 
         def _hold_tracker_ends(self) -> None:
