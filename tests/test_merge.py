@@ -117,6 +117,14 @@ def test_merge_lora(tiny_model: Path, lora_run: dict[str, Path], tmp_path: Path)
     assert r.returncode == 0, r.stderr
     assert "max |logit difference|" in r.stdout
     _check_merged(tiny_model, lora_run["run"], out, quantized=False)
+    # the merged folder's model card, from the run's records, parsed by huggingface_hub
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(out / "README.md")
+    assert "finsft" in card.data.tags and card.data.library_name == "transformers"
+    assert "merged into its base model" in card.text and "This run trained for" in card.text
+    assert str(tmp_path.parent) not in card.content and 'AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")' \
+        in card.text
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".merged.tmp")]
 
 

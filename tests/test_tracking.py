@@ -48,21 +48,64 @@ def test_missing_trackers_are_named_with_their_pip_package() -> None:
 
 
 @pytest.mark.slow
-def test_tensorboard_run_writes_events_with_the_loss_and_the_recipe(make_recipe: Any) -> None:
+def test_trackers_receive_the_task_metric_and_the_scores_before_and_after(
+        make_recipe: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read back with the trackers' own readers (TensorBoard's EventAccumulator, MLflow's client on a local store):
+    loss at every step, the task metric at each evaluation, the scores before (step 0) and after (final step)
+    training, and the recipe. One MLflow run, ended after the scores after training."""
     pytest.importorskip("tensorboard", reason="pip install 'finsft[tensorboard]' (part of the dev extra)")
-    out = run(make_recipe, training={"report_to": "tensorboard", "max_steps": 3})
+    pytest.importorskip("mlflow", reason="pip install mlflow-skinny (part of the dev extra)")
+    from mlflow.tracking import MlflowClient
+
+    store = (tmp_path / "mlruns").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "finsft-test")
+    # mlflow-skinny has no SQL store; MLflow 3 keeps the file store behind this switch
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    out = run(make_recipe, data=VALIDATION, training={
+        "report_to": ["tensorboard", "mlflow"], "max_steps": 3, "eval_steps": 2, "eval_task_samples": 6},
+        evaluation={"max_samples": 6, "batch_size": 6, "before_training": True})
+    report = json.loads((out / "eval.json").read_text())
+    state = json.loads((out / "trainer_state.json").read_text())
+    task = {r["step"]: r for r in state["log_history"] if "eval_weighted_f1" in r}
+    assert sorted(task) == [2, 3] and all("eval_loss" in r for r in task.values())  # one log per evaluation
+    before = {f"eval_before_{k}": report["base_metrics"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+    after = {f"eval_after_{k}": report["metrics"][k] for k in ("accuracy", "macro_f1", "weighted_f1")}
+
     acc = events(out)
     losses = acc.Scalars("train/loss")
     assert [e.step for e in losses] == [1, 2, 3] and all(e.value > 0 for e in losses)
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [round(e.value, 4) for e in losses] == [round(r["loss"], 4) for r in metrics if "loss" in r]
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_weighted_f1"):
+        tb = acc.Scalars("eval/" + key.removeprefix("eval_"))
+        assert [(e.step, round(e.value, 5)) for e in tb] == [(s, round(task[s][key], 5)) for s in (2, 3)]
+    for key, value in {**before, **after}.items():
+        (point,) = acc.Scalars("eval/" + key.removeprefix("eval_"))
+        assert point.step == (0 if key in before else 3) and point.value == pytest.approx(value, abs=1e-6)
     texts = acc.Tags()["tensors"]
     assert "finsft_recipe/text_summary" in texts and "args/text_summary" in texts
     recipe_text = acc.Tensors("finsft_recipe/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert '"report_to": "tensorboard"' in recipe_text and '"name_or_path"' in recipe_text
-    # the run name is the recipe's name
+    assert '"report_to": [' in recipe_text and '"name_or_path"' in recipe_text
     args_text = acc.Tensors("args/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert '"run_name": "tiny"' in args_text
+    assert '"run_name": "tiny"' in args_text  # the run name is the recipe's name
+
+    client = MlflowClient(tracking_uri=store)
+    experiment = client.get_experiment_by_name("finsft-test")
+    (ml_run,) = client.search_runs([experiment.experiment_id])
+    assert ml_run.info.status == "FINISHED" and ml_run.info.run_name == "tiny"
+    for key in ("eval_accuracy", "eval_macro_f1", "eval_weighted_f1"):
+        history = client.get_metric_history(ml_run.info.run_id, key)
+        assert sorted((m.step, round(m.value, 5)) for m in history) == [(s, round(task[s][key], 5)) for s in (2, 3)]
+    for key, value in {**before, **after}.items():
+        (point,) = client.get_metric_history(ml_run.info.run_id, key)
+        assert point.step == (0 if key in before else 3) and point.value == pytest.approx(value, abs=1e-6)
+    assert [m.step for m in client.get_metric_history(ml_run.info.run_id, "loss")] == [1, 2, 3]
+    artifacts = [a.path for a in client.list_artifacts(ml_run.info.run_id)]
+    assert "finsft_recipe.json" in artifacts
+    # no stub model card anywhere in the run folder: only finsft's
+    cards = sorted(p.relative_to(out).as_posix() for p in out.rglob("README.md"))
+    assert cards == ["README.md"]
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from finsft.models import (
 )
 from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
 from finsft.progress import console
+from finsft.publish import read_run, write_model_card
 from finsft.recipe import Recipe
 
 
@@ -39,5 +40,23 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
     con.print(f"merging {path} into {source.description}"
               + (f" (loaded quantized as in training, de-quantized to {dtype_name(dtype)})"
                  if recipe.quantization else ""))
-    return merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
-                          load_quantized=lambda: load_model(source, kwargs))
+    report = merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
+                            load_quantized=lambda: load_model(source, kwargs))
+    write_merged_card(out_dir, path, recipe, source, con.print)
+    return report
+
+
+def write_merged_card(out_dir: Path, adapter: Path, recipe: Recipe, source: Any, log: Any) -> None:
+    """The merged folder's model card: from the run folder's records when the adapter is a finsft run (its
+    numbers, data and evaluation), else from the recipe alone."""
+    if (adapter / "recipe.json").is_file() and (adapter / "manifest.json").is_file():
+        run_recipe, manifest, report = read_run(adapter)
+    else:
+        run_recipe, report = recipe.config, None
+        manifest = {"recipe": recipe.name, "recipe_files": recipe.files,
+                    "base_model": {"name_or_path": recipe.model["name_or_path"], "hub_id": source.hub_id,
+                                   "hub_id_reason": source.hub_id_reason}}
+    try:
+        write_model_card(out_dir, manifest, run_recipe, report)
+    except (ValueError, KeyError, TypeError, OSError) as exc:  # the merged model is saved: a card must not cost it
+        log(f"[yellow]warning:[/] the model card {out_dir / 'README.md'} was not written: {exc}")

@@ -9,8 +9,10 @@ the text says what was trained on what, how, how well, and with which library ve
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,62 @@ KNOWN_DATA: list[tuple[tuple[str, ...], tuple[str, ...], str, str]] = [
      "Financial PhraseBank (FPB)", "cc-by-nc-sa-3.0"),
 ]
 UNKNOWN_LICENSE = "unknown, check the source"
+
+TFNS = "zeroshot/twitter-financial-news-sentiment"
+# Local files whose hub source is known, recognised by name AND content (sha256): file name -> (sha256, hub id,
+# hub config, hub split, what the rows are). recipes/data/README.md and ../shared/data/SOURCES.md document them.
+KNOWN_FILES: dict[str, tuple[str, str, str | None, str, str]] = {
+    "tfns_quickstart_train.jsonl": ("080abe63493c98b134b4e1d57633889824dc907de7586f7cd176b090d3c8c0f7", TFNS, None,
+                                    "train", "a 480-row class-balanced subset of the train split"),
+    "tfns_quickstart_heldout.jsonl": ("2340bcd7c8885cbfbbfbfe4140f17d5b5741b0f1266e32b6b9c9cf8401407ac3", TFNS,
+                                      None, "validation", "a 300-row class-balanced subset of the validation split"),
+    "tfns_train.jsonl": ("4b1230defc90713863440b97e2f57d88e08519116a9d0a9da40f51bc4906ecb0", TFNS, None, "train",
+                         "the whole train split"),
+    "tfns_valid.jsonl": ("3bd659a3c092ca71cb9f322ff2471c001cee43e23608fc8d9bb5207c53387794", TFNS, None,
+                         "validation", "the whole validation split"),
+    "fpb.jsonl": ("25e1577da06569e45fc3dbad995e86fa9fe558c200ae45e88b42eda6c1f2b403", "takala/financial_phrasebank",
+                  "sentences_50agree", "train", "the whole sentences_50agree set"),
+}
+# An absolute path (or ~/...) in text: the card names files, never where they were on the training machine.
+_ABS_PATH = re.compile(r"(?<![\w.:/~-])~?/(?:[\w.@+-]+/)*([\w.@+-]+)/?")
+
+
+def portable(text: str) -> str:
+    """``text`` with every absolute path replaced by its last component (a file or folder name)."""
+    return _ABS_PATH.sub(lambda m: m.group(1), text)
+
+
+def prompt_example(formatter: Any, row: Mapping[str, Any]) -> dict[str, Any] | None:
+    """One row's prompt fields and the exact prompt ``formatter`` (finsft.data.Formatter) makes of them, as the
+    manifest records it for the model card; None when the row cannot be rendered."""
+    from finsft.templates import format_fields
+
+    template = formatter.template
+    names = [template.messages_field] if template.messages_field else format_fields(template.prompt)
+    fields = {}
+    for n in names:
+        value = row.get(n)
+        fields[n] = template.defaults.get(n, value) if value is None or value == "" else value
+    try:
+        prompt = formatter.prompt(row)
+    except Exception:  # a row the template cannot render: no example
+        return None
+    return {"row": fields, "prompt": prompt, "chat_template": bool(formatter.chat), "system": formatter.system}
+
+
+def known_source(ref: str) -> dict[str, Any] | None:
+    """The hub source of a local file finsft knows (its name and sha256 match), else None."""
+    entry = KNOWN_FILES.get(Path(ref).name)
+    if entry is None or not is_local(ref):
+        return None
+    path = Path(ref).expanduser()
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    except OSError:
+        return None
+    if digest != entry[0]:
+        return None
+    return {"hub_id": entry[1], "config": entry[2], "split": entry[3], "subset": entry[4]}
 
 
 def is_local(ref: str | None) -> bool:
@@ -79,12 +137,24 @@ def data_sources(recipe: Mapping[str, Any], manifest: Mapping[str, Any],
     facts = manifest.get("data", {})
     out: list[dict[str, Any]] = []
 
-    def add(role: str, ref: str | None, rows: Any, fingerprint: Any, split: str | None = None) -> None:
+    def add(role: str, ref: str | None, rows: Any, fingerprint: Any, split: str | None = None,
+            config: str | None = None) -> None:
         if not ref:
             return
         licence, how = data_license(ref)
-        out.append({"role": role, "ref": ref, "hub": not is_local(ref), "name": Path(ref).name if is_local(ref) else ref,
-                    "split": split, "rows": rows, "fingerprint": fingerprint, "license": licence, "recognised": how})
+        local = is_local(ref)
+        entry = {"role": role, "ref": ref, "hub": not local, "name": Path(ref).name if local else ref,
+                 # a local file's split is its source's, when finsft knows the source; else there is none
+                 "hub_id": None if local else ref, "config": None if local else config,
+                 "split": None if local else split, "subset": None,
+                 "rows": rows, "fingerprint": fingerprint, "license": licence, "recognised": how}
+        source = known_source(ref) if local else None
+        if source:
+            entry.update(hub_id=source["hub_id"], config=source["config"], split=source["split"],
+                         subset=source["subset"])
+            if not licence:
+                entry["license"], entry["recognised"] = data_license(source["hub_id"])
+        out.append(entry)
 
     add("training", data.get("path"), facts.get("train_rows"), facts.get("fingerprint"), data.get("split"))
     if data.get("validation_path"):
@@ -93,6 +163,12 @@ def data_sources(recipe: Mapping[str, Any], manifest: Mapping[str, Any],
         add("evaluation", ev["path"], report.get("rows") if report else None,
             report.get("rows_fingerprint") if report else None, ev.get("split"))
     return out
+
+
+def hub_datasets(datasets: list[dict[str, Any]]) -> list[str] | None:
+    """The ``datasets:`` metadata: hub ids of the data the run read (hub data, and local files of a known
+    source)."""
+    return sorted({d["hub_id"] for d in datasets if d["hub_id"]}) or None
 
 
 def _fmt(value: Any) -> str:
@@ -111,14 +187,9 @@ def _eval_results(report: Mapping[str, Any] | None, datasets: list[dict[str, Any
     if not report or not report.get("metrics"):
         return []
     m = report["metrics"]
-    evaluation = next((d for d in datasets if d["role"] == "evaluation"), None)
-    if evaluation is None:  # scored on the validation split carved from the training data
-        training = next((d for d in datasets if d["role"] == "training"), None)
-        dataset_type = training["name"] if training else "validation split"
-        dataset_name, split = f"{dataset_type} (held-out validation split)", "validation"
-    else:
-        dataset_type, dataset_name, split = evaluation["name"], evaluation["name"], evaluation["split"]
-    common: dict[str, Any] = {"dataset_type": dataset_type, "dataset_name": dataset_name, "dataset_split": split}
+    common = _eval_dataset(datasets)
+    if report.get("rows"):
+        common["dataset_name"] += f", {report['rows']} rows scored"
     template = recipe.get("template", {}).get("name")
     if "accuracy" in m:
         task: dict[str, Any] = {"task_type": "text-classification", "task_name": f"sentiment / classification ({template})"}
@@ -130,6 +201,30 @@ def _eval_results(report: Mapping[str, Any] | None, datasets: list[dict[str, Any
     return [EvalResult(**task, **common, metric_type=kind, metric_name=name, metric_value=round(float(value), 4),
                        metric_config=config)
             for kind, name, value, config in metrics]
+
+
+def _eval_dataset(datasets: list[dict[str, Any]]) -> dict[str, Any]:
+    """model-index's dataset of the evaluation rows: the hub id, config and split they come from where finsft
+    knows them (``type``), a readable name, and no split when it is unknown (a local file of unknown source)."""
+    evaluation = next((d for d in datasets if d["role"] == "evaluation"), None)
+    held_out = evaluation is None
+    if held_out:  # the validation split: validation_path, or rows held out of the training data
+        evaluation = next((d for d in datasets if d["role"] == "validation"), None)
+        held_out = evaluation is None
+        evaluation = evaluation or next((d for d in datasets if d["role"] == "training"), None)
+    if evaluation is None:
+        return {"dataset_type": "validation split", "dataset_name": "held-out validation rows"}
+    name = evaluation["name"]
+    if evaluation["subset"]:
+        name = f"{name} ({evaluation['subset']} of {evaluation['hub_id']})"
+    if held_out:
+        name = f"rows held out of {name} for validation"
+    out: dict[str, Any] = {"dataset_type": evaluation["hub_id"] or evaluation["name"], "dataset_name": name}
+    if evaluation["split"]:
+        out["dataset_split"] = evaluation["split"]
+    if evaluation["config"]:
+        out["dataset_config"] = evaluation["config"]
+    return out
 
 
 def _kind(folder: Path) -> str:
@@ -160,26 +255,90 @@ def _metrics_table(report: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def _usage_lines(kind: str, repo_id: str | None, recipe: Mapping[str, Any]) -> list[str]:
-    """How to load the folder, with and without finsft."""
-    lines: list[str] = []
-    lines += ["", "## How to use", ""]
-    if kind == "adapter":
-        lines += ["```python", "from peft import AutoPeftModelForCausalLM", "from transformers import AutoTokenizer",
-                  "", f'model = AutoPeftModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}")', "```", "",
-                  "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER`, `finsft predict RECIPE "
-                  "--adapter THIS_FOLDER --input \"...\"`."]
-    else:
-        sub = ', subfolder="merged"' if kind == "merged" and repo_id else ""
-        lines += ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-                  f'model = AutoModelForCausalLM.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})',
-                  f'tokenizer = AutoTokenizer.from_pretrained("{repo_id or "PATH/TO/THIS/FOLDER"}"{sub})', "```"]
+def _usage_lines(kind: str, repo_id: str | None, base: str | None, recipe: Mapping[str, Any],
+                 manifest: Mapping[str, Any]) -> list[str]:
+    """The exact prompt of training (one example rendered by the template) and a transformers + PEFT snippet
+    that loads the model, builds that prompt and generates the answer."""
     template = recipe.get("template", {})
-    lines += ["", f"Prompts follow finsft's `{template.get('name')}` template"
-                  f"{' through the tokenizer chat template' if template.get('chat_template') else ''}; use the same "
-                  "format at inference (the recipe below has it)."]
+    example = manifest.get("example") if isinstance(manifest.get("example"), Mapping) else None
+    here = repo_id or "PATH/TO/THIS/FOLDER"
+    sub = ', subfolder="merged"' if kind == "merged" and repo_id else ""
+    lines: list[str] = ["", "## Prompt format", ""]
+    chat = bool(example.get("chat_template")) if example else bool(template.get("chat_template"))
+    fields = dict(example.get("row") or {}) if example else {}
+    if example:
+        lines += [f"The model was trained on prompts made by finsft's `{template.get('name')}` template"
+                  f"{' and the tokenizer chat template' if chat else ''}. For this training row:", "",
+                  "```json", json.dumps(fields, indent=2, ensure_ascii=False), "```", "",
+                  "the exact prompt is (the answer follows it):", "", "```text", str(example.get("prompt")), "```"]
+        labels = _template_labels(recipe)
+        if labels:
+            lines += ["", f"The answer is one of: {', '.join(f'`{x}`' for x in labels)}."]
+    else:
+        lines.append(f"Prompts follow finsft's `{template.get('name')}` template; use the same format at inference "
+                     "(the recipe below has it).")
+    lines += ["", "## How to use", "", "```python", "import torch"]
+    if kind == "adapter":
+        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{base or "PATH/TO/BASE_MODEL"}")',
+                  f'model = PeftModel.from_pretrained(base, "{here}")  # the LoRA adapter',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{here}")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+                  f'model = AutoModelForCausalLM.from_pretrained("{here}"{sub})',
+                  f'tokenizer = AutoTokenizer.from_pretrained("{here}"{sub})']
+    lines.append("model.eval()")
+    prompt_fmt = _prompt_format(recipe)
+    if example and prompt_fmt is not None and not isinstance(fields.get("messages"), list):
+        lines += ["", f"fields = {json.dumps(fields, ensure_ascii=False)}  # your text in the same fields",
+                  f"text = {json.dumps(prompt_fmt, ensure_ascii=False)}.format(**fields)"]
+        if chat:
+            system = example.get("system")
+            msgs = (f'[{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}}, '
+                    if system else "[") + '{"role": "user", "content": text}]'
+            lines.append(f"prompt = tokenizer.apply_chat_template({msgs}, tokenize=False, "
+                         "add_generation_prompt=True)")
+        else:
+            lines.append("prompt = text")
+        lines += [f"inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens={not chat})",
+                  "with torch.no_grad():",
+                  f"    out = model.generate(**inputs, max_new_tokens={_max_new_tokens(recipe)}, do_sample=False)",
+                  'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())']
+    lines.append("```")
+    if kind == "adapter":
+        lines += ["", "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER` scores it as in the "
+                      "evaluation below; `finsft predict RECIPE --adapter THIS_FOLDER --input \"...\"` answers one text."]
     return lines
+
+
+def _template(recipe: Mapping[str, Any]) -> Any:
+    from finsft.templates import template_from_recipe
+
+    try:
+        return template_from_recipe(recipe.get("template", {}))
+    except Exception:  # an entry point that is not installed here: the card goes without it
+        return None
+
+
+def _prompt_format(recipe: Mapping[str, Any]) -> str | None:
+    """The template's prompt as a ``str.format`` string (None for chat data)."""
+    template = _template(recipe)
+    if template is None or template.messages_field:
+        return None
+    return str(template.prompt)
+
+
+def _template_labels(recipe: Mapping[str, Any]) -> list[str] | None:
+    template = _template(recipe)
+    return list(template.labels) if template is not None and template.labels else None
+
+
+def _max_new_tokens(recipe: Mapping[str, Any]) -> int:
+    """evaluation.max_new_tokens, or its default: 8 for classification templates, 256 otherwise."""
+    value = (recipe.get("evaluation") or {}).get("max_new_tokens")
+    if isinstance(value, int) and value > 0:
+        return value
+    return 8 if _template_labels(recipe) else 256
 
 
 def _data_lines(datasets: list[dict[str, Any]]) -> list[str]:
@@ -187,7 +346,13 @@ def _data_lines(datasets: list[dict[str, Any]]) -> list[str]:
     lines: list[str] = []
     lines += ["", "## Data", "", "| role | data | split | rows | fingerprint | licence |", "|---|---|---|---:|---|---|"]
     for d in datasets:
-        ref = f"[{d['ref']}](https://huggingface.co/datasets/{d['ref']})" if d["hub"] else f"`{d['name']}` (local file)"
+        if d["hub"]:
+            ref = f"[{d['ref']}](https://huggingface.co/datasets/{d['ref']})"
+        elif d["hub_id"]:
+            ref = (f"`{d['name']}`: {d['subset']} of [{d['hub_id']}](https://huggingface.co/datasets/{d['hub_id']})"
+                   " (recognised by its sha256)")
+        else:
+            ref = f"`{d['name']}` (local file)"
         licence = f"{d['license']} ({d['recognised']})" if d["license"] else UNKNOWN_LICENSE
         lines.append(f"| {d['role']} | {ref} | {_fmt(d['split'])} | {_fmt(d['rows'])} | {_fmt(d['fingerprint'])} | "
                      f"{licence} |")
@@ -263,9 +428,55 @@ def _limitations_lines(datasets: list[dict[str, Any]], base: str | None, base_re
     return lines
 
 
+def run_numbers(manifest: Mapping[str, Any]) -> str | None:
+    """What the run did, in its own numbers: steps, rows, minutes."""
+    train, data = manifest.get("train") or {}, manifest.get("data") or {}
+    steps = train.get("global_step")
+    if not steps:
+        return None
+    text = f"This run trained for {steps} steps"
+    if train.get("effective_batch"):
+        text += f" of {train['effective_batch']} rows ({steps * train['effective_batch']:,} rows seen)"
+    if data.get("train_rows"):
+        text += f" on {data['train_rows']:,} training rows"
+    if train.get("runtime_s"):
+        text += f", in {train['runtime_s'] / 60:.1f} minutes of training"
+    if manifest.get("wall_seconds"):
+        text += f" ({manifest['wall_seconds'] / 60:.1f} minutes in all)"
+    hw = manifest.get("hardware") or {}
+    if hw.get("device"):
+        text += f" on {hw['device']} ({hw.get('name', '-')}, {hw.get('world_size', 1)} process(es))"
+    return text + "."
+
+
+def recipe_changes(recipe: Mapping[str, Any], manifest: Mapping[str, Any]) -> list[str] | None:
+    """The settings in which this run differs from its recipe file (``key.path=value`` overrides): ``[]`` when
+    it ran the file as written, None when the file cannot be read any more."""
+    from finsft.recipe import load_recipe
+
+    files = manifest.get("recipe_files") or []
+    try:
+        written = load_recipe(str(files[0])).config
+    except Exception:  # gone, moved or changed beyond validity: unknown
+        return None
+
+    def leaves(value: Any, path: str) -> dict[str, Any]:
+        if isinstance(value, Mapping):
+            out: dict[str, Any] = {}
+            for k, v in value.items():
+                out.update(leaves(v, f"{path}.{k}" if path else str(k)))
+            return out
+        return {path: value}
+
+    ran, file = leaves(recipe, ""), leaves(written, "")
+    return [f"{k}={json.dumps(ran.get(k))} (the file says {json.dumps(file.get(k))})"
+            for k in sorted(set(ran) | set(file)) if ran.get(k) != file.get(k)]
+
+
 def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, Any],
               report: Mapping[str, Any] | None, repo_id: str | None = None) -> str:
-    """The whole README.md: YAML metadata and Markdown body, section by section."""
+    """The whole README.md: YAML metadata and Markdown body, section by section. No absolute path of the
+    training machine appears in it: files are named by their names."""
     from huggingface_hub import ModelCard, ModelCardData
 
     kind = _kind(folder)
@@ -282,7 +493,7 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
         tags += ["peft", "lora"] if "lora" not in tags else ["peft"]
     eval_results = _eval_results(report, datasets, recipe)
     data = ModelCardData(
-        base_model=base, datasets=sorted({d["ref"] for d in datasets if d["hub"]}) or None,
+        base_model=base, datasets=hub_datasets(datasets),
         license=base_licence or "unknown", library_name="peft" if kind == "adapter" else "transformers",
         pipeline_tag="text-generation", tags=tags, model_name=name if eval_results else None,
         eval_results=eval_results or None,
@@ -293,8 +504,17 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
     lines = [f"# {name}", "",
              f"This is {what} for {base_text}, trained by finsft with the recipe "
              f"`{manifest.get('recipe') or recipe.get('name')}`."]
+    numbers = run_numbers(manifest)
+    if numbers:
+        lines += ["", numbers]
     if recipe.get("description"):
-        lines += ["", f"> {recipe['description']}"]
+        changes = recipe_changes(recipe, manifest)
+        if changes:
+            lines += ["", "The recipe file's description is left out: this run changed its settings ("
+                      + "; ".join(f"`{c}`" for c in changes) + ")."]
+        else:
+            lines += ["", f"> {recipe['description']}"
+                      + ("" if changes == [] else " (the recipe file's description; the run's own numbers are above)")]
     base_info = manifest.get("base_model") if isinstance(manifest.get("base_model"), Mapping) else None
     if base and is_local(base_ref):
         how = base_info.get("hub_id_reason") if base_info else "the manifest"
@@ -302,12 +522,12 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
         lines += ["", f"The run loaded the base model from `{base_ref}`{f' (`{gguf}`, de-quantized)' if gguf else ''}; "
                       f"its hub id {base} comes from {how}."]
 
-    lines += _usage_lines(kind, repo_id, recipe)
+    lines += _usage_lines(kind, repo_id, base, recipe, manifest)
     lines += _data_lines(datasets)
     lines += _evaluation_lines(report)
     lines += _training_lines(manifest, recipe, method, lora)
     lines += _limitations_lines(datasets, base, base_ref, base_licence)
-    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n")
+    card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + portable("\n".join(lines)) + "\n")
     return str(card)
 
 

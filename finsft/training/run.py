@@ -49,7 +49,7 @@ from finsft.models import (
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
 from finsft.preflight import Checked, preflight
 from finsft.progress import ProgressCallback, console, is_main_process, summary_table
-from finsft.publish import default_repo_id, push_run, write_model_card
+from finsft.publish import default_repo_id, prompt_example, push_run, write_model_card
 from finsft.quiet import quiet_libraries
 from finsft.recipe import Recipe
 from finsft.templates import Template, template_from_recipe
@@ -86,9 +86,9 @@ from finsft.training.signals import (
     phase_key,
     stop_callback,
 )
-from finsft.training.task_metric import task_metric_callback, task_rows
+from finsft.training.task_metric import task_metric, task_rows
 from finsft.training.tracking import write_results
-from finsft.training.trainer import build_trainer, model_is_sharded
+from finsft.training.trainer import build_trainer, model_is_sharded, score_keys
 
 
 def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, force: bool = False,
@@ -143,6 +143,8 @@ class TrainingRun:
         return self
 
     def __exit__(self, *exc: Any) -> None:
+        if self.trainer is not None:
+            self.trainer.end_tracking()  # the trackers' end of run, held for the scores after training
         self.lock.release()
 
     @property
@@ -347,14 +349,15 @@ class TrainingRun:
         self.progress.history.extend(self.previous)
         args = get_sft_config(self.recipe, self.plan, str(self.dirs.work / CHECKPOINTS),
                               has_eval=self.val_ds is not None)
-        callbacks = []
         rows = task_rows(self.recipe, self.formatter, self.splits.validation) if args.eval_strategy != "no" else []
-        if rows:
-            callbacks.append(task_metric_callback(self.formatter, rows, args.per_device_eval_batch_size, self.progress))
         set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
-                                     callbacks)
+                                     task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
+                                     if rows else None)
         self.trainer.add_callback(self.progress)
+        self.trainer.defer_tracker_end = True  # the scores after training reach the trackers before their run ends
+        for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers
+            self.trainer.scores_before.update(score_keys("before", base, name if i else None))
         return self.trainer
 
     def train(self) -> None:
@@ -447,6 +450,8 @@ class TrainingRun:
             write_report(folder, report, res.predictions, f"{recipe.name}: '{s.name}' after training")
             self.set_reports[s.name] = report
             self._log_set(s.name, "after_training", res.metrics)
+            self.trainer.log_scores(score_keys("after", res.metrics, s.name if i else None))
+        self.trainer.end_tracking()
 
     @property
     def report(self) -> EvalReport | None:
@@ -535,6 +540,8 @@ class TrainingRun:
                                           * self.world),
                       "resumed_from": os.path.relpath(self.checkpoint, self.dirs.work) if self.checkpoint else None},
             "wall_seconds": round(time.time() - self.wall_start, 1),
+            # one training row's prompt, exactly as the template made it (the model card shows it)
+            "example": prompt_example(self.formatter, dict(self.splits.train[0])) if len(self.splits.train) else None,
         }
 
     def print_summary(self, manifest: dict[str, Any]) -> None:

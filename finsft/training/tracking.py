@@ -20,6 +20,13 @@ from finsft.preflight import requested_trackers
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
 
 
+def is_tracker(callback: Any) -> bool:
+    """One of transformers' report_to integrations (TensorBoardCallback, WandbCallback, MLflowCallback...)."""
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    return isinstance(callback, tuple(INTEGRATION_TO_CALLBACK.values()))
+
+
 def _recipe_callback(trainer: Any, config: dict[str, Any]) -> Any:
     """Logs the resolved recipe to the trackers once they have started (callbacks run in the order they were
     added, and the Trainer adds its integrations first)."""

@@ -1,24 +1,140 @@
-"""TRL's SFTTrainer as finsft builds it (also used by ``finsft bench``)."""
+"""TRL's SFTTrainer as finsft builds it (also used by ``finsft bench``).
+
+finsft's trainer is SFTTrainer with three additions, all through the Trainer's own hooks:
+
+* the task metric (accuracy and F1 of a classification template) is computed inside each evaluation
+  (``evaluation_loop``), so it is part of the metrics dict that ``Trainer.log`` hands to every ``report_to``
+  integration (TensorBoard, W&B, MLflow...), to ``trainer_state.json``, to the best-checkpoint choice and to early
+  stopping, exactly like ``eval_loss``;
+* the scores before and after training go through ``Trainer.log`` too: before at the start of training (step 0,
+  once the trackers have started), after at the final step; the trackers' end of run (``on_train_end``) waits
+  for them (``end_tracking``);
+* no model card stub: finsft writes the card of every output folder (TRL's ``checkpoints/README.md`` and PEFT's
+  ``checkpoint-*/README.md`` are not written or are removed).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from finsft.plan import get_peft_config
 from finsft.recipe import Recipe
-from finsft.training.tracking import add_training_callbacks
+from finsft.training.tracking import add_training_callbacks, is_tracker
+
+# model -> {"accuracy": ..., "macro_f1": ..., ...}: the task metric one evaluation adds (without its prefix)
+TaskMetric = Callable[[Any], Mapping[str, float]]
+
+
+def score_keys(phase: str, metrics: Mapping[str, Any], set_name: str | None = None) -> dict[str, float]:
+    """Tracker keys of a set's headline scores ``before`` or ``after`` training: ``eval_before_weighted_f1`` for
+    the main evaluation set, ``eval_<set>_after_accuracy`` for the others (transformers' ``eval_`` prefix, so
+    TensorBoard and W&B show them under ``eval/`` next to ``eval/loss``)."""
+    from finsft.evaluation.sets import summary
+
+    prefix = f"eval_{set_name}_{phase}_" if set_name else f"eval_{phase}_"
+    return {prefix + k: float(v) for k, v in summary(metrics).items()
+            if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@functools.cache
+def trainer_class() -> type:
+    """finsft's SFTTrainer subclass (built on first use: importing TRL is slow)."""
+    from transformers import TrainerCallback
+    from trl import SFTTrainer
+
+    class LogAtStart(TrainerCallback):
+        """Logs the scores before training at step 0, after every tracker has started (it is the last
+        callback)."""
+
+        def __init__(self, trainer: Any, logs: dict[str, float]):
+            self.trainer, self.logs = trainer, logs
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if self.logs and state.global_step == 0:
+                self.trainer.log(dict(self.logs))
+            self.logs = {}
+
+    class NoStubCards(TrainerCallback):
+        """PEFT's save_pretrained writes a stub README.md into each checkpoint ("More Information Needed"):
+        the checkpoint this run has just saved loses it."""
+
+        def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if state.is_world_process_zero:
+                card = Path(args.output_dir) / f"checkpoint-{state.global_step}" / "README.md"
+                if card.is_file():
+                    card.unlink()
+
+    class FinsftTrainer(SFTTrainer):
+        task_metric: TaskMetric | None = None
+
+        def __init__(self, *args: Any, task_metric: TaskMetric | None = None, **kwargs: Any):
+            super().__init__(*args, **kwargs)
+            self.task_metric = task_metric
+            self.scores_before: dict[str, float] = {}
+            # True: the trackers' on_train_end waits for end_tracking (the caller logs scores after training)
+            self.defer_tracker_end = False
+            self._held_ends: list[Callable[[], Any]] = []
+            self.add_callback(NoStubCards())
+
+        def evaluation_loop(self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+                            ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval") -> Any:
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only=prediction_loss_only,
+                                             ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            if self.task_metric is not None and description == "Evaluation" and output.metrics is not None:
+                # Trainer.evaluate logs this dict next, then hands it to on_evaluate and the best-model choice.
+                output.metrics.update({f"{metric_key_prefix}_{k}": round(float(v), 6)
+                                       for k, v in self.task_metric(self.model).items()})
+            return output
+
+        def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+            """finsft writes the model card of every output folder; TRL's draft ("fine-tuned version of None")
+            is not written."""
+
+        def train(self, *args: Any, **kwargs: Any) -> Any:
+            if self.scores_before:
+                self.add_callback(LogAtStart(self, self.scores_before))
+            if self.defer_tracker_end:
+                self._hold_tracker_ends()
+            return super().train(*args, **kwargs)
+
+        def _hold_tracker_ends(self) -> None:
+            """The trackers close their run at on_train_end; the scores after training come later (after the
+            adapter is saved and scored), so their on_train_end waits for ``end_tracking``."""
+            for cb in self.callback_handler.callbacks:
+                if is_tracker(cb) and "on_train_end" not in vars(cb):
+                    end = cb.on_train_end
+
+                    def hold(args: Any, state: Any, control: Any, _end: Any = end, **kw: Any) -> None:
+                        self._held_ends.append(functools.partial(_end, args, state, control, **kw))
+
+                    cb.on_train_end = hold
+
+        def log_scores(self, scores: Mapping[str, float]) -> None:
+            """Scores after training, logged at the final step to trainer_state.json and every tracker."""
+            if scores:
+                self.log(dict(scores))
+
+        def end_tracking(self) -> None:
+            """The trackers' held on_train_end (closes TensorBoard's writer, ends the MLflow run...). Idempotent."""
+            held, self._held_ends = self._held_ends, []
+            for end in held:
+                end()
+
+    return FinsftTrainer
 
 
 def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None,
-                  callbacks: Sequence[Any] = ()) -> Any:
-    """TRL's SFTTrainer as finsft trains with it (the recipe's LoRA), without TRL's console printer. ``callbacks``
-    run before finsft's own (early stopping reads the metrics they add)."""
+                  callbacks: Sequence[Any] = (), task_metric: TaskMetric | None = None) -> Any:
+    """finsft's SFTTrainer (the recipe's LoRA), without TRL's console printer. ``callbacks`` run before finsft's
+    own; ``task_metric`` scores the model at each evaluation (its numbers join eval_loss)."""
     from transformers.trainer_callback import PrinterCallback
-    from trl import SFTTrainer
 
-    trainer = SFTTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                         processing_class=tokenizer, peft_config=get_peft_config(recipe))
+    trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                              processing_class=tokenizer, peft_config=get_peft_config(recipe),
+                              task_metric=task_metric)
     trainer.remove_callback(PrinterCallback)
     for callback in callbacks:
         trainer.add_callback(callback)
@@ -34,5 +150,3 @@ def model_is_sharded(trainer: Any) -> bool:
         plugin = trainer.accelerator.state.deepspeed_plugin
         return plugin is not None and plugin.zero_stage == 3
     return False
-
-
