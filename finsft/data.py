@@ -225,19 +225,63 @@ def text_columns(ds: Any, present: Mapping[str, str], source: str) -> Any:
     return ds
 
 
-def check_labels(ds: Any, template: Template, source: str) -> None:
+def map_labels(ds: Any, template: Template, label_map: Mapping[str, str] | None, source: str) -> Any:
+    """The label column in the template's labels: a ClassLabel column's integers become its own names, then
+    ``label_map`` (data.label_map and the like) maps a value, by its text ("2") or its class name ("Bearish"), to a
+    template label. Values it does not name stay as they are (check_labels reports those outside the label set)."""
+    import datasets
+
+    field = template.label_field
+    if not template.labels or field not in ds.column_names:
+        return ds
+    feature = ds.features[field]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    label_map = dict(label_map or {})
+    if names is None and not label_map:
+        return ds
+
+    def one(value: Any) -> Any:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if text in label_map:
+            return label_map[text]
+        if names is not None and isinstance(value, int) and 0 <= value < len(names):
+            return label_map.get(names[value], names[value])
+        return text
+
+    mapped = [one(v) for v in column(ds, field)]
+    return ds.remove_columns(field).add_column(field, mapped)
+
+
+def check_labels(ds: Any, template: Template, source: str, fix: str = "data.label_map") -> None:
+    """Every label is one of the template's; otherwise an error naming the values, their counts and the setting
+    that maps them (``fix``: data.label_map, or a set's own label_map)."""
     if not template.labels:
         return
     counts = Counter(str(v).strip() for v in column(ds, template.label_field))
     unknown = {k: v for k, v in counts.items() if k not in template.labels}
     if unknown:
-        shown = ", ".join(f"'{k}' ({v} rows)" for k, v in sorted(unknown.items(), key=lambda kv: -kv[1])[:8])
+        ranked = sorted(unknown.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"'{k}' ({v} rows)" for k, v in ranked[:8])
         hint = ""
         for name, labels in LABEL_SETS.items():
             if set(counts) <= set(labels) and tuple(labels) != template.labels:
                 hint = f" These are the '{name}' labels: set template.labels to \"{name}\"."
+        if not hint:
+            hint = " " + label_map_hint([k for k, _ in ranked[:8]], template.labels, fix)
         raise DataError(f"{source}: labels outside the template's label set ({'/'.join(template.labels)}): "
                         f"{shown}.{hint}")
+
+
+def label_map_hint(values: Sequence[str], labels: Sequence[str], fix: str) -> str:
+    """How to map label values to the template's labels with ``fix`` (a label_map), e.g. for integer labels."""
+    lowered = {label.lower(): label for label in labels}
+    example = {v: lowered.get(v.lower(), "?") for v in values}
+    unsure = "?" in example.values()
+    return (f"Map them to the template's labels with {fix}, e.g. {json.dumps(example)}"
+            + (f" (each ? one of: {', '.join(labels)}; the dataset's card says what each value means)"
+               if unsure else "") + ".")
 
 
 def column(ds: Any, name: str) -> list[Any]:
@@ -293,10 +337,12 @@ def balance(ds: Any, field: str, mode: str, seed: int) -> Any:
     return ds.select(idx)
 
 
-def load_split(path: str, split: str, template: Template, columns: Mapping[str, str]) -> tuple[Any, str]:
-    """One data source as template rows, labels checked."""
+def load_split(path: str, split: str, template: Template, columns: Mapping[str, str],
+               label_map: Mapping[str, str] | None = None) -> tuple[Any, str]:
+    """One data source as template rows, labels mapped (``label_map``, a ClassLabel's names) and checked."""
     ds, digest = load_table(path, split)
     ds = to_template_rows(ds, template, columns, path)
+    ds = map_labels(ds, template, label_map, path)
     check_labels(ds, template, path)
     return ds, digest
 
@@ -308,7 +354,7 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
     path = data["path"]
     if not path:
         raise DataError("data.path is not set: name the training data (or a mixture in data.datasets)")
-    train, digest = load_split(path, data["split"], template, data["columns"])
+    train, digest = load_split(path, data["split"], template, data["columns"], data.get("label_map"))
     source = {"path": path, "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
               "fraction": 1, "fingerprint": digest}
     splits = finish_splits(train, digest, recipe, template, path)
@@ -325,7 +371,8 @@ def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, w
         train = train.shuffle(seed=seed)  # an index mapping: rewriting the table costs seconds on large sets
     validation = None
     if data["validation_path"]:
-        validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"])
+        validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"],
+                                         data.get("label_map"))
         digest = f"{digest}+{vdigest}"
     elif data["validation_size"]:
         train, validation = group_split(train, data["validation_size"], data["group_by"], seed, what)

@@ -22,6 +22,7 @@ from finsft.data import (
     finish_splits,
     load_hub_dataset,
     load_table,
+    map_labels,
     to_template_rows,
 )
 from finsft.data import build_splits as build_single_splits
@@ -88,6 +89,8 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
         what = describe(source)
         ds, digest = load_source(source)
         rows = to_template_rows(ds, template, source.get("columns") or {}, what)
+        rows = map_labels(rows, template, {**(recipe.data.get("label_map") or {}), **(source.get("label_map") or {})},
+                          what)
         check_labels(rows, template, what)
         if template.messages_field:
             from finsft.chat import check_conversations

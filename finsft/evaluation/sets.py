@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Formatter, check_labels, make_formatter, to_template_rows
+from finsft.data import Formatter, check_labels, make_formatter, map_labels, to_template_rows
 from finsft.evaluation.metrics import headline
 from finsft.evaluation.report import EvalSet, eval_settings
 from finsft.evaluation.scorers import resolve_scorer
@@ -54,7 +54,8 @@ def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Templ
     what = f"evaluation set '{name}' ({describe(source)})"
     ds, fp = load_source(source)
     ds = to_template_rows(ds, template, spec.get("columns") or {}, what)
-    check_labels(ds, template, what)
+    ds = map_labels(ds, template, spec.get("label_map"), what)
+    check_labels(ds, template, what, fix=f"evaluation.sets.{name}.label_map")
     cap = spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
     ds, note = sample(ds, cap, recipe.training["seed"])
     return EvalSet([dict(r) for r in ds], f"{describe(source)}{note} ({fp})", name)

@@ -52,6 +52,7 @@ class DataSource(TypedDict):
     data_files: str | list[str] | dict[str, str] | None
     split: str
     columns: dict[str, str]
+    label_map: dict[str, str]
     fraction: float
 
 
@@ -60,6 +61,7 @@ class DataSection(TypedDict):
     datasets: list[DataSource] | None
     split: str
     columns: dict[str, str]
+    label_map: dict[str, str]
     max_samples: int | None
     shuffle: bool
     validation_path: str | None
@@ -119,6 +121,7 @@ class EvaluationSetSection(TypedDict):
     columns: dict[str, str]
     template: str | None
     labels: str | list[str] | None
+    label_map: dict[str, str]
     max_samples: int | None
 
 

@@ -205,7 +205,24 @@ def data_rules(raw: Mapping[str, Any], data: Any, template: Any) -> Found:
                                           f"one of its fields: {', '.join(fields)}"))
     if data.get("balance", "none") != "none" and not template.is_classification:
         out.append((["data", "balance"], f"balancing needs a label set; template '{template.name}' has none"))
+    out += label_map_rules(["data", "label_map"], data.get("label_map"), template)
+    for i, source in enumerate(data.get("datasets") or []):
+        out += label_map_rules(["data", "datasets", i, "label_map"], source.get("label_map"), template)
     return out
+
+
+def label_map_rules(where: list[str | int], label_map: Any, template: Any, labels: Any = None) -> Found:
+    """A label_map's targets are labels of the template's label set (``labels`` when given, else the
+    template's own)."""
+    if not isinstance(label_map, dict) or not label_map:
+        return []
+    allowed = list(labels if labels is not None else template.labels or ())
+    if not allowed:
+        return [(where, f"template '{template.name}' generates free text and has no label set, so there is "
+                        "nothing to map labels to; remove label_map or choose a classification template")]
+    return [([*where, key], f"maps to '{value}', which is not one of the template's labels."
+                            f"{did_you_mean(str(value), allowed)} Allowed: {', '.join(allowed)}")
+            for key, value in label_map.items() if value not in allowed]
 
 
 def mixture_rules(data: Mapping[str, Any], template: Any) -> Found:
@@ -296,6 +313,7 @@ def evaluation_set_rules(name: str, spec: Mapping[str, Any], template: Any, scor
         if col not in base.fields:
             out.append(([*where, "columns", col], f"template '{base.name}' has no field '{col}'."
                         f"{did_you_mean(col, base.fields)} Its fields: {', '.join(base.fields)}"))
+    out += label_map_rules([*where, "label_map"], spec.get("label_map"), base, labels)
     return out
 
 
