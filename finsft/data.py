@@ -163,8 +163,10 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
     if missing:
         raise DataError(missing_columns_message(source, missing, mapping, have, columns))
     present = {col: field for field, col in mapping.items() if col in have}
-    # A chat template's messages field holds the conversation (a list of turns); every other field is text.
-    ds = text_columns(ds, {c: f for c, f in present.items() if f != template.messages_field}, source)
+    # A chat template's messages field holds the conversation (a list of turns), as do both fields of
+    # conversational prompt-completion data; every other field is text.
+    ds = text_columns(ds, {c: f for c, f in present.items()
+                           if f != template.messages_field and not template.conversational}, source)
     ds = ds.select_columns(list(present))
     if any(col != field for col, field in present.items()):
         ds = ds.rename_columns({c: f for c, f in present.items() if c != f})
@@ -410,6 +412,11 @@ class Formatter:
 
             messages = with_system(list(row[self.template.messages_field]), self.system)
             return conversation_prompt(self.tokenizer, messages)[0]
+        if self.template.conversational:  # TRL's conversational prompt: rendered up to the assistant's turn
+            from finsft.chat import with_system
+
+            prompt = with_system(list(row["prompt"]), self.system)
+            return str(self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
         text = self.template.render_prompt(row)
         if not self.chat:
             return text
@@ -451,12 +458,13 @@ class Formatter:
 
 def make_formatter(recipe: Recipe, template: Template, tokenizer: Any) -> Formatter:
     t = recipe.template
-    if template.messages_field and not getattr(tokenizer, "chat_template", None):
+    conversations = bool(template.messages_field or template.conversational)
+    if conversations and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"template '{template.name}' formats conversations with the tokenizer's chat template, and "
                         "this tokenizer has none")
     if t["chat_template"] and not getattr(tokenizer, "chat_template", None):
         raise DataError("template.chat_template is true but the tokenizer has no chat template")
-    return Formatter(template, tokenizer, bool(t["chat_template"] or template.messages_field), t["system"])
+    return Formatter(template, tokenizer, bool(t["chat_template"] or conversations), t["system"])
 
 
 def encode_prompt(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
@@ -541,6 +549,13 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
         conversations = column(rows, formatter.template.messages_field)
         ids, masks = tokenize_conversations(tok, conversations, formatter.system, max_length)
         return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+    if formatter.template.conversational:  # TRL's conversational prompt-completion: loss on the completion
+        ids, masks = tokenize_chat_completions(tok, column(rows, "prompt"), column(rows, "completion"),
+                                               formatter.system, max_length)
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+    if formatter.template.language_modeling:  # TRL's language modelling: every token in the loss
+        ids = tokenize_texts(tok, column(rows, formatter.template.label_field), max_length)
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(i) for i in ids]})
     fields = [f for f in formatter.template.fields if f in rows.column_names]
     table = rows.select_columns(fields).with_format("arrow")[:]
     cols = [table.column(f).to_pylist() for f in fields]
@@ -578,6 +593,48 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
         "completion_mask": list_array.from_arrays(offsets, pa.array(mask, pa.int8())),
     })
     return datasets.Dataset(datasets.table.InMemoryTable(out))
+
+
+def tokenize_texts(tok: Any, texts: list[Any], max_length: int | None) -> list[list[int]]:
+    """Token ids of plain texts as TRL's language modelling tokenizes them: the tokenizer's special tokens (BOS),
+    the text, and the end-of-sequence token; over-long texts lose their end."""
+    eos = tok.eos_token_id
+    out = []
+    for ids in tok(["" if t is None else str(t) for t in texts])["input_ids"]:
+        ids = list(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out.append(ids[:max_length] if max_length is not None else ids)
+    return out
+
+
+def tokenize_chat_completions(tok: Any, prompts: Sequence[Any], completions: Sequence[Any], system: str | None,
+                              max_length: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """TRL's conversational prompt-completion rows: prompt and completion messages rendered together with the
+    chat template; a token is trained when it lies in an assistant turn of the completion (an assistant turn
+    inside the prompt is context, as in TRL). Over-long rows lose their end."""
+    from finsft.chat import assistant_spans, check_conversation, with_system
+
+    ids_out: list[list[int]] = []
+    mask_out: list[list[int]] = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True), start=1):
+        where = f"row {row}"
+        if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
+            raise DataError(f"{where}: 'prompt' and 'completion' must both be lists of {{\"role\", \"content\"}} "
+                            "objects (TRL's conversational prompt-completion format)")
+        messages = with_system(check_conversation([*prompt, *completion], where), system)
+        head = str(tok.apply_chat_template(messages[:len(messages) - len(completion)], tokenize=False,
+                                           add_generation_prompt=True))
+        text, spans = assistant_spans(tok, messages)
+        spans = [(s, e) for s, e in spans if s >= len(head)]
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [int(any(start < e and end > s for s, e in spans)) for start, end in enc["offset_mapping"]]
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        ids_out.append(ids)
+        mask_out.append(mask)
+    return ids_out, mask_out
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

@@ -212,7 +212,7 @@ def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, An
             preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": t}
                      for r, g, p, t in zip(rows, gold, pred, texts, strict=True)]
         return EvalResult(scorer, classification_metrics(gold, pred, label_space), preds)
-    refs = [str(r[template.label_field]) for r in rows]
+    refs = [template.reference(r) for r in rows]  # a conversation's reference is its last assistant turn
     texts = generate(model, formatter, rows, batch_size, max_new_tokens or 256, progress)
     preds = [{"input": r.get("input"), "reference": ref, "answer": t}
              for r, ref, t in zip(rows, refs, texts, strict=True)]

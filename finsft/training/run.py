@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.data import Formatter, make_formatter, prepared_cache
-from finsft.data_sources import build_splits
+from finsft.data_sources import build_splits, resolve_data_format
 from finsft.errors import FinsftError, OutputDirError
 from finsft.evaluation import (
     EvalReport,
@@ -182,7 +182,9 @@ class TrainingRun:
         if recipe.model["trust_remote_code"]:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
-        self.template: Template = template_from_recipe(recipe.template)
+        self.template: Template = resolve_data_format(recipe) or template_from_recipe(recipe.template)
+        if recipe.data_format:
+            out.print(f"data format: {recipe.data_format}")
         check_trackers(recipe.training["report_to"])  # a missing tracker package, before anything heavy
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
@@ -241,7 +243,10 @@ class TrainingRun:
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
                       f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
-        if self.recipe.evaluation and self.main:
+        if self.recipe.evaluation and self.template.language_modeling:
+            out.print(f"task evaluation skipped: template '{self.template.name}' trains on plain text, with no "
+                      "prompt and answer to score; the validation loss measures it")
+        elif self.recipe.evaluation and self.main:
             rows = eval_set(recipe, self.template, self.splits.validation)
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             main_set = NamedSet(rows.name, rows, self.template, self.formatter,
