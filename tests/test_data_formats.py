@@ -217,3 +217,13 @@ def test_data_read_only_by_the_run_is_recognised_when_it_loads(tmp_path: Path, m
     datasets.Dataset.from_list([{"headline": "x", "score": 1}]).to_parquet(str(odd))
     with pytest.raises(DataError, match=r"columns \(headline, score\) match no data format"):
         resolve_data_format(load_recipe(str(recipe_file(tmp_path, make_recipe, odd))))
+
+
+def test_plain_text_has_nothing_to_score() -> None:
+    from finsft.errors import FinsftError
+    from finsft.evaluation.scorers import resolve_scorer
+    from finsft.templates import BUILTIN
+
+    with pytest.raises(FinsftError, match="plain text: it has no prompt and answer to score"):
+        resolve_scorer("auto", BUILTIN["text"])
+    assert resolve_scorer("auto", BUILTIN["prompt_completion"]) == "generate"

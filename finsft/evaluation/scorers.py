@@ -182,6 +182,9 @@ def _stop_ids(tok: Any) -> list[int]:
 
 
 def resolve_scorer(scorer: str, template: Template) -> str:
+    if template.language_modeling:
+        raise FinsftError(f"template '{template.name}' trains on plain text: it has no prompt and answer to score; "
+                          "the validation loss (training.eval_steps) measures it")
     if scorer == "auto":
         return "likelihood" if template.is_classification else "generate"
     if scorer == "likelihood" and not template.is_classification:
