@@ -187,6 +187,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     print(json.dumps(recipe.config, indent=2))
+    if recipe.data_format:  # on stderr: stdout stays the recipe's JSON
+        print(f"data format: {recipe.data_format}", file=sys.stderr)
+    elif recipe.template_pending:
+        print("data format: decided when the data loads (the recipe names no template and its data is not a "
+              "local JSON/JSONL/CSV file)", file=sys.stderr)
     return EXIT_OK
 
 

@@ -167,8 +167,10 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
         raise DataError(missing_columns_message(source, missing, mapping, have, columns, f"{section}.columns",
                                                 template.messages_field))
     present = {col: field for field, col in mapping.items() if col in have}
-    # A chat template's messages field holds the conversation (a list of turns); every other field is text.
-    ds = text_columns(ds, {c: f for c, f in present.items() if f != template.messages_field}, source)
+    # A chat template's messages field holds the conversation (a list of turns), as do both fields of
+    # conversational prompt-completion data; every other field is text.
+    ds = text_columns(ds, {c: f for c, f in present.items()
+                           if f != template.messages_field and not template.conversational}, source)
     ds = ds.select_columns(list(present))
     if any(col != field for col, field in present.items()):
         ds = ds.rename_columns({c: f for c, f in present.items() if c != f})
@@ -253,20 +255,65 @@ def text_columns(ds: Any, present: Mapping[str, str], source: str) -> Any:
     return ds
 
 
-def check_labels(ds: Any, template: Template, source: str, key: str = "template.labels") -> None:
-    """Every label in the template's label set; the hint names ``key``, the setting that picks the label set."""
+def map_labels(ds: Any, template: Template, label_map: Mapping[str, str] | None, source: str) -> Any:
+    """The label column in the template's labels: a ClassLabel column's integers become its own names, then
+    ``label_map`` (data.label_map and the like) maps a value, by its text ("2") or its class name ("Bearish"), to a
+    template label. Values it does not name stay as they are (check_labels reports those outside the label set)."""
+    import datasets
+
+    field = template.label_field
+    if not template.labels or field not in ds.column_names:
+        return ds
+    feature = ds.features[field]
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    label_map = dict(label_map or {})
+    if names is None and not label_map:
+        return ds
+
+    def one(value: Any) -> Any:
+        if value is None:
+            return None
+        text = str(value).strip()
+        if text in label_map:
+            return label_map[text]
+        if names is not None and isinstance(value, int) and 0 <= value < len(names):
+            return label_map.get(names[value], names[value])
+        return text
+
+    mapped = [one(v) for v in column(ds, field)]
+    return ds.remove_columns(field).add_column(field, mapped)
+
+
+def check_labels(ds: Any, template: Template, source: str, key: str = "template.labels",
+                 fix: str = "data.label_map") -> None:
+    """Every label is one of the template's; otherwise an error naming the values, their counts and the settings
+    that fix it: ``key`` picks the label set (template.labels, a set's labels), ``fix`` maps values
+    (data.label_map, a source's or a set's own label_map)."""
     if not template.labels:
         return
     counts = Counter(str(v).strip() for v in column(ds, template.label_field))
     unknown = {k: v for k, v in counts.items() if k not in template.labels}
     if unknown:
-        shown = ", ".join(f"'{k}' ({v} rows)" for k, v in sorted(unknown.items(), key=lambda kv: -kv[1])[:8])
+        ranked = sorted(unknown.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"'{k}' ({v} rows)" for k, v in ranked[:8])
         hint = ""
         for name, labels in LABEL_SETS.items():
             if set(counts) <= set(labels) and tuple(labels) != template.labels:
                 hint = f" These are the '{name}' labels: set {key} to \"{name}\"."
+        if not hint:
+            hint = " " + label_map_hint([k for k, _ in ranked[:8]], template.labels, fix)
         raise DataError(f"{source}: labels outside the template's label set ({'/'.join(template.labels)}): "
                         f"{shown}.{hint}")
+
+
+def label_map_hint(values: Sequence[str], labels: Sequence[str], fix: str) -> str:
+    """How to map label values to the template's labels with ``fix`` (a label_map), e.g. for integer labels."""
+    lowered = {label.lower(): label for label in labels}
+    example = {v: lowered.get(v.lower(), "?") for v in values}
+    unsure = "?" in example.values()
+    return (f"Map them to the template's labels with {fix}, e.g. {json.dumps(example)}"
+            + (f" (each ? one of: {', '.join(labels)}; the dataset's card says what each value means)"
+               if unsure else "") + ".")
 
 
 def column(ds: Any, name: str) -> list[Any]:
@@ -322,10 +369,12 @@ def balance(ds: Any, field: str, mode: str, seed: int) -> Any:
     return ds.select(idx)
 
 
-def load_split(path: str, split: str, template: Template, columns: Mapping[str, str]) -> tuple[Any, str]:
-    """One data source as template rows, labels checked."""
+def load_split(path: str, split: str, template: Template, columns: Mapping[str, str],
+               label_map: Mapping[str, str] | None = None) -> tuple[Any, str]:
+    """One data source as template rows, labels mapped (``label_map``, a ClassLabel's names) and checked."""
     ds, digest = load_table(path, split)
     ds = to_template_rows(ds, template, columns, path, path=path)
+    ds = map_labels(ds, template, label_map, path)
     check_labels(ds, template, path)
     return ds, digest
 
@@ -337,7 +386,7 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
     path = data["path"]
     if not path:
         raise DataError("data.path is not set: name the training data (or a mixture in data.datasets)")
-    train, digest = load_split(path, data["split"], template, data["columns"])
+    train, digest = load_split(path, data["split"], template, data["columns"], data.get("label_map"))
     source = {"path": path, "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
               "fraction": 1, "fingerprint": digest}
     splits = finish_splits(train, digest, recipe, template, path)
@@ -354,7 +403,8 @@ def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, w
         train = train.shuffle(seed=seed)  # an index mapping: rewriting the table costs seconds on large sets
     validation = None
     if data["validation_path"]:
-        validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"])
+        validation, vdigest = load_split(data["validation_path"], data["split"], template, data["columns"],
+                                         data.get("label_map"))
         digest = f"{digest}+{vdigest}"
     elif data["validation_size"]:
         train, validation = group_split(train, data["validation_size"], data["group_by"], seed, what)
@@ -392,6 +442,11 @@ class Formatter:
 
             messages = with_system(check_conversation(row[self.template.messages_field]), self.system)
             return conversation_prompt(self.tokenizer, messages)[0]
+        if self.template.conversational:  # TRL's conversational prompt: rendered up to the assistant's turn
+            from finsft.chat import with_system
+
+            prompt = with_system(list(row["prompt"]), self.system)
+            return str(self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True))
         text = self.template.render_prompt(row)
         if not self.chat:
             return text
@@ -433,12 +488,13 @@ class Formatter:
 
 def make_formatter(recipe: Recipe, template: Template, tokenizer: Any) -> Formatter:
     t = recipe.template
-    if template.messages_field and not getattr(tokenizer, "chat_template", None):
+    conversations = bool(template.messages_field or template.conversational)
+    if conversations and not getattr(tokenizer, "chat_template", None):
         raise DataError(f"template '{template.name}' formats conversations with the tokenizer's chat template, and "
                         "this tokenizer has none")
     if t["chat_template"] and not getattr(tokenizer, "chat_template", None):
         raise DataError("template.chat_template is true but the tokenizer has no chat template")
-    return Formatter(template, tokenizer, bool(t["chat_template"] or template.messages_field), t["system"])
+    return Formatter(template, tokenizer, bool(t["chat_template"] or conversations), t["system"])
 
 
 def encode_prompt(tokenizer: Any, texts: list[str], chat: bool) -> list[list[int]]:
@@ -523,6 +579,13 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
         conversations = rows[formatter.template.messages_field][:]  # decoded (see to_template_rows)
         ids, masks = tokenize_conversations(tok, conversations, formatter.system, max_length, log)
         return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+    if formatter.template.conversational:  # TRL's conversational prompt-completion: loss on the completion
+        ids, masks = tokenize_chat_completions(tok, column(rows, "prompt"), column(rows, "completion"),
+                                               formatter.system, max_length)
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": masks})
+    if formatter.template.language_modeling:  # TRL's language modelling: every token in the loss
+        ids = tokenize_texts(tok, column(rows, formatter.template.label_field), max_length)
+        return datasets.Dataset.from_dict({"input_ids": ids, "completion_mask": [[1] * len(i) for i in ids]})
     fields = [f for f in formatter.template.fields if f in rows.column_names]
     table = rows.select_columns(fields).with_format("arrow")[:]
     cols = [table.column(f).to_pylist() for f in fields]
@@ -560,6 +623,48 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
         "completion_mask": list_array.from_arrays(offsets, pa.array(mask, pa.int8())),
     })
     return datasets.Dataset(datasets.table.InMemoryTable(out))
+
+
+def tokenize_texts(tok: Any, texts: list[Any], max_length: int | None) -> list[list[int]]:
+    """Token ids of plain texts as TRL's language modelling tokenizes them: the tokenizer's special tokens (BOS),
+    the text, and the end-of-sequence token; over-long texts lose their end."""
+    eos = tok.eos_token_id
+    out = []
+    for ids in tok(["" if t is None else str(t) for t in texts])["input_ids"]:
+        ids = list(ids)
+        if eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        out.append(ids[:max_length] if max_length is not None else ids)
+    return out
+
+
+def tokenize_chat_completions(tok: Any, prompts: Sequence[Any], completions: Sequence[Any], system: str | None,
+                              max_length: int | None) -> tuple[list[list[int]], list[list[int]]]:
+    """TRL's conversational prompt-completion rows: prompt and completion messages rendered together with the
+    chat template; a token is trained when it lies in an assistant turn of the completion (an assistant turn
+    inside the prompt is context, as in TRL). Over-long rows lose their end."""
+    from finsft.chat import assistant_spans, check_conversation, with_system
+
+    ids_out: list[list[int]] = []
+    mask_out: list[list[int]] = []
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True), start=1):
+        where = f"row {row}"
+        if not isinstance(prompt, list) or not isinstance(completion, list) or not completion:
+            raise DataError(f"{where}: 'prompt' and 'completion' must both be lists of {{\"role\", \"content\"}} "
+                            "objects (TRL's conversational prompt-completion format)")
+        messages = with_system(check_conversation([*prompt, *completion], where), system)
+        head = str(tok.apply_chat_template(messages[:len(messages) - len(completion)], tokenize=False,
+                                           add_generation_prompt=True))
+        text, spans = assistant_spans(tok, messages)
+        spans = [(s, e) for s, e in spans if s >= len(head)]
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = [int(any(start < e and end > s for s, e in spans)) for start, end in enc["offset_mapping"]]
+        if max_length is not None:
+            ids, mask = ids[:max_length], mask[:max_length]
+        ids_out.append(ids)
+        mask_out.append(mask)
+    return ids_out, mask_out
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:

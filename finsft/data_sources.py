@@ -21,6 +21,7 @@ from finsft.data import (
     finish_splits,
     load_hub_dataset,
     load_table,
+    map_labels,
     to_template_rows,
 )
 from finsft.data import build_splits as build_single_splits
@@ -89,7 +90,9 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
         local = source["path"] if os.path.isabs(source["path"]) and not source.get("data_files") else None
         rows = to_template_rows(ds, template, source.get("columns") or {}, what, section=f"data.datasets[{i}]",
                                 path=local)
-        check_labels(rows, template, what)
+        rows = map_labels(rows, template, {**(recipe.data.get("label_map") or {}), **(source.get("label_map") or {})},
+                          what)
+        check_labels(rows, template, what, fix=f"data.datasets[{i}].label_map")
         fraction = float(source.get("fraction", 1))
         used = take_fraction(rows, fraction, seed, i)
         parts.append(used)
@@ -118,3 +121,33 @@ def build_splits(recipe: Recipe, template: Template) -> Splits:
     splits = finish_splits(rows, digest, recipe, template, f"the mixture of {len(report)} sources")
     splits.sources = report
     return splits
+
+
+def resolve_data_format(recipe: Recipe) -> Template | None:
+    """For a recipe that names no template and whose data could not be read before the run (a hub id, a Parquet
+    file): TRL's format of the first source's first row (finsft.data_formats) decides the template. The recipe's
+    config (template.name, and data.group_by unless the recipe sets it) and ``data_format`` record the choice.
+    None when there is nothing to decide."""
+    from finsft.data_formats import detect_format, unknown_format_message
+    from finsft.templates import template_from_recipe
+
+    if not recipe.template_pending:
+        return None
+    data = recipe.data
+    if data.get("path"):
+        source: dict[str, Any] = {"path": data["path"], "split": data["split"]}
+        columns: Mapping[str, str] = data["columns"]
+    else:
+        source = dict(next(iter(data.get("datasets") or []), {"path": ""}))
+        columns = source.get("columns") or {}
+    ds, _ = load_source(source)
+    first = ds[0] if len(ds) else None
+    fmt = detect_format(list(ds.column_names), first, columns)
+    if fmt is None:
+        raise DataError(unknown_format_message(describe(source), list(ds.column_names)))
+    recipe.config["template"]["name"] = fmt.template
+    raw_data = recipe.raw.get("data")
+    if not (isinstance(raw_data, dict) and "group_by" in raw_data):
+        recipe.config["data"]["group_by"] = fmt.group_by
+    recipe.data_format = f"{fmt.name}, template '{fmt.template}': {fmt.reason}; the loss covers {fmt.loss}"
+    return template_from_recipe(recipe.template)

@@ -14,7 +14,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from finsft.recipe import schema
+from finsft.recipe import required_keys, schema
 
 START = "<!-- recipe-reference:start -->"
 END = "<!-- recipe-reference:end -->"
@@ -96,7 +96,7 @@ def _examples(sub: Mapping[str, Any]) -> str:
 
 
 def _table(node: Mapping[str, Any], prefix: str, link_sections: bool) -> list[str]:
-    required = set(node.get("required", []))
+    required = set(required_keys(node))
     lines = ["| Key | Type / allowed values | Default | Description | Example |", "|---|---|---|---|---|"]
     for key, sub in node["properties"].items():
         name = f"`{key}`"
@@ -144,7 +144,7 @@ def _anchor(dotted: str) -> str:
 
 def _sections(node: Mapping[str, Any], prefix: str = "") -> list[str]:
     out: list[str] = []
-    required = set(node.get("required", []))
+    required = set(required_keys(node))
     for key, sub in node["properties"].items():
         if "properties" not in sub:
             continue

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.data import Splits
-from finsft.data_sources import build_splits
+from finsft.data_sources import build_splits, resolve_data_format
 from finsft.errors import DataError, FinsftError
 from finsft.evaluation.report import EvalSet, eval_set
 from finsft.evaluation.sets import load_set, set_template
@@ -135,7 +135,7 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
         with checked.check():
             check_adapter(adapter)
     with checked.check():
-        checked.template = template_from_recipe(recipe.template)
+        checked.template = resolve_data_format(recipe) or template_from_recipe(recipe.template)
     template = checked.template
     if command == "train":
         with checked.check():

@@ -110,6 +110,11 @@ class Template:
     # Chat data: the field holding a conversation (a list of {"role", "content"}), formatted with the tokenizer's
     # chat template and trained on its assistant turns (finsft.chat); prompt and completion are not used.
     messages_field: str | None = None
+    # TRL's conversational prompt-completion: the prompt and completion fields hold lists of messages, formatted
+    # with the tokenizer's chat template; the loss covers the completion's assistant turns.
+    conversational: bool = False
+    # TRL's language modelling ("text" data): the completion field's text is trained on whole, with no prompt.
+    language_modeling: bool = False
 
     @property
     def fields(self) -> list[str]:
@@ -137,8 +142,9 @@ class Template:
     def reference(self, row: Mapping[str, Any]) -> str:
         """The answer a generation is compared with: the completion field, or a conversation's last assistant
         turn."""
-        if self.messages_field:
-            turns = [m for m in row[self.messages_field] if m.get("role") == "assistant"]
+        if self.messages_field or self.conversational:
+            messages = row[self.messages_field or self.label_field]
+            turns = [m for m in messages if m.get("role") == "assistant"]
             return str(turns[-1]["content"]) if turns else ""
         return str(row[self.label_field])
 
@@ -205,6 +211,35 @@ BUILTIN: dict[str, Template] = {
             completion="",
             label_field="messages",
             messages_field="messages",
+        ),
+        Template(
+            name="prompt_completion",
+            description="TRL's standard prompt-completion data: 'prompt' and 'completion' text columns, used as they "
+            "are (the completion is appended to the prompt); the loss is on the completion. Found without a "
+            "template name.",
+            prompt="{prompt}",
+            completion="{completion}",
+            label_field="completion",
+        ),
+        Template(
+            name="chat_prompt_completion",
+            description="TRL's conversational prompt-completion data: 'prompt' and 'completion' hold lists of "
+            "{role, content}, formatted with the tokenizer's chat template; the loss is on the completion's "
+            "assistant turns. Found without a template name.",
+            prompt="{prompt}",
+            completion="{completion}",
+            label_field="completion",
+            conversational=True,
+        ),
+        Template(
+            name="text",
+            description="TRL's language modelling data: a 'text' column (filings, news) trained on whole, every "
+            "token in the loss (continued pre-training). No task evaluation: the validation loss measures it. "
+            "Found without a template name.",
+            prompt="",
+            completion="{text}",
+            label_field="text",
+            language_modeling=True,
         ),
         Template(
             name="short_sentiment",

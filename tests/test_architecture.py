@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "finsft"
 LAYERS: dict[str, int] = {
     "finsft": 0, "finsft.errors": 0, "finsft.files": 0, "finsft.quiet": 0, "finsft.progress": 0,
     "finsft.testing": 0,
-    "finsft.templates": 1,
+    "finsft.templates": 1, "finsft.data_formats": 1,
     "finsft.recipe": 2,
     "finsft.plan": 3, "finsft.chat": 3,
     "finsft.data": 4,

@@ -42,10 +42,16 @@ def test_set_rules(make_recipe: Any, tmp_path: Path) -> None:
 def test_run_scores_every_set_before_and_after(make_recipe: Any, tmp_path: Path) -> None:
     qa = write_jsonl(tmp_path / "qa.jsonl", [{"question": f"What is {i}?", "answer": f"It is {i}."}
                                              for i in range(5)])
+    # The held-out set stores TFNS's integer labels and names them with its label_map: the report uses the names.
+    tfns = {"0": "negative", "1": "positive", "2": "neutral"}
+    codes = {v: int(k) for k, v in tfns.items()}
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [
+        {"input": r["input"], "output": codes[r["output"]]}
+        for r in map(json.loads, INVENTED_TEST.read_text().splitlines())])
     recipe = load_recipe(str(make_recipe(
         data={"path": None, "datasets": [{"path": str(INVENTED_TRAIN), "fraction": 0.5}]},
         evaluation={"path": str(INVENTED_TEST), "before_training": True, "max_samples": 6, "max_new_tokens": 4,
-                    "sets": {"heldout": {"path": str(INVENTED_TEST), "max_samples": 5},
+                    "sets": {"heldout": {"path": str(heldout), "max_samples": 5, "label_map": tfns},
                              "qa": {"path": str(qa), "template": "fiqa_qa", "max_samples": 3,
                                     "columns": {"input": "question", "output": "answer"}}}})))
     out = train(recipe)
@@ -57,6 +63,10 @@ def test_run_scores_every_set_before_and_after(make_recipe: Any, tmp_path: Path)
         assert report["rows"] == rows and key in report["metrics"] and key in report["base_metrics"]
         assert report["adapter"] == str(out)
         assert (out / "eval" / name / "predictions.jsonl").exists()
+    named = json.loads((out / "eval" / "heldout" / "eval.json").read_text())["metrics"]
+    assert list(named["per_class"]) == ["negative", "neutral", "positive"]
+    assert sum(c["support"] for c in named["per_class"].values()) == 5
+    assert (out / "eval" / "heldout" / "confusion.png").exists()
     qa_report = json.loads((out / "eval" / "qa" / "eval.json").read_text())
     assert qa_report["settings"]["template"] == "fiqa_qa" and qa_report["settings"]["scorer"] == "generate"
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]

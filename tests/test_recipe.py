@@ -513,8 +513,8 @@ def test_packing_true_on_a_template_that_cannot_pack(tmp_path: Path, monkeypatch
 def test_entry_point_templates_are_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _entry_points(monkeypatch, tmp_path, headline="finsft_test_templates:make_headline",
                   broken="finsft_no_such_module:T", wrong="finsft_test_templates:NOT_A_TEMPLATE")
-    assert tpl.registered_names() == ["broken", "chat", "fingpt_sentiment", "fiqa_qa", "headline",
-                                      "short_sentiment", "wrong", "custom"]
+    assert tpl.registered_names() == ["broken", "chat", "chat_prompt_completion", "fingpt_sentiment", "fiqa_qa",
+                                      "headline", "prompt_completion", "short_sentiment", "text", "wrong", "custom"]
     ok = _recipe(tmp_path, template={"name": "headline"}, data={"group_by": "headline", "balance": "upsample"})
     assert rc.check_recipe(str(ok))[1] == []
 
@@ -527,7 +527,7 @@ def test_entry_point_templates_are_checked(tmp_path: Path, monkeypatch: pytest.M
         == "entry point 'finsft_test_templates:NOT_A_TEMPLATE' for template 'wrong' did not give a finsft Template"
 
     (problem,) = rc.check_recipe(str(_recipe(tmp_path, template={"name": "headlines"})))[1]
-    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, chat, fingpt_sentiment" in problem.message
+    assert "Did you mean 'headline'?" in problem.message and "Registered: broken, chat, chat_prompt_completion, fingpt_sentiment" in problem.message
 
 
 def test_labels_make_a_generation_template_classify(tmp_path: Path) -> None:

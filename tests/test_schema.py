@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from finsft.recipe import schema
+from finsft.recipe import required_keys, schema
 
 REPO = Path(__file__).resolve().parent.parent
 PACKAGED = REPO / "finsft" / "schemas" / "recipe.schema.json"
@@ -20,7 +20,7 @@ PACKAGED = REPO / "finsft" / "schemas" / "recipe.schema.json"
 
 def properties(node: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, dict[str, Any], bool]]:
     """(dotted name, schema, required) of every property, recursively."""
-    required = set(node.get("required", []))
+    required = set(required_keys(node))  # the top level's only when the recipe extends none
     for key, sub in node.get("properties", {}).items():
         name = f"{prefix}{key}"
         yield name, sub, key in required
@@ -37,7 +37,8 @@ def objects(node: Any, where: str = "$") -> Iterator[tuple[str, dict[str, Any]]]
         if "properties" in node:
             yield where, node
         for key, value in node.items():
-            yield from objects(value, f"{where}/{key}")
+            if key != "if":  # a condition (the recipe has 'extends'), not an object a recipe holds
+                yield from objects(value, f"{where}/{key}")
     elif isinstance(node, list):
         for i, value in enumerate(node):
             yield from objects(value, f"{where}/{i}")
@@ -89,7 +90,7 @@ def test_every_object_is_closed() -> None:
     assert len(found) == 11  # the recipe, its 8 sections, a data.datasets source and an evaluation set
     for where, node in found:
         assert node.get("additionalProperties") is False, where
-        assert set(node.get("required", [])) <= set(node["properties"]), where
+        assert set(required_keys(node)) <= set(node["properties"]), where
     # the one open object maps template fields to column names, and says what its values are
     columns = schema()["properties"]["data"]["properties"]["columns"]
     assert columns["additionalProperties"] == {"type": "string", "minLength": 1}
@@ -103,3 +104,12 @@ def test_whole_examples_of_sections_validate_as_part_of_a_recipe() -> None:
             recipe = {**base, section: example}
             errors = [e.message for e in validator.iter_errors(recipe)]
             assert not errors, f"{section}: {errors}"
+
+
+def test_required_sections_only_without_extends() -> None:
+    validator = Draft202012Validator(schema())
+    assert required_keys() == ["model", "data", "output"]
+    assert not list(validator.iter_errors({"extends": "base.json", "training": {"max_steps": 2}}))
+    for partial in ({"training": {"max_steps": 2}}, {"extends": None, "training": {"max_steps": 2}}):
+        missing = sorted(e.message for e in validator.iter_errors(partial))
+        assert missing == [f"'{k}' is a required property" for k in ("data", "model", "output")], partial

@@ -157,7 +157,8 @@ def eval_set(recipe: Recipe, template: Template, validation: Any, data: str | No
     ev = recipe.evaluation_settings
     path = data or ev["path"]
     if path:
-        ds, fp = load_split(path, split or ev["split"] or "test", template, recipe.data["columns"])
+        ds, fp = load_split(path, split or ev["split"] or "test", template, recipe.data["columns"],
+                            recipe.data.get("label_map"))
         source, name = path, _slug(path.rstrip("/"))
     elif validation is not None:
         ds, fp, source, name = validation, str(getattr(validation, "_fingerprint", "")), "validation split", "validation"

@@ -182,6 +182,9 @@ def _stop_ids(tok: Any) -> list[int]:
 
 
 def resolve_scorer(scorer: str, template: Template) -> str:
+    if template.language_modeling:
+        raise FinsftError(f"template '{template.name}' trains on plain text: it has no prompt and answer to score; "
+                          "the validation loss (training.eval_steps) measures it")
     if scorer == "auto":
         return "likelihood" if template.is_classification else "generate"
     if scorer == "likelihood" and not template.is_classification:
@@ -212,7 +215,7 @@ def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, An
             preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": t}
                      for r, g, p, t in zip(rows, gold, pred, texts, strict=True)]
         return EvalResult(scorer, classification_metrics(gold, pred, label_space), preds)
-    refs = [str(r[template.label_field]) for r in rows]
+    refs = [template.reference(r) for r in rows]  # a conversation's reference is its last assistant turn
     texts = generate(model, formatter, rows, batch_size, max_new_tokens or 256, progress)
     preds = [{"input": r.get("input"), "reference": ref, "answer": t}
              for r, ref, t in zip(rows, refs, texts, strict=True)]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Formatter, check_labels, make_formatter, to_template_rows
+from finsft.data import Formatter, check_labels, make_formatter, map_labels, to_template_rows
 from finsft.evaluation.metrics import headline
 from finsft.evaluation.report import EvalSet, eval_settings
 from finsft.evaluation.scorers import resolve_scorer
@@ -57,7 +57,8 @@ def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Templ
     local = spec["path"] if os.path.isabs(spec["path"]) else None
     ds = to_template_rows(ds, template, spec.get("columns") or {}, what, section=f"evaluation.sets.{name}",
                           path=local)
-    check_labels(ds, template, what, f"evaluation.sets.{name}.labels")
+    ds = map_labels(ds, template, spec.get("label_map"), what)
+    check_labels(ds, template, what, f"evaluation.sets.{name}.labels", fix=f"evaluation.sets.{name}.label_map")
     cap = spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
     ds, note = sample(ds, cap, recipe.training["seed"])
     return EvalSet([dict(r) for r in ds], f"{describe(source)}{note} ({fp})", name)

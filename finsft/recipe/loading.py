@@ -26,8 +26,8 @@ from finsft.recipe.paths import (
     resolve_source,
     source_nodes,
 )
-from finsft.recipe.rules import recipe_warnings, semantic_problems
-from finsft.recipe.schema import apply_defaults, json_type, schema, schema_problems
+from finsft.recipe.rules import data_format_of, recipe_warnings, semantic_problems
+from finsft.recipe.schema import apply_defaults, json_type, required_keys, schema, schema_problems
 
 
 def locate(text: str, path: Sequence[str | int]) -> tuple[int | None, int | None]:
@@ -265,26 +265,30 @@ def check_recipe(path: str, overrides: Sequence[str] = ()) -> tuple[Recipe | Non
     # A section with a schema error is skipped by the semantic rules; so is a missing required section (the
     # other sections are still checked, so every problem is reported at once).
     bad_sections = {str(p[0]) for p, _ in schema_errs if p}
-    bad_sections |= {k for k in schema()["required"] if k not in merged}
+    bad_sections |= {k for k in required_keys() if k not in merged}
     cfg = apply_defaults(schema(), merged)
+    data_format, found = data_format_of(merged, cfg, bad_sections)
+    problems.extend(problem(p, m) for p, m in found)
     problems.extend(problem(p, m) for p, m in semantic_problems(merged, cfg, bad_sections))
     if problems:
         return None, problems
     warnings = [replace(problem(p, m), severity="warning") for p, m in recipe_warnings(cfg)]
     return Recipe(source=path, raw=merged, config=cfg, files=[layer.file for layer in reversed(chain)],
-                  warnings=warnings), problems
+                  warnings=warnings, data_format=data_format), problems
 
 
 def recipe_from_dict(raw: dict[str, Any], source: str, files: Sequence[str] = ()) -> Recipe:
     """A recipe from an already merged dict (``extends`` resolved, paths absolute), validated like a file: for
     processes that receive a recipe rather than read one (``finsft bench`` workers)."""
     found = schema_problems(raw)
-    bad_sections = {str(p[0]) for p, _ in found if p} | {k for k in schema()["required"] if k not in raw}
+    bad_sections = {str(p[0]) for p, _ in found if p} | {k for k in required_keys() if k not in raw}
     cfg = apply_defaults(schema(), raw)
+    data_format, detected = data_format_of(raw, cfg, bad_sections)
+    found += detected
     found += semantic_problems(raw, cfg, bad_sections)
     if found:
         raise RecipeError([Problem(source, json_path(p), m) for p, m in found])
-    return Recipe(source=source, raw=copy.deepcopy(raw), config=cfg, files=list(files))
+    return Recipe(source=source, raw=copy.deepcopy(raw), config=cfg, files=list(files), data_format=data_format)
 
 
 def load_recipe(path: str, overrides: Sequence[str] = ()) -> Recipe:

@@ -52,6 +52,7 @@ class DataSource(TypedDict):
     data_files: str | list[str] | dict[str, str] | None
     split: str
     columns: dict[str, str]
+    label_map: dict[str, str]
     fraction: float
 
 
@@ -60,6 +61,7 @@ class DataSection(TypedDict):
     datasets: list[DataSource] | None
     split: str
     columns: dict[str, str]
+    label_map: dict[str, str]
     max_samples: int | None
     shuffle: bool
     validation_path: str | None
@@ -119,6 +121,7 @@ class EvaluationSetSection(TypedDict):
     columns: dict[str, str]
     template: str | None
     labels: str | list[str] | None
+    label_map: dict[str, str]
     max_samples: int | None
 
 
@@ -158,6 +161,15 @@ class Recipe:
     config: dict[str, Any]
     files: list[str] = field(default_factory=list)  # the recipe and every file it extends, child first
     warnings: list[Problem] = field(default_factory=list)  # allowed, but worth saying (e.g. trust_remote_code)
+    # Without template.name: the data format found (finsft.data_formats) and why; None when the recipe names its
+    # template, or when its data cannot be read before the run (a hub id, Parquet: the run decides).
+    data_format: str | None = None
+
+    @property
+    def template_pending(self) -> bool:
+        """The recipe names no template and its data format is decided when the data loads."""
+        section = self.raw.get("template")
+        return not (isinstance(section, dict) and "name" in section) and self.data_format is None
 
     def __getitem__(self, key: str) -> Any:
         return self.config[key]
@@ -219,4 +231,4 @@ class Recipe:
                     target[section].update(copy.deepcopy(values))
                 else:
                     target[section] = copy.deepcopy(values)
-        return Recipe(self.source, raw, config, list(self.files), list(self.warnings))
+        return Recipe(self.source, raw, config, list(self.files), list(self.warnings), self.data_format)

@@ -28,6 +28,33 @@ def _check_local(value: Any) -> str | None:
 Found = list[tuple[list[str | int], str]]
 
 
+def data_format_of(raw: Mapping[str, Any], cfg: dict[str, Any], bad_sections: set[str]) -> tuple[str | None, Found]:
+    """A recipe without template.name trains on its data's format (finsft.data_formats, TRL's rules): when the
+    first source is a local JSON/JSONL/CSV file, its first row decides here, and ``cfg`` gets that template (and,
+    unless the recipe sets it, the format's data.group_by). Returns the format and why (None: the recipe names its
+    template, or the run decides once the data is loaded) and a problem when the file matches no format."""
+    from finsft.data_formats import detect_format, sniff_local, unknown_format_message
+
+    section = raw.get("template")
+    data = cfg.get("data")
+    if (isinstance(section, dict) and "name" in section) or {"data", "template"} & bad_sections \
+            or not isinstance(data, dict) or not isinstance(cfg.get("template"), dict):
+        return None, []
+    where: list[str | int] = ["data", "path"]
+    path, columns = data.get("path"), data.get("columns") or {}
+    if not path and data.get("datasets"):
+        where, path, columns = ["data", "datasets", 0, "path"], data["datasets"][0].get("path"), \
+            data["datasets"][0].get("columns") or {}
+    sniffed = sniff_local(path) if isinstance(path, str) else None
+    fmt = detect_format(*sniffed, columns) if sniffed else detect_format([], None, columns) if columns else None
+    if fmt is None:
+        return None, [(where, unknown_format_message(f"data file '{path}'", sniffed[0]))] if sniffed else []
+    cfg["template"]["name"] = fmt.template
+    if not _explicit(raw, "data", "group_by"):
+        data["group_by"] = fmt.group_by
+    return f"{fmt.name}, template '{fmt.template}': {fmt.reason}; the loss covers {fmt.loss}", []
+
+
 def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sections: set[str]) -> Found:
     """Every cross-field rule, section by section. Sections with schema errors are skipped."""
 
@@ -55,7 +82,9 @@ def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sectio
         if isinstance(cfg.get("training"), dict):
             out += training_rules_for_evaluation(cfg["training"], has_validation,
                                                  classification=template is not None and template.is_classification)
-    out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data"))
+    # Language modelling data has no prompt and answer to score: the run skips the task evaluation.
+    scored = not (template is not None and template.language_modeling)
+    out += evaluation_rules(section("evaluation"), template, has_validation, data_known=ok("data") and scored)
     out += model_rules(section("model"))
     return out
 
@@ -205,7 +234,24 @@ def data_rules(raw: Mapping[str, Any], data: Any, template: Any) -> Found:
                                           f"one of its fields: {', '.join(fields)}"))
     if data.get("balance", "none") != "none" and not template.is_classification:
         out.append((["data", "balance"], f"balancing needs a label set; template '{template.name}' has none"))
+    out += label_map_rules(["data", "label_map"], data.get("label_map"), template)
+    for i, source in enumerate(data.get("datasets") or []):
+        out += label_map_rules(["data", "datasets", i, "label_map"], source.get("label_map"), template)
     return out
+
+
+def label_map_rules(where: list[str | int], label_map: Any, template: Any, labels: Any = None) -> Found:
+    """A label_map's targets are labels of the template's label set (``labels`` when given, else the
+    template's own)."""
+    if not isinstance(label_map, dict) or not label_map:
+        return []
+    allowed = list(labels if labels is not None else template.labels or ())
+    if not allowed:
+        return [(where, f"template '{template.name}' generates free text and has no label set, so there is "
+                        "nothing to map labels to; remove label_map or choose a classification template")]
+    return [([*where, key], f"maps to '{value}', which is not one of the template's labels."
+                            f"{did_you_mean(str(value), allowed)} Allowed: {', '.join(allowed)}")
+            for key, value in label_map.items() if value not in allowed]
 
 
 def mixture_rules(data: Mapping[str, Any], template: Any) -> Found:
@@ -296,6 +342,7 @@ def evaluation_set_rules(name: str, spec: Mapping[str, Any], template: Any, scor
         if col not in base.fields:
             out.append(([*where, "columns", col], f"template '{base.name}' has no field '{col}'."
                         f"{did_you_mean(col, base.fields)} Its fields: {', '.join(base.fields)}"))
+    out += label_map_rules([*where, "label_map"], spec.get("label_map"), base, labels)
     return out
 
 

@@ -21,6 +21,13 @@ def schema() -> dict[str, Any]:
     return result
 
 
+def required_keys(node: Mapping[str, Any] | None = None) -> list[str]:
+    """The keys an object schema requires, with those it requires only in its ``else`` branch (the top level
+    requires model, data and output unless the recipe has 'extends': they are required after merging)."""
+    node = schema() if node is None else node
+    return [*node.get("required", []), *node.get("else", {}).get("required", [])]
+
+
 def apply_defaults(sch: Mapping[str, Any], obj: Any) -> Any:
     """A copy of ``obj`` with every missing property set to its schema default, recursively (also inside the
     items of a list and the values of a map whose schemas name properties)."""

@@ -20,6 +20,8 @@ def print_plan(out: Console, plan: Plan, recipe: Recipe, n_train: int, n_val: in
             ("effective batch", f"{train['per_device_train_batch_size']} per device x "
                                 f"{train['gradient_accumulation_steps']} accumulation x {world} processes = {eff}"),
             ("data", f"{n_train} training rows, {n_val} validation rows")]
+    if recipe.data_format:
+        rows.append(("data format", recipe.data_format))
     for c in plan.choices:
         rows.append((c.setting, f"{c.value}  ({'auto: ' if c.automatic else ''}{c.reason})"))
     out.print(summary_table(f"finsft: {recipe.name}", rows))

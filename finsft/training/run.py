@@ -240,6 +240,8 @@ class TrainingRun:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
         self.template: Template = self.checked.template or template_from_recipe(recipe.template)
+        if recipe.data_format:
+            out.print(f"data format: {recipe.data_format}")
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -299,7 +301,10 @@ class TrainingRun:
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
                       f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
-        if self.recipe.evaluation and self.main and checked.main_set is not None:
+        if self.recipe.evaluation and self.template.language_modeling:
+            out.print(f"task evaluation skipped: template '{self.template.name}' trains on plain text, with no "
+                      "prompt and answer to score; the validation loss measures it")
+        elif self.recipe.evaluation and self.main and checked.main_set is not None:
             rows = checked.main_set
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
             main_set = NamedSet(rows.name, rows, self.template, self.formatter,
