@@ -21,6 +21,7 @@ from finsft.evaluation import (
     score,
     write_report,
 )
+from finsft.evaluation.metrics import check_metric_packages
 from finsft.models import check_adapter, load_for_inference
 from finsft.progress import console
 from finsft.recipe import Recipe
@@ -62,6 +63,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     template = template_from_recipe(recipe.template)
     ev = recipe.evaluation_settings
     scorer = resolve_scorer(scorer or ev["scorer"], template)
+    check_metric_packages(template.is_classification, "finsft eval")
     data = local_or_hub(data)
     validation = None
     if not data and not ev["path"]:
