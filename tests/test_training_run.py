@@ -51,7 +51,7 @@ def test_a_missing_metric_package_is_an_error_before_training(make_recipe: Any, 
     from finsft.errors import FinsftError
 
     monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError, as when not installed
-    recipe = load_recipe(str(make_recipe(evaluation={"max_samples": 4})))
+    recipe = load_recipe(str(make_recipe(evaluation={"max_samples": 4}, data={"validation_size": 0.2})))
     with TrainingRun(recipe) as run, pytest.raises(FinsftError, match="pip install scikit-learn"):
         run.setup()
     assert not run.dirs.work.exists()
