@@ -125,9 +125,13 @@ def kill_group(proc: subprocess.Popen[str], grace: float = 5.0) -> None:
 RUNNING: Callable[[dict[str, Any] | None], None] | None = None  # records the command in flight (its process group)
 
 
-def run(cmd: list[str], timeout: float, log_path: Path | None = None) -> dict[str, Any]:
-    """Run ``cmd`` in its own session (process group); on timeout or when the check is stopped, the whole group is
-    killed. Returns rc, stdout, the end of stderr, seconds and timed_out."""
+def run(cmd: list[str], timeout: float, log_path: Path | None = None, cap: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in its own session (process group) for at most ``min(timeout, cap)`` seconds (``timeout``: what
+    the deadline leaves; ``cap``: the command's own limit); on timeout or when the check is stopped, the whole group
+    is killed. Returns rc, stdout, the end of stderr, seconds, timed_out and deadline_cut (the deadline, not the
+    command's own limit, stopped it)."""
+    deadline_cut = cap is not None and timeout < cap
+    timeout = timeout if cap is None else min(timeout, cap)
     log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
     t0 = time.monotonic()
     timed_out = False
@@ -157,7 +161,7 @@ def run(cmd: list[str], timeout: float, log_path: Path | None = None) -> dict[st
     if rc:
         log(err[-3000:])
     return {"rc": rc, "stdout": out, "stderr_tail": err[-2500:], "seconds": round(time.monotonic() - t0, 1),
-            "timed_out": timed_out}
+            "timed_out": timed_out, "deadline_cut": timed_out and deadline_cut}
 
 
 def last_line(text: str) -> str:
@@ -470,13 +474,14 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
     end = time.monotonic() + budget
     repeats: list[dict[str, Any]] = []
     errors: list[str] = []
+    cut: list[str] = []  # runs the deadline stopped: not finsft's fault, the stage is SKIP unless something failed
     for r in range(args.repeats):
         order = ("finsft", "expert") if r % 2 == 0 else ("expert", "finsft")
         one: dict[str, Any] = {"order": list(order)}
         for side in order:
             left = end - time.monotonic()
             if left < 5:
-                errors.append(f"repeat {r + 1} {side}: no time left in the stage")
+                cut.append(f"repeat {r + 1} {side}: no time left")
                 break
             if side == "finsft":
                 cmd = finsft_cmd("bench", prep["recipe"], "--steps", str(args.steps), "--warmup", str(args.warmup),
@@ -485,7 +490,10 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
                     cmd.append("--random-weights")
                 if r > 0 or check.tiny:  # the notebook baseline once (GPU), its ratio is not a CPU target
                     cmd.append("--no-baseline")
-                p = run(cmd, min(left, args.command_timeout), args.work / f"{name}-finsft-{r + 1}.log")
+                p = run(cmd, left, args.work / f"{name}-finsft-{r + 1}.log", cap=args.command_timeout)
+                if p["deadline_cut"]:
+                    cut.append(f"repeat {r + 1} finsft bench: stopped by the deadline after {p['seconds']:.0f} s")
+                    break
                 try:
                     out = json.loads(p["stdout"])
                     one["finsft"], one["baseline"], one["baseline_ratio"] = out["recipe"], out["baseline"], out["ratio"]
@@ -493,16 +501,19 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
                     errors.append(f"repeat {r + 1}: finsft bench failed (exit {p['rc']}"
                                   f"{', timed out' if p['timed_out'] else ''}): {last_line(p['stderr_tail'])}")
             else:
-                p = run(expert_cmd(prep, args, quantized), min(left, args.command_timeout),
-                        args.work / f"{name}-expert-{r + 1}.log")
+                p = run(expert_cmd(prep, args, quantized), left, args.work / f"{name}-expert-{r + 1}.log",
+                        cap=args.command_timeout)
                 res = result_line(p["stdout"])
+                if p["deadline_cut"]:
+                    cut.append(f"repeat {r + 1} expert: stopped by the deadline after {p['seconds']:.0f} s")
+                    break
                 if p["rc"] or res is None:
                     errors.append(f"repeat {r + 1}: the expert script failed (exit {p['rc']}"
                                   f"{', timed out' if p['timed_out'] else ''}): {last_line(p['stderr_tail'])}")
                 else:
                     one["expert"] = res
         repeats.append(one)
-        if errors:
+        if errors or cut:
             break
     details: dict[str, Any] = {"repeats": repeats}
     pairs = [x for x in repeats if "finsft" in x and "expert" in x]
@@ -519,7 +530,7 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
     problems = list(errors)
     if bad_loss:
         problems.append("no finite loss logged by " + ", ".join(bad_loss))
-    if len(pairs) < args.repeats and not errors:
+    if len(pairs) < args.repeats and not errors and not cut:
         problems.append(f"{len(pairs)} of {args.repeats} repeats completed")
     med = details["median_finsft_over_expert"]
     if not check.tiny:
@@ -527,19 +538,24 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
             problems.append(f"finsft / expert = {med:.2f}x tokens/s, below the 0.8x target")
         if base is not None and base < 1.5:
             problems.append(f"recipe / notebook baseline = {base:.2f}x tokens/s, below the 1.5x target")
-        if base is None and not errors:
+        if base is None and not errors and not cut:
             problems.append("the notebook baseline did not run")
     details["summary"] = (f"finsft / expert tokens/s: {details['finsft_over_expert']} (median {med}); recipe / "
                           f"baseline: {base}; losses finite: {not bad_loss}")
     if problems:
-        details["error"] = "; ".join(problems)
+        details["error"] = "; ".join(problems + cut)
         return "FAIL", details
+    if cut:
+        details["reason"] = "the deadline cut it: " + "; ".join(cut) + f" ({len(pairs)} of {args.repeats} repeats)"
+        return "SKIP", details
     return "PASS", details
 
 
 def memory(check: Check, name: str, tolerance: float) -> tuple[str, dict[str, Any]]:
     est = check.results[f"{name}: prepare"]["details"].get("estimated_peak_gib")
-    reps = check.results[f"{name}: finsft vs expert"]["details"]["repeats"]
+    reps = check.results.get(f"{name}: finsft vs expert", {}).get("details", {}).get("repeats") or []
+    if not any(x.get("finsft") for x in reps):
+        return "SKIP", {"reason": "no finsft bench result to compare with the plan"}
     rows = []
     for i, x in enumerate(reps):
         for side in ("finsft", "expert"):
@@ -580,7 +596,10 @@ def train_and_evaluate(check: Check, args: argparse.Namespace, budget: float) ->
                  f"output.dir={out_dir}"]
     if check.tiny:
         overrides += ["training.per_device_train_batch_size=4"]
-    p = run(finsft_cmd("train", prep["recipe"], *overrides), min(budget, 420), args.work / "train.log")
+    p = run(finsft_cmd("train", prep["recipe"], *overrides), budget, args.work / "train.log", cap=420)
+    if p["deadline_cut"]:
+        return "SKIP", {"reason": f"the deadline stopped finsft train after {p['seconds']:.0f} s",
+                        "stderr_tail": p["stderr_tail"]}
     details: dict[str, Any] = {"rc": p["rc"], "seconds": p["seconds"], "output_dir": str(out_dir)}
     metrics = out_dir / "metrics.jsonl"
     losses = ([float(r["loss"]) for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
@@ -624,7 +643,10 @@ def fsdp_qlora(check: Check, args: argparse.Namespace, budget: float) -> tuple[s
            str(ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "1", "-m", "finsft", "train",
            prep["recipe"], "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
            "evaluation=null", f"output.dir={out_dir}"]
-    p = run(cmd, min(budget, 300), args.work / "fsdp.log")
+    p = run(cmd, budget, args.work / "fsdp.log", cap=300)
+    if p["deadline_cut"]:
+        return "SKIP", {"reason": f"the deadline stopped the FSDP run after {p['seconds']:.0f} s",
+                        "stderr_tail": p["stderr_tail"]}
     checkpoints = sorted(str(c.relative_to(args.work)) for c in args.work.glob("fsdp-run*/**/checkpoint-*")
                          if c.is_dir())
     details = {"rc": p["rc"], "checkpoints": checkpoints, "command": " ".join(cmd)}
@@ -694,10 +716,10 @@ def main(argv: list[str] | None = None) -> int:
             skip = gpu_only if (a.tiny and name != "gemma") else None
             check.stage(f"{name}: prepare", 40 if not a.tiny else 15, lambda b, n=name: prepare(check, n, a, b),
                         requires=("preflight",), skip=skip)
-            check.stage(f"{name}: finsft vs expert", 150 if not a.tiny else 40,
+            check.stage(f"{name}: finsft vs expert", (150 if name == "gemma" else 170) if not a.tiny else 40,
                         lambda b, n=name: compare(check, n, a, b), requires=(f"{name}: prepare",), skip=skip)
             check.stage(f"{name}: memory vs plan", 0, lambda b, n=name: memory(check, n, 0.15),
-                        requires=(f"{name}: prepare", f"{name}: finsft vs expert"),
+                        requires=(f"{name}: prepare",),
                         skip=skip or ("CPU: the plan estimates GPU memory; a process's RSS is not comparable"
                                       if a.tiny else None))
             if name == "gemma":

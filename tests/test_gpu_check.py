@@ -64,8 +64,8 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
     code = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-c', 'import time; "
             f"time.sleep(120)']); open({str(pid_file)!r}, 'w').write(str(p.pid)); time.sleep(120)")
     t0 = time.monotonic()
-    r = gc.run([sys.executable, "-c", code], timeout=3)
-    assert r["timed_out"] and r["rc"] == 124 and time.monotonic() - t0 < 30
+    r = gc.run([sys.executable, "-c", code], timeout=3, cap=60)  # 3 s left of the deadline, 60 s of its own
+    assert r["timed_out"] and r["deadline_cut"] and r["rc"] == 124 and time.monotonic() - t0 < 30
     grandchild = int(pid_file.read_text())
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -142,3 +142,12 @@ def test_a_check_killed_mid_way_keeps_the_finished_stages(tmp_path: Path) -> Non
     while not gone(running["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert gone(running["pid"]), "the stage's process group outlived the check"
+
+
+def test_the_preflight_names_what_is_missing_with_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    gc = gpu_check()
+    monkeypatch.setitem(sys.modules, "trl", None)  # import trl -> ImportError, as on a machine without it
+    info = gc.worker_preflight(tiny=True)
+    assert "trl" in info["missing"] and "SFTTrainer" in info["missing"]["trl"]
+    assert "pip download" in info["pip"] and " trl" in info["pip"]
+    assert "transformers" in info["versions"] and "trl" not in info["versions"]
