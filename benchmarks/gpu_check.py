@@ -20,7 +20,8 @@ every stage, so a check killed at any point leaves the evidence of the stages it
 
 Targets (GPU): finsft / expert >= 0.8x tokens/s, finsft's recipe / notebook baseline >= 1.5x (first repeat), the
 plan's estimate within +-15% of the allocated peak and the reserved peak at most 15% above the estimate. Exit code
-1 when a stage FAILs (an expert crash included). The offline variables are set for every stage (no hub retries).
+1 when a stage FAILs (an expert crash included), 2 (PARTIAL) when none failed but the deadline skipped a stage. The
+offline variables are set for every stage (no hub retries).
 
 usage: python benchmarks/gpu_check.py [--deadline 540] [--out gpu_check.json] [--steps 10] [--repeats 2]
        python benchmarks/gpu_check.py --tiny --deadline 240    # CPU: the same stages on a tiny Gemma
@@ -224,13 +225,15 @@ class Check:
         pass, or fewer than ``need`` seconds are left."""
         t = time.monotonic()
         left = self.left()
+        by_deadline = False
         failed = [r for r in requires if self.results.get(r, {}).get("status") != "PASS"]
         if skip is None and failed:
             skip = f"needs {', '.join(failed)}, which did not pass"
         if skip is None and left < need:
             skip = f"needs about {need:.0f} s and {max(0.0, left):.0f} s of the {self.deadline:.0f} s deadline are left"
+            by_deadline = True
         if skip is not None:
-            status, details = "SKIP", {"reason": skip}
+            status, details = "SKIP", {"reason": skip, **({"deadline": True} if by_deadline else {})}
         else:
             log(f"\n=== {name} ({left:.0f} s left)")
             self.current = name
@@ -254,9 +257,12 @@ class Check:
         log(f"--- {name}: {status} ({entry['seconds']:.0f} s) {str(why)[:300]}")
 
     def finish(self) -> int:
+        """The table; exit code 1 when a stage failed, 2 when none failed but the deadline skipped one (PARTIAL)."""
         statuses = [s["status"] for s in self.record["stages"]]
+        cut = [s["name"] for s in self.record["stages"] if s["details"].get("deadline")]
         self.record["finished"] = True
-        self.record["result"] = "FAIL" if "FAIL" in statuses else "PASS"
+        self.record["skipped_by_deadline"] = cut
+        self.record["result"] = "FAIL" if "FAIL" in statuses else "PARTIAL" if cut else "PASS"
         self.write()
         width = max(len(s["name"]) for s in self.record["stages"])
         print(f"{'stage':<{width}}  result  seconds  details")
@@ -264,9 +270,9 @@ class Check:
             d = s["details"]
             text = d.get("summary") or d.get("reason") or d.get("error") or ""
             print(f"{s['name']:<{width}}  {s['status']:<6}  {s['seconds']:>7.0f}  {str(text)[:160]}")
-        print(f"{self.record['result']} in {self.record['elapsed_s']:.0f} s (deadline {self.deadline:.0f} s); "
-              f"details: {self.out}")
-        return 1 if "FAIL" in statuses else 0
+        print(f"{self.record['result']} in {self.record['elapsed_s']:.0f} s (deadline {self.deadline:.0f} s)"
+              + (f"; the deadline skipped: {', '.join(cut)}" if cut else "") + f"; details: {self.out}")
+        return {"FAIL": 1, "PARTIAL": 2}.get(self.record["result"], 0)
 
 
 # ---------------------------------------------------------------------------------------------- workers
@@ -547,6 +553,7 @@ def compare(check: Check, name: str, args: argparse.Namespace, budget: float) ->
         return "FAIL", details
     if cut:
         details["reason"] = "the deadline cut it: " + "; ".join(cut) + f" ({len(pairs)} of {args.repeats} repeats)"
+        details["deadline"] = True
         return "SKIP", details
     return "PASS", details
 
@@ -598,7 +605,7 @@ def train_and_evaluate(check: Check, args: argparse.Namespace, budget: float) ->
         overrides += ["training.per_device_train_batch_size=4"]
     p = run(finsft_cmd("train", prep["recipe"], *overrides), budget, args.work / "train.log", cap=420)
     if p["deadline_cut"]:
-        return "SKIP", {"reason": f"the deadline stopped finsft train after {p['seconds']:.0f} s",
+        return "SKIP", {"reason": f"the deadline stopped finsft train after {p['seconds']:.0f} s", "deadline": True,
                         "stderr_tail": p["stderr_tail"]}
     details: dict[str, Any] = {"rc": p["rc"], "seconds": p["seconds"], "output_dir": str(out_dir)}
     metrics = out_dir / "metrics.jsonl"
@@ -645,7 +652,7 @@ def fsdp_qlora(check: Check, args: argparse.Namespace, budget: float) -> tuple[s
            "evaluation=null", f"output.dir={out_dir}"]
     p = run(cmd, budget, args.work / "fsdp.log", cap=300)
     if p["deadline_cut"]:
-        return "SKIP", {"reason": f"the deadline stopped the FSDP run after {p['seconds']:.0f} s",
+        return "SKIP", {"reason": f"the deadline stopped the FSDP run after {p['seconds']:.0f} s", "deadline": True,
                         "stderr_tail": p["stderr_tail"]}
     checkpoints = sorted(str(c.relative_to(args.work)) for c in args.work.glob("fsdp-run*/**/checkpoint-*")
                          if c.is_dir())

@@ -52,9 +52,10 @@ def test_stages_are_written_after_each_one_and_the_deadline_skips_what_cannot_fi
     assert "needs about 3600 s" in stages[1]["details"]["reason"]
     assert "too long" in stages[2]["details"]["reason"]
     assert "ZeroDivisionError" in stages[3]["details"]["error"]
+    assert stages[1]["details"]["deadline"] and "deadline" not in stages[2]["details"]
     assert check.finish() == 1
     data = json.loads(out.read_text())
-    assert data["finished"] and data["result"] == "FAIL"
+    assert data["finished"] and data["result"] == "FAIL" and data["skipped_by_deadline"] == ["too long"]
     assert not list(tmp_path.glob(".*tmp"))  # atomic writes leave no temporary file
 
 
@@ -88,7 +89,7 @@ def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     data = json.loads(out.read_text())
     stages = {s["name"]: s for s in data["stages"]}
     status = {name: s["status"] for name, s in stages.items()}
-    assert data["finished"] and data["result"] == "PASS"
+    assert data["finished"] and data["result"] == "PASS" and not data["skipped_by_deadline"]
     assert status["preflight"] == status["gemma: prepare"] == status["gemma: finsft vs expert"] == "PASS"
     assert status["gemma: train + evaluate"] == "PASS"
     for skipped in ("gemma: memory vs plan", "mistral: prepare", "gemma: FSDP-QLoRA checkpoint"):
