@@ -1,201 +1,748 @@
-"""One command for a person with one H100/H200 (under 8 minutes): is finsft GPU-ready?
+"""One command for one GPU machine (the device call that must not waste its first contact): is finsft GPU-ready?
 
-For both seed recipes (recipes/gemma_qlora.json, recipes/mistral_lora.json) with random weights of the real
-shapes (no hub): ``finsft bench`` (recipe vs notebook baseline), the hand-written expert script
-(benchmarks/trl_anchor.py --mode packed_nogc --liger, same run, same machine) and ``finsft plan``'s memory
-estimate next to the measured peak; then 30 real training steps of the Gemma architecture (``finsft train`` on a
-random-weight Gemma-2B folder and synthetic FiQA-like rows) with an evaluation at the end. Prints one table and
-PASS/FAIL per target, and writes everything to --out (JSON).
+Stages, in order of what they prove (each in its own process group, killed whole on timeout; a stage that cannot
+fit in what is left of ``--deadline`` is skipped with the reason; the JSON at ``--out`` is rewritten atomically after
+every stage, so a check killed at any point leaves the evidence of the stages it finished):
 
-usage: python benchmarks/gpu_check.py [--out gpu_check.json] [--steps 10]
-       python benchmarks/gpu_check.py --tiny     # CPU: the same plumbing on a tiny Gemma, in about a minute
+1. preflight: imports every package the check and finsft's training and evaluation need, prints their versions,
+   the GPU, its CUDA capability and free memory; fails in seconds with what is missing and the pip line.
+2. gemma: prepare: a random-weight model of Gemma-2B's real shape (``--tiny``: a 2-layer Gemma) with a trained
+   byte-level BPE tokenizer, FiQA-shaped synthetic rows, the rows ``finsft bench`` times (exported for the
+   expert), the settings finsft's plan chooses on this machine and ``finsft plan``'s memory estimate (its JSON).
+3. gemma: finsft vs expert: ``finsft bench`` and the hand-written TRL script (benchmarks/trl_handwritten.py: the
+   anchor's QLoRA loading) on the same rows and settings (optimizer, batch, max_length, packing, checkpointing,
+   Liger, precision), two repeats in alternating order, the median of same-repeat ratios; every logged loss finite.
+4. gemma: memory: the CUDA max allocated and max reserved peaks of both repeats next to the plan's estimate.
+5. gemma: train + evaluate: ``finsft train`` for --train-steps steps, then its evaluation: the training loss falls
+   and eval.json parses with the expected metric keys.
+6. mistral: prepare / finsft vs expert / memory: the same for Mistral-7B bf16 LoRA (GPU only).
+7. gemma: FSDP-QLoRA: one process under recipes/accelerate/fsdp.yaml that saves a checkpoint (GPU only).
 
-Targets: finsft's recipe >= 1.5x the notebook baseline's tokens/s; finsft >= 0.8x the expert's tokens/s; the
-plan's estimate within +-30% of finsft's measured peak; the 30-step run finishes with a finite loss and an
-evaluation result.
+Targets (GPU): finsft / expert >= 0.8x tokens/s, finsft's recipe / notebook baseline >= 1.5x (first repeat), the
+plan's estimate within +-15% of the allocated peak and the reserved peak at most 15% above the estimate. Exit code
+1 when a stage FAILs (an expert crash included), 2 (PARTIAL) when none failed but the deadline skipped a stage. The
+offline variables are set for every stage (no hub retries).
+
+usage: python benchmarks/gpu_check.py [--deadline 540] [--out gpu_check.json] [--steps 10] [--repeats 2]
+       python benchmarks/gpu_check.py --tiny --deadline 240    # CPU: the same stages on a tiny Gemma
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-SEEDS = {"gemma": ("recipes/gemma_qlora.json", "gemma2b", "4bit", "qa"),
-         "mistral": ("recipes/mistral_lora.json", "mistral7b", "none", "sentiment")}
+OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
+SEEDS = {"gemma": ("recipes/gemma_qlora.json", "google--gemma-2b.json", "qa"),
+         "mistral": ("recipes/mistral_lora.json", "mistralai--Mistral-7B-v0.1.json", "sentiment")}
+# (import name, distribution, why) -- the check fails without these
+REQUIRED = (("torch", "torch", "training"), ("transformers", "transformers", "models"),
+            ("trl", "trl", "SFTTrainer"), ("peft", "peft", "LoRA"), ("bitsandbytes", "bitsandbytes", "QLoRA"),
+            ("datasets", "datasets", "data"), ("accelerate", "accelerate", "launch, FSDP"),
+            ("tokenizers", "tokenizers", "tokenizers"), ("safetensors", "safetensors", "weights"),
+            ("jsonschema", "jsonschema", "recipes"), ("rich", "rich", "display"),
+            ("huggingface_hub", "huggingface_hub", "model cards"), ("filelock", "filelock", "run lock"),
+            ("numpy", "numpy", "data"), ("pyarrow", "pyarrow", "data"),
+            ("rouge_score.rouge_scorer", "rouge-score", "ROUGE-L of the QA evaluation"))
+# reported, never fatal: finsft checks them at setup (metrics) or skips their output with a note (plots)
+OPTIONAL = (("sklearn", "scikit-learn", "classification metrics (not used by this check)"),
+            ("matplotlib", "matplotlib", "loss.png / confusion.png (skipped with a note when missing)"),
+            ("gguf", "gguf", "GGUF model files"),
+            ("liger_kernel", "liger-kernel", "Liger kernels (finsft and the expert use them when installed)"))
+# imports that load the code paths the stages run (a version mismatch shows here, in seconds)
+ENTRY_POINTS = ("from trl import SFTConfig, SFTTrainer", "from peft import LoraConfig, get_peft_model",
+                "from transformers import BitsAndBytesConfig, AutoModelForCausalLM",
+                "import finsft.cli, finsft.bench, finsft.training.run, finsft.evaluation.scorers")
 
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def sh(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> tuple[int, str, str, float]:
-    log("$ " + " ".join(cmd))
-    t = time.perf_counter()
+# ----------------------------------------------------------------------------------------------- processes
+
+
+class Killed(Exception):
+    """The check itself was told to stop (SIGTERM/SIGINT)."""
+
+
+def _die_with_parent() -> None:  # runs in the child between fork and exec
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG: SIGTERM if we are killed
+
+
+def group_alive(pgid: int) -> bool:
+    """Whether a live (not zombie) process is left in process group ``pgid``."""
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                           env={**os.environ, **(env or {})})
-    except subprocess.TimeoutExpired as exc:
-        return 124, str(exc.stdout or ""), f"timed out after {timeout:.0f} s", time.perf_counter() - t
-    if p.returncode:
-        log(p.stderr[-3000:])
-    return p.returncode, p.stdout, p.stderr, time.perf_counter() - t
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp ...
+            if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+                return True
+    return False
 
 
-def finsft(*args: str) -> list[str]:
+def kill_group(proc: subprocess.Popen[str], grace: float = 5.0) -> None:
+    """SIGTERM the process group (finsft bench's workers and accelerate's ranks included), SIGKILL what is left."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        end = time.monotonic() + wait
+        while time.monotonic() < end:
+            proc.poll()  # reap our own child, so that it does not count as alive
+            if not group_alive(proc.pid):
+                return
+            time.sleep(0.2)
+
+
+RUNNING: Callable[[dict[str, Any] | None], None] | None = None  # records the command in flight (its process group)
+
+
+def run(cmd: list[str], timeout: float, log_path: Path | None = None, cap: float | None = None) -> dict[str, Any]:
+    """Run ``cmd`` in its own session (process group) for at most ``min(timeout, cap)`` seconds (``timeout``: what
+    the deadline leaves; ``cap``: the command's own limit); on timeout or when the check is stopped, the whole group
+    is killed. Returns rc, stdout, the end of stderr, seconds, timed_out and deadline_cut (the deadline, not the
+    command's own limit, stopped it)."""
+    deadline_cut = cap is not None and timeout < cap
+    timeout = timeout if cap is None else min(timeout, cap)
+    log("$ " + " ".join(cmd) + f"   (timeout {timeout:.0f} s)")
+    t0 = time.monotonic()
+    timed_out = False
+    with tempfile.TemporaryFile(mode="w+", encoding="utf-8", errors="replace") as err_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err_file, text=True,
+                                start_new_session=True, preexec_fn=_die_with_parent)
+        if RUNNING is not None:
+            RUNNING({"pid": proc.pid, "command": cmd, "timeout_s": round(timeout)})
+        try:
+            out, _ = proc.communicate(timeout=max(1.0, timeout))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            kill_group(proc)
+            out, _ = proc.communicate()
+        except BaseException:
+            kill_group(proc)
+            proc.wait()
+            raise
+        finally:
+            if RUNNING is not None:
+                RUNNING(None)
+        err_file.seek(0)
+        err = err_file.read()
+    if log_path is not None:
+        log_path.write_text(f"$ {' '.join(cmd)}\n--- stdout\n{out}\n--- stderr\n{err}", encoding="utf-8")
+    rc = 124 if timed_out else proc.returncode
+    if rc:
+        log(err[-3000:])
+    return {"rc": rc, "stdout": out, "stderr_tail": err[-2500:], "seconds": round(time.monotonic() - t0, 1),
+            "timed_out": timed_out, "deadline_cut": timed_out and deadline_cut}
+
+
+def last_line(text: str) -> str:
+    lines = [x for x in text.strip().splitlines() if x.strip()]
+    return lines[-1] if lines else ""
+
+
+def result_line(text: str) -> dict[str, Any] | None:
+    line = next((x for x in reversed(text.splitlines()) if x.startswith("RESULT ")), None)
+    return None if line is None else json.loads(line[len("RESULT "):])
+
+
+def worker_cmd(worker: str, **kw: Any) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), "--worker", worker, json.dumps(kw)]
+
+
+def finsft_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "finsft", *args]
 
 
-def tiny_gemma(folder: Path) -> Path:
-    """A 2-layer Gemma config (the --tiny stand-in for google/gemma-2b)."""
-    folder.mkdir(parents=True, exist_ok=True)
+# ------------------------------------------------------------------------------------------ the JSON record
+
+
+class Check:
+    """The stages, the deadline and the JSON record, rewritten after every stage."""
+
+    def __init__(self, out: Path, deadline: float, tiny: bool) -> None:
+        self.out, self.deadline, self.tiny = out, deadline, tiny
+        self.t0 = time.monotonic()
+        self.current: str | None = None
+        self.record: dict[str, Any] = {"tiny": tiny, "deadline_s": deadline, "finished": False,
+                                       "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                       "offline": {k: v for k, v in OFFLINE.items() if k.endswith("OFFLINE")},
+                                       "stages": []}
+        self.results: dict[str, dict[str, Any]] = {}
+        self.write()
+
+    def running(self, command: dict[str, Any] | None) -> None:
+        """The command in flight (pid = its process group), so that a killed check shows what it was doing."""
+        if command is None:
+            self.record.pop("running", None)
+        else:
+            self.record["running"] = {**command, "stage": self.current, "since_s": round(time.monotonic() - self.t0, 1)}
+        self.write()
+
+    def left(self) -> float:
+        # kept back: the kill of a command that runs to its timeout (7 s) and the last write (3 s)
+        return self.deadline - (time.monotonic() - self.t0) - 10.0
+
+    def write(self) -> None:
+        self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(self.record, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(tmp, self.out)  # atomic: a reader (or a kill) never sees half a file
+
+    def stage(self, name: str, need: float, fn: Callable[[float], tuple[str, dict[str, Any]]],
+              requires: tuple[str, ...] = (), skip: str | None = None) -> str:
+        """Run ``fn(budget_seconds) -> (status, details)`` unless ``skip`` says why not, a stage it requires did not
+        pass, or fewer than ``need`` seconds are left."""
+        t = time.monotonic()
+        left = self.left()
+        by_deadline = False
+        failed = [r for r in requires if self.results.get(r, {}).get("status") != "PASS"]
+        if skip is None and failed:
+            skip = f"needs {', '.join(failed)}, which did not pass"
+        if skip is None and left < need:
+            skip = f"needs about {need:.0f} s and {max(0.0, left):.0f} s of the {self.deadline:.0f} s deadline are left"
+            by_deadline = True
+        if skip is not None:
+            status, details = "SKIP", {"reason": skip, **({"deadline": True} if by_deadline else {})}
+        else:
+            log(f"\n=== {name} ({left:.0f} s left)")
+            self.current = name
+            try:
+                status, details = fn(left)
+            except Killed:
+                self._add(name, "FAIL", {"error": "the check was stopped (SIGTERM/SIGINT) during this stage"}, t)
+                raise
+            except Exception as exc:
+                status, details = "FAIL", {"error": f"{type(exc).__name__}: {exc}",
+                                           "traceback": traceback.format_exc()[-2500:]}
+        self._add(name, status, details, t)
+        return status
+
+    def _add(self, name: str, status: str, details: dict[str, Any], t: float) -> None:
+        entry = {"name": name, "status": status, "seconds": round(time.monotonic() - t, 1), "details": details}
+        self.results[name] = entry
+        self.record["stages"].append(entry)
+        self.write()
+        why = details.get("reason") or details.get("error") or details.get("summary") or ""
+        log(f"--- {name}: {status} ({entry['seconds']:.0f} s) {str(why)[:300]}")
+
+    def finish(self) -> int:
+        """The table; exit code 1 when a stage failed, 2 when none failed but the deadline skipped one (PARTIAL)."""
+        statuses = [s["status"] for s in self.record["stages"]]
+        cut = [s["name"] for s in self.record["stages"] if s["details"].get("deadline")]
+        self.record["finished"] = True
+        self.record["skipped_by_deadline"] = cut
+        self.record["result"] = "FAIL" if "FAIL" in statuses else "PARTIAL" if cut else "PASS"
+        self.write()
+        width = max(len(s["name"]) for s in self.record["stages"])
+        print(f"{'stage':<{width}}  result  seconds  details")
+        for s in self.record["stages"]:
+            d = s["details"]
+            text = d.get("summary") or d.get("reason") or d.get("error") or ""
+            print(f"{s['name']:<{width}}  {s['status']:<6}  {s['seconds']:>7.0f}  {str(text)[:160]}")
+        print(f"{self.record['result']} in {self.record['elapsed_s']:.0f} s (deadline {self.deadline:.0f} s)"
+              + (f"; the deadline skipped: {', '.join(cut)}" if cut else "") + f"; details: {self.out}")
+        return {"FAIL": 1, "PARTIAL": 2}.get(self.record["result"], 0)
+
+
+# ---------------------------------------------------------------------------------------------- workers
+# Each runs in its own process (python gpu_check.py --worker NAME JSON) and prints one RESULT line.
+
+
+def worker_preflight(tiny: bool) -> dict[str, Any]:
+    import importlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    def probe(module: str, dist: str) -> tuple[str | None, str | None]:
+        try:
+            importlib.import_module(module)
+        except Exception as exc:  # ImportError, or a package present but broken
+            return None, f"{type(exc).__name__}: {exc}"
+        try:
+            return version(dist), None
+        except PackageNotFoundError:
+            return "?", None
+
+    t0 = time.monotonic()
+    versions: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    optional_missing: dict[str, str] = {}
+    for group, target in ((REQUIRED, missing), (OPTIONAL, optional_missing)):
+        for module, dist, why in group:
+            ver, problem = probe(module, dist)
+            if problem:
+                target[dist] = f"{why}: {problem}"
+            else:
+                versions[dist] = str(ver)
+    broken = {}
+    if not missing:
+        for stmt in ENTRY_POINTS:
+            try:
+                exec(stmt, {})
+            except Exception as exc:
+                broken[stmt] = f"{type(exc).__name__}: {exc}"
+    gpu: dict[str, Any] = {"cuda": False}
+    with contextlib.suppress(Exception):
+        import torch
+
+        gpu["torch_cuda_build"] = torch.version.cuda
+        if torch.cuda.is_available():
+            free, total = torch.cuda.mem_get_info(0)
+            gpu.update(cuda=True, name=torch.cuda.get_device_name(0),
+                       capability=".".join(map(str, torch.cuda.get_device_capability(0))),
+                       free_gib=round(free / 2**30, 1), total_gib=round(total / 2**30, 1),
+                       bf16=torch.cuda.is_bf16_supported(), device_count=torch.cuda.device_count())
+    py = f"{sys.version_info.major}.{sys.version_info.minor}"
+    pip = None
+    if missing or optional_missing:
+        names = " ".join(sorted({*missing, *optional_missing}))
+        pip = ("python3 -m pip download --no-deps --only-binary=:all: --python-version " + py + " --implementation cp"
+               " --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64"
+               f" --platform manylinux2014_x86_64 --platform any -d .whl {names}   (rouge-score has no wheel: "
+               "pip wheel --no-deps rouge-score -w .whl; its needs: absl-py nltk regex joblib click)")
+    return {"python": sys.version.split()[0], "executable": sys.executable, "versions": versions,
+            "missing": missing, "optional_missing": optional_missing, "broken_imports": broken, "gpu": gpu,
+            "pip": pip, "import_seconds": round(time.monotonic() - t0, 1), "tiny": tiny}
+
+
+def tiny_gemma_config() -> dict[str, Any]:
     cfg = json.loads((ROOT / "finsft/model_configs/google--gemma-2b.json").read_text())
     cfg.update(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=1, head_dim=16, vocab_size=4096)
-    path = folder / "config.json"
-    path.write_text(json.dumps(cfg))
-    return folder
+               num_key_value_heads=1, head_dim=32, vocab_size=4096)  # bnb CPU kernels: 32 | out dims
+    return cfg
 
 
-def random_model_folder(config_path: Path, rows: Path, folder: Path) -> Path:
-    """Random weights from a config + finsft's synthetic word-level tokenizer, saved as a model folder."""
+def worker_prepare(name: str, tiny: bool, work: str, steps: int, warmup: int, rows: int,
+                   overrides: dict[str, Any]) -> dict[str, Any]:
+    """The model folder (config, trained BPE tokenizer, random weights unless built from the config on the GPU),
+    the synthetic rows, the recipe, the rows finsft bench times (JSONL for the expert) and the plan's settings."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from finsft.bench import synthetic_tokenizer
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from speed import export_rows
 
-    config = AutoConfig.from_pretrained(str(config_path))
-    texts = [" ".join(r.values()) for r in map(json.loads, rows.read_text().splitlines()[:5000])]
+    from finsft.bench import synthetic_tokenizer, write_synthetic
+
+    seed_recipe, config_file, kind = SEEDS[name]
+    folder = Path(work) / f"{name}-model"
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = tiny_gemma_config() if tiny else json.loads((ROOT / "finsft/model_configs" / config_file).read_text())
+    (folder / "config.json").write_text(json.dumps(cfg))
+    data = write_synthetic(Path(work) / f"{name}-{kind}.jsonl", kind, rows)
+    config = AutoConfig.from_pretrained(str(folder))
+    texts = [" ".join(r.values()) for r in map(json.loads, data.read_text().splitlines()[:5000])]
+    t0 = time.monotonic()
     tok = synthetic_tokenizer(config, texts)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else None)
-    model.save_pretrained(folder)
     tok.save_pretrained(folder)
-    return folder
+    quantized = name == "gemma"  # 4-bit loading needs saved weights; bf16 LoRA builds them on the GPU itself
+    if quantized:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else None)
+        model.save_pretrained(folder)
+        del model
+    build_s = time.monotonic() - t0
+    recipe = {"extends": str(ROOT / seed_recipe), "name": f"gpu-check-{name}",
+              "model": {"name_or_path": str(folder)},
+              "data": {"path": str(data), "validation_size": 0.02},
+              "training": {"save_steps": None, "eval_steps": None, **overrides},
+              "output": {"dir": str(Path(work) / f"{name}-run"), "save_merged": False}}
+    recipe_path = Path(work) / f"{name}.json"
+    recipe_path.write_text(json.dumps(recipe, indent=2))
+    timed_rows = Path(work) / f"{name}-timed-rows.jsonl"
+    defaults, baseline = export_rows(recipe_path, steps, warmup, timed_rows)
+    from finsft.cli import main as finsft_main
+
+    with contextlib.redirect_stdout(io.StringIO()) as plan_out:
+        plan_rc = finsft_main(["plan", str(recipe_path), "--format", "json"])
+    if plan_rc:
+        raise RuntimeError(f"finsft plan {recipe_path} failed (exit {plan_rc})")
+    memory = json.loads(plan_out.getvalue()).get("memory") or {}
+    return {"model_dir": str(folder), "random_weights": not quantized, "recipe": str(recipe_path),
+            "data": str(data), "timed_rows": str(timed_rows),
+            "timed_rows_count": sum(1 for _ in timed_rows.open()), "tokenizer_tokens": len(tok),
+            "settings": defaults, "baseline_settings": baseline, "build_s": round(build_s, 1),
+            "plan_memory": memory, "estimated_peak_gib": memory.get("estimated_peak_gib")}
 
 
-def bench(recipe: str, overrides: list[str], steps: int, warmup: int, timeout: float) -> dict[str, Any]:
-    rc, out, err, secs = sh(finsft("bench", recipe, "--random-weights", "--steps", str(steps), "--warmup",
-                                   str(warmup), "--format", "json", *overrides), timeout)
-    if rc:
-        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {rc}", "seconds": secs}
-    return {**json.loads(out), "seconds": secs}
+WORKERS: dict[str, Callable[..., dict[str, Any]]] = {"preflight": worker_preflight, "prepare": worker_prepare}
 
 
-def plan_estimate(recipe: str, overrides: list[str], gpu_memory: float | None) -> dict[str, Any]:
-    args = ["plan", recipe, *overrides, "--format", "json"]
-    if gpu_memory:
-        args += ["--gpu-memory", str(gpu_memory)]
-    _rc, out, err, _ = sh(finsft(*args), 300)
-    if not out.strip():
-        return {"error": err}
-    data = json.loads(out)
-    mem = data["memory"] or {}
-    return {"estimated_peak_gib": mem.get("estimated_peak_gib"), "fits": mem.get("fits"),
-            "gradient_checkpointing": data["choices"]["training.gradient_checkpointing"]["value"]}
+# ------------------------------------------------------------------------------------------------ stages
 
 
-def expert(arch: str, quant: str, task: str, steps: int, timeout: float) -> dict[str, Any]:
-    rc, out, err, secs = sh([sys.executable, "benchmarks/trl_anchor.py", "--arch", arch, "--quant", quant,
-                             "--mode", "packed_nogc", "--liger", "--task", task, "--steps", str(steps)], timeout)
-    line = next((x for x in out.splitlines() if x.startswith("RESULT ")), None)
-    if rc or line is None:
-        return {"error": err.strip().splitlines()[-1] if err.strip() else f"exit {rc}", "seconds": secs}
-    return {**json.loads(line[len("RESULT "):]), "seconds": secs}
+def preflight(check: Check, budget: float) -> tuple[str, dict[str, Any]]:
+    r = run(worker_cmd("preflight", tiny=check.tiny), min(budget, 180))
+    info = result_line(r["stdout"])
+    if info is None:
+        return "FAIL", {"error": f"the preflight process failed (exit {r['rc']}): {last_line(r['stderr_tail'])}",
+                        "stderr_tail": r["stderr_tail"]}
+    gpu = info["gpu"]
+    print(f"python {info['python']}; " + ", ".join(f"{k} {v}" for k, v in sorted(info["versions"].items())))
+    print("GPU: " + (f"{gpu['name']} (capability {gpu['capability']}, {gpu['free_gib']} of {gpu['total_gib']} GiB "
+                     f"free, bf16 {gpu['bf16']})" if gpu["cuda"] else f"none (torch CUDA build {gpu.get('torch_cuda_build')})"))
+    problems = [f"missing {k} ({v})" for k, v in info["missing"].items()]
+    problems += [f"broken: {k} -> {v}" for k, v in info["broken_imports"].items()]
+    if not check.tiny and not gpu["cuda"]:
+        problems.append("no CUDA GPU visible to torch (on a CPU machine run --tiny)")
+    for k, v in info["optional_missing"].items():
+        print(f"note: optional {k} is not installed: {v}")
+    if problems:
+        if info["pip"]:
+            print("carry the missing wheels: " + info["pip"])
+        return "FAIL", {"error": "; ".join(problems), **info}
+    summary = (f"{len(info['versions'])} packages import in {info['import_seconds']} s; "
+               + (f"{gpu['name']}, {gpu['free_gib']} GiB free" if gpu["cuda"] else "CPU only (--tiny)"))
+    return "PASS", {"summary": summary, **info}
 
 
-def train_with_eval(model_dir: Path, rows: Path, out_dir: Path, steps: int, tiny: bool,
-                    timeout: float) -> dict[str, Any]:
-    overrides = [f"model.name_or_path={model_dir}", f"data.path={rows}", "data.validation_size=0.02",
-                 f"training.max_steps={steps}", "training.eval_steps=null", "training.save_steps=null",
-                 "evaluation.max_samples=8", "evaluation.max_new_tokens=16", f"output.dir={out_dir}"]
-    if tiny:
-        overrides += ["training.max_length=128", "training.per_device_train_batch_size=2"]
-    rc, _out, err, secs = sh(finsft("train", "recipes/gemma_qlora.json", *overrides, "--overwrite"), timeout)
-    result: dict[str, Any] = {"rc": rc, "seconds": round(secs, 1)}
-    metrics = list(out_dir.rglob("metrics.jsonl"))
-    losses = [r["loss"] for m in metrics for r in map(json.loads, m.read_text().splitlines()) if "loss" in r]
-    result["last_loss"] = losses[-1] if losses else None
-    evals = [p for p in out_dir.rglob("*.json") if "eval" in p.name or "results" in p.name]
-    result["evaluation_files"] = [str(p.relative_to(out_dir)) for p in evals]
-    if rc:
-        result["error"] = err.strip().splitlines()[-1] if err.strip() else f"exit {rc}"
-    return result
+def prepare(check: Check, name: str, args: argparse.Namespace, budget: float) -> tuple[str, dict[str, Any]]:
+    overrides: dict[str, Any] = {"logging_steps": args.logging_steps}
+    if check.tiny:  # CPU: fp32 plain AdamW (no paged 8-bit state), short rows
+        overrides.update(max_length=64, per_device_train_batch_size=2, optim="adamw_torch")
+    r = run(worker_cmd("prepare", name=name, tiny=check.tiny, work=str(args.work), steps=args.steps,
+                       warmup=args.warmup, rows=args.rows, overrides=overrides), min(budget, 300),
+            args.work / f"{name}-prepare.log")
+    info = result_line(r["stdout"])
+    if info is None:
+        return "FAIL", {"error": f"prepare failed (exit {r['rc']}): {last_line(r['stderr_tail'])}",
+                        "stderr_tail": r["stderr_tail"]}
+    s = info["settings"]
+    info["summary"] = (f"{info['tokenizer_tokens']}-token BPE tokenizer, {info['timed_rows_count']} timed rows; "
+                       f"plan: {s['precision']}, optim {s['optim']}, packing {s['packing']}, checkpointing "
+                       f"{s['gradient_checkpointing']}, Liger {s['use_liger_kernel']}; estimate "
+                       f"{info['estimated_peak_gib']} GiB")
+    return "PASS", info
 
 
-def verdict(ok: bool | None) -> str:
-    return "SKIP" if ok is None else "PASS" if ok else "FAIL"
+def expert_cmd(prep: dict[str, Any], args: argparse.Namespace, quantized: bool) -> list[str]:
+    s = prep["settings"]
+    recipe = json.loads(Path(prep["recipe"]).read_text())
+    base = json.loads((ROOT / recipe["extends"]).read_text())
+    train = {**base.get("training", {}), **recipe["training"]}
+    lora = base["lora"]
+    cmd = [sys.executable, str(ROOT / "benchmarks/trl_handwritten.py"), "--model", prep["model_dir"],
+           "--data", prep["timed_rows"], "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(train["per_device_train_batch_size"]), "--max-length", str(train["max_length"]),
+           "--precision", s["precision"], "--attn", s["attn_implementation"], "--optim", s["optim"],
+           "--lr", str(train["learning_rate"]), "--lora-r", str(lora["r"]), "--lora-alpha", str(lora["lora_alpha"]),
+           "--lora-dropout", str(lora["lora_dropout"]), "--target-modules", str(lora["target_modules"]),
+           "--logging-steps", str(args.logging_steps), "--seed", "42"]
+    for flag, key in (("--packing", "packing"), ("--group-by-length", "group_by_length"),
+                      ("--gradient-checkpointing", "gradient_checkpointing"), ("--liger", "use_liger_kernel")):
+        if s[key]:
+            cmd.append(flag)
+    if quantized:
+        cmd += ["--quant", "4bit"]
+    if prep["random_weights"]:
+        cmd.append("--random-weights")
+    return cmd
+
+
+def finite(losses: list[Any]) -> bool:
+    return bool(losses) and all(isinstance(x, (int, float)) and math.isfinite(x) for x in losses)
+
+
+def compare(check: Check, name: str, args: argparse.Namespace, budget: float) -> tuple[str, dict[str, Any]]:
+    prep = check.results[f"{name}: prepare"]["details"]
+    quantized = name == "gemma"
+    end = time.monotonic() + budget
+    repeats: list[dict[str, Any]] = []
+    errors: list[str] = []
+    cut: list[str] = []  # runs the deadline stopped: not finsft's fault, the stage is SKIP unless something failed
+    for r in range(args.repeats):
+        order = ("finsft", "expert") if r % 2 == 0 else ("expert", "finsft")
+        one: dict[str, Any] = {"order": list(order)}
+        for side in order:
+            left = end - time.monotonic()
+            if left < 5:
+                cut.append(f"repeat {r + 1} {side}: no time left")
+                break
+            if side == "finsft":
+                cmd = finsft_cmd("bench", prep["recipe"], "--steps", str(args.steps), "--warmup", str(args.warmup),
+                                 "--format", "json")
+                if prep["random_weights"]:
+                    cmd.append("--random-weights")
+                if r > 0 or check.tiny:  # the notebook baseline once (GPU), its ratio is not a CPU target
+                    cmd.append("--no-baseline")
+                p = run(cmd, left, args.work / f"{name}-finsft-{r + 1}.log", cap=args.command_timeout)
+                if p["deadline_cut"]:
+                    cut.append(f"repeat {r + 1} finsft bench: stopped by the deadline after {p['seconds']:.0f} s")
+                    break
+                try:
+                    out = json.loads(p["stdout"])
+                    one["finsft"], one["baseline"], one["baseline_ratio"] = out["recipe"], out["baseline"], out["ratio"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    errors.append(f"repeat {r + 1}: finsft bench failed (exit {p['rc']}"
+                                  f"{', timed out' if p['timed_out'] else ''}): {last_line(p['stderr_tail'])}")
+            else:
+                p = run(expert_cmd(prep, args, quantized), left, args.work / f"{name}-expert-{r + 1}.log",
+                        cap=args.command_timeout)
+                res = result_line(p["stdout"])
+                if p["deadline_cut"]:
+                    cut.append(f"repeat {r + 1} expert: stopped by the deadline after {p['seconds']:.0f} s")
+                    break
+                if p["rc"] or res is None:
+                    errors.append(f"repeat {r + 1}: the expert script failed (exit {p['rc']}"
+                                  f"{', timed out' if p['timed_out'] else ''}): {last_line(p['stderr_tail'])}")
+                else:
+                    one["expert"] = res
+        repeats.append(one)
+        if errors or cut:
+            break
+    details: dict[str, Any] = {"repeats": repeats}
+    pairs = [x for x in repeats if "finsft" in x and "expert" in x]
+    ratios = [x["finsft"]["tokens_per_s"] / x["expert"]["tokens_per_s"] for x in pairs
+              if x["expert"]["tokens_per_s"] > 0]
+    details["finsft_over_expert"] = [round(x, 3) for x in ratios]
+    details["median_finsft_over_expert"] = round(statistics.median(ratios), 3) if ratios else None
+    base = next((x["baseline_ratio"] for x in repeats if x.get("baseline_ratio") is not None), None)
+    details["recipe_over_baseline"] = base
+    bad_loss = [f"repeat {i + 1} {side}" for i, x in enumerate(repeats) for side in ("finsft", "expert", "baseline")
+                if x.get(side) and not finite(x[side].get("losses") or [x[side].get("final_loss")])]
+    details["losses"] = {f"{i + 1}-{side}": x[side].get("losses") for i, x in enumerate(repeats)
+                         for side in ("finsft", "expert", "baseline") if x.get(side)}
+    problems = list(errors)
+    if bad_loss:
+        problems.append("no finite loss logged by " + ", ".join(bad_loss))
+    if len(pairs) < args.repeats and not errors and not cut:
+        problems.append(f"{len(pairs)} of {args.repeats} repeats completed")
+    med = details["median_finsft_over_expert"]
+    if not check.tiny:
+        if med is not None and med < 0.8:
+            problems.append(f"finsft / expert = {med:.2f}x tokens/s, below the 0.8x target")
+        if base is not None and base < 1.5:
+            problems.append(f"recipe / notebook baseline = {base:.2f}x tokens/s, below the 1.5x target")
+        if base is None and not errors and not cut:
+            problems.append("the notebook baseline did not run")
+    details["summary"] = (f"finsft / expert tokens/s: {details['finsft_over_expert']} (median {med}); recipe / "
+                          f"baseline: {base}; losses finite: {not bad_loss}")
+    if problems:
+        details["error"] = "; ".join(problems + cut)
+        return "FAIL", details
+    if cut:
+        details["reason"] = "the deadline cut it: " + "; ".join(cut) + f" ({len(pairs)} of {args.repeats} repeats)"
+        details["deadline"] = True
+        return "SKIP", details
+    return "PASS", details
+
+
+def memory(check: Check, name: str, tolerance: float) -> tuple[str, dict[str, Any]]:
+    est = check.results[f"{name}: prepare"]["details"].get("estimated_peak_gib")
+    reps = check.results.get(f"{name}: finsft vs expert", {}).get("details", {}).get("repeats") or []
+    if not any(x.get("finsft") for x in reps):
+        return "SKIP", {"reason": "no finsft bench result to compare with the plan"}
+    rows = []
+    for i, x in enumerate(reps):
+        for side in ("finsft", "expert"):
+            if x.get(side):
+                rows.append({"repeat": i + 1, "side": side, "allocated_gib": x[side].get("peak_memory_gib"),
+                             "reserved_gib": x[side].get("peak_reserved_gib")})
+    details: dict[str, Any] = {"estimated_peak_gib": est, "tolerance": tolerance, "peaks": rows}
+    fin = [r for r in rows if r["side"] == "finsft" and r["reserved_gib"] is not None]
+    if not fin or not est:
+        return "FAIL", {**details, "error": "no CUDA peak or no plan estimate to compare"}
+    alloc = max(r["allocated_gib"] for r in fin)
+    reserved = max(r["reserved_gib"] for r in fin)
+    details.update(allocated_error=round(est / alloc - 1, 3), reserved_over_estimate=round(reserved / est - 1, 3))
+    problems = []
+    if abs(est / alloc - 1) > tolerance:
+        problems.append(f"the plan's {est:.2f} GiB is {est / alloc - 1:+.0%} off the allocated peak {alloc:.2f} GiB")
+    if reserved > est * (1 + tolerance):
+        problems.append(f"the reserved peak {reserved:.2f} GiB is {reserved / est - 1:+.0%} above the plan's "
+                        f"{est:.2f} GiB")
+    details["summary"] = (f"plan {est:.2f} GiB vs allocated {alloc:.2f} GiB ({est / alloc - 1:+.0%}), reserved "
+                          f"{reserved:.2f} GiB; expert allocated "
+                          f"{max((r['allocated_gib'] for r in rows if r['side'] == 'expert'), default=None)} GiB")
+    if problems:
+        details["error"] = "; ".join(problems)
+        return "FAIL", details
+    return "PASS", details
+
+
+def train_and_evaluate(check: Check, args: argparse.Namespace, budget: float) -> tuple[str, dict[str, Any]]:
+    prep = check.results["gemma: prepare"]["details"]
+    out_dir = args.work / "train-run"
+    # A constant learning rate, high enough that LoRA on random weights learns the data's token frequencies
+    # within the few steps: the loss must fall by more than the batch-to-batch noise.
+    overrides = [f"training.max_steps={args.train_steps}", "training.logging_steps=1",
+                 "training.lr_scheduler_type=constant", "training.warmup_steps=0",
+                 f"training.learning_rate={0.02 if check.tiny else 5e-4}",
+                 "evaluation.max_samples=8", "evaluation.max_new_tokens=16", "evaluation.before_training=false",
+                 f"output.dir={out_dir}"]
+    if check.tiny:
+        overrides += ["training.per_device_train_batch_size=4"]
+    p = run(finsft_cmd("train", prep["recipe"], *overrides), budget, args.work / "train.log", cap=420)
+    if p["deadline_cut"]:
+        return "SKIP", {"reason": f"the deadline stopped finsft train after {p['seconds']:.0f} s", "deadline": True,
+                        "stderr_tail": p["stderr_tail"]}
+    details: dict[str, Any] = {"rc": p["rc"], "seconds": p["seconds"], "output_dir": str(out_dir)}
+    metrics = out_dir / "metrics.jsonl"
+    losses = ([float(r["loss"]) for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
+              if metrics.exists() else [])
+    details["losses"] = losses
+    problems = []
+    if p["rc"]:
+        problems.append(f"finsft train failed (exit {p['rc']}{', timed out' if p['timed_out'] else ''}): "
+                        f"{last_line(p['stderr_tail'])}")
+        details["stderr_tail"] = p["stderr_tail"]
+    third = max(1, len(losses) // 3)
+    first, last = (statistics.mean(losses[:third]), statistics.mean(losses[-third:])) if losses else (None, None)
+    details.update(first_third_loss=first, last_third_loss=last)
+    if not finite(losses):
+        problems.append(f"no finite training loss in {metrics}")
+    elif len(losses) < 3 or not last < first:  # type: ignore[operator]
+        problems.append(f"the training loss did not fall ({len(losses)} logged; first third {first:.4f}, last "
+                        f"third {last:.4f})")
+    eval_path = out_dir / "eval.json"
+    expected = ("n", "rougeL", "token_f1")
+    try:
+        ev = json.loads(eval_path.read_text())
+        m = ev["metrics"]
+        details["eval_metrics"] = {k: m.get(k) for k in expected}
+        if any(k not in m for k in expected) or not m["n"] > 0 or not all(math.isfinite(m[k]) for k in expected):
+            problems.append(f"{eval_path} lacks the metrics {expected} (has {sorted(m)})")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problems.append(f"no readable evaluation at {eval_path}: {exc}")
+    details["summary"] = (f"{len(losses)} losses, {first and round(first, 3)} -> {last and round(last, 3)}; "
+                          f"eval {details.get('eval_metrics')}")
+    if problems:
+        details["error"] = "; ".join(problems)
+        return "FAIL", details
+    return "PASS", details
+
+
+def fsdp_qlora(check: Check, args: argparse.Namespace, budget: float) -> tuple[str, dict[str, Any]]:
+    prep = check.results["gemma: prepare"]["details"]
+    out_dir = args.work / "fsdp-run"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(ROOT / "recipes/accelerate/fsdp.yaml"), "--num_processes", "1", "-m", "finsft", "train",
+           prep["recipe"], "training.max_steps=4", "training.save_steps=2", "training.logging_steps=1",
+           "evaluation=null", f"output.dir={out_dir}"]
+    p = run(cmd, budget, args.work / "fsdp.log", cap=300)
+    if p["deadline_cut"]:
+        return "SKIP", {"reason": f"the deadline stopped the FSDP run after {p['seconds']:.0f} s", "deadline": True,
+                        "stderr_tail": p["stderr_tail"]}
+    checkpoints = sorted(str(c.relative_to(args.work)) for c in args.work.glob("fsdp-run*/**/checkpoint-*")
+                         if c.is_dir())
+    details = {"rc": p["rc"], "checkpoints": checkpoints, "command": " ".join(cmd)}
+    if p["rc"] or not checkpoints:
+        details["error"] = (f"FSDP-QLoRA run failed (exit {p['rc']}{', timed out' if p['timed_out'] else ''}): "
+                            f"{last_line(p['stderr_tail'])}" if p["rc"] else "no checkpoint saved")
+        details["stderr_tail"] = p["stderr_tail"]
+        return "FAIL", details
+    details["summary"] = f"4 steps under FSDP, checkpoints {checkpoints}"
+    return "PASS", details
+
+
+# -------------------------------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU plumbing check: a tiny Gemma, 2 steps, no expert")
-    p.add_argument("--steps", type=int, default=10, help="timed bench steps per configuration")
-    p.add_argument("--train-steps", type=int, default=30)
+    p.add_argument("--tiny", action="store_true", help="CPU: the same stages on a 2-layer Gemma (no GPU targets)")
+    p.add_argument("--deadline", type=float, default=540.0, help="seconds for the whole check (default 540)")
     p.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    p.add_argument("--steps", type=int, help="timed bench steps (default 10; --tiny 2)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 3; --tiny 1)")
+    p.add_argument("--repeats", type=int, default=2, help="finsft/expert repeats in alternating order")
+    p.add_argument("--train-steps", type=int, help="steps of the training stage (default 30; --tiny 24)")
+    p.add_argument("--models", default="gemma,mistral", help="comma-separated: gemma, mistral")
+    p.add_argument("--work", type=Path, help="work folder (default: a new temporary folder)")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("worker_args", nargs="?", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    tiny = a.tiny
-    steps, warmup = (1, 1) if tiny else (a.steps, 3)
-    train_steps = 2 if tiny else a.train_steps
-    results: dict[str, Any] = {"tiny": tiny, "targets": []}
-    work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    from finsft.bench import write_synthetic
+    os.environ.update(OFFLINE)
+    if a.worker:
+        print("RESULT " + json.dumps(WORKERS[a.worker](**json.loads(a.worker_args or "{}")), default=str),
+              flush=True)
+        return 0
+    a.steps = a.steps or (2 if a.tiny else 10)
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
+    a.train_steps = a.train_steps or (24 if a.tiny else 30)
+    a.logging_steps = 1 if a.tiny else 5
+    a.rows = 200 if a.tiny else 3000
+    a.command_timeout = 240 if a.tiny else 300
+    a.work = (a.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))).resolve()
+    a.work.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("FINSFT_CACHE", str(a.work / "finsft-cache"))
+    os.environ.setdefault("HF_DATASETS_CACHE", str(a.work / "hf-datasets"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-    rows = write_synthetic(work / "fiqa_like.jsonl", "qa", 200 if tiny else 2000)
-    seeds = {"gemma": SEEDS["gemma"]} if tiny else SEEDS
-    for name, (recipe, arch, quant, task) in seeds.items():
-        overrides: list[str] = []
-        if tiny:
-            overrides = [f"model.name_or_path={tiny_gemma(work / 'tiny-gemma')}", "training.max_length=64",
-                         "training.per_device_train_batch_size=2", "training.optim=adamw_torch"]
-        b = bench(recipe, overrides, steps, warmup, 240)
-        plan = plan_estimate(recipe, overrides, None)
-        ex = None if tiny else expert(arch, quant, task, 20, 240)
-        results[name] = {"bench": b, "plan": plan, "expert": ex}
-        rec, base = (b.get("recipe") or {}), (b.get("baseline") or {})
-        speedup = (rec["tokens_per_s"] / base["tokens_per_s"]) if rec and base else None
-        vs_expert = (rec["tokens_per_s"] / ex["tokens_per_s"]) if rec and ex and "tokens_per_s" in ex else None
-        peak, est = rec.get("peak_memory_gib"), plan.get("estimated_peak_gib")
-        on_gpu = rec.get("memory_kind", "").startswith("CUDA") or "cuda" in str(rec.get("device", ""))
-        mem_err = (est / peak - 1) if (peak and est and on_gpu) else None
-        results["targets"] += [
-            {"target": f"{name}: bench ran", "value": "error" if "error" in b else "ok", "ok": "error" not in b},
-            {"target": f"{name}: recipe / notebook baseline >= 1.5x", "value": speedup,
-             "ok": None if speedup is None or tiny else speedup >= 1.5},
-            {"target": f"{name}: finsft / expert >= 0.8x", "value": vs_expert,
-             "ok": None if vs_expert is None else vs_expert >= 0.8},
-            {"target": f"{name}: plan estimate within 30% of measured peak ({est} vs {peak} GiB)",
-             "value": mem_err, "ok": None if mem_err is None else abs(mem_err) <= 0.30},
-        ]
-    config = work / "tiny-gemma" / "config.json" if tiny else ROOT / "finsft/model_configs/google--gemma-2b.json"
-    if tiny:
-        tiny_gemma(work / "tiny-gemma")
-    model_dir = random_model_folder(config, rows, work / "gemma-random")
-    tr = train_with_eval(model_dir, rows, work / "run", train_steps, tiny, 300)
-    results["train"] = tr
-    ok = (tr["rc"] == 0 and tr["last_loss"] is not None and math.isfinite(tr["last_loss"])
-          and bool(tr["evaluation_files"]))
-    results["targets"].append({"target": f"gemma: {train_steps} training steps + evaluation", "value":
-                               tr.get("last_loss"), "ok": ok})
-    width = max(len(t["target"]) for t in results["targets"])
-    print(f"{'target':<{width}}  {'value':>10}  result")
-    for t in results["targets"]:
-        v = t["value"]
-        shown = f"{v:+.1%}" if isinstance(v, float) and "within" in t["target"] else (
-            f"{v:.2f}" if isinstance(v, float) else str(v))
-        print(f"{t['target']:<{width}}  {shown:>10}  {verdict(t['ok'])}")
-    a.out.write_text(json.dumps(results, indent=2, default=str))
-    print(f"details: {a.out}")
-    return 1 if any(t["ok"] is False for t in results["targets"]) else 0
+    check = Check(a.out.resolve(), a.deadline, a.tiny)
+    check.record.update(work=str(a.work), steps=a.steps, warmup=a.warmup, repeats=a.repeats,
+                        train_steps=a.train_steps)
+    check.write()
+    global RUNNING
+    RUNNING = check.running
+
+    def on_signal(signum: int, frame: Any) -> None:
+        raise Killed(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    models = [m.strip() for m in a.models.split(",") if m.strip()]
+    try:
+        check.stage("preflight", 10, lambda b: preflight(check, b))
+        gpu_only = "GPU only: a 7B model does not train on a CPU (--tiny covers the same code path with gemma)"
+        for name in models:
+            if name not in SEEDS:
+                raise SystemExit(f"unknown model '{name}' (use: {', '.join(SEEDS)})")
+        for name in models:
+            skip = gpu_only if (a.tiny and name != "gemma") else None
+            check.stage(f"{name}: prepare", 40 if not a.tiny else 15, lambda b, n=name: prepare(check, n, a, b),
+                        requires=("preflight",), skip=skip)
+            check.stage(f"{name}: finsft vs expert", (150 if name == "gemma" else 170) if not a.tiny else 40,
+                        lambda b, n=name: compare(check, n, a, b), requires=(f"{name}: prepare",), skip=skip)
+            check.stage(f"{name}: memory vs plan", 0, lambda b, n=name: memory(check, n, 0.15),
+                        requires=(f"{name}: prepare",),
+                        skip=skip or ("CPU: the plan estimates GPU memory; a process's RSS is not comparable"
+                                      if a.tiny else None))
+            if name == "gemma":
+                check.stage("gemma: train + evaluate", 90 if not a.tiny else 30,
+                            lambda b: train_and_evaluate(check, a, b), requires=("gemma: prepare",))
+        check.stage("gemma: FSDP-QLoRA checkpoint", 75, lambda b: fsdp_qlora(check, a, b),
+                    requires=("gemma: prepare",),
+                    skip="GPU only: accelerate's FSDP has no CPU device" if a.tiny else
+                    (None if "gemma" in models else "gemma not among --models"))
+    except Killed as exc:
+        check.record["stopped"] = str(exc)
+        check.record["result"] = "INCOMPLETE"
+        check.write()
+        log(f"stopped by {exc}; the stages finished so far are in {check.out}")
+        return 143
+    return check.finish()
 
 
 if __name__ == "__main__":

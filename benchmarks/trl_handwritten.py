@@ -9,7 +9,13 @@ peak memory (CUDA max allocated, or this process's peak RSS on CPU).
 usage: python benchmarks/trl_handwritten.py --model DIR --data rows.jsonl --steps 10 --warmup 2 \\
            [--batch 8] [--grad-accum 1] [--max-length 512] [--packing] [--group-by-length] \\
            [--gradient-checkpointing] [--precision fp32|bf16|fp16] [--attn sdpa] [--optim adamw_torch] \\
-           [--lora-r 16] [--lora-alpha 32] [--lora-dropout 0.05] [--target-modules all-linear] [--liger]
+           [--lora-r 16] [--lora-alpha 32] [--lora-dropout 0.05] [--target-modules all-linear] [--liger] \\
+           [--quant 4bit] [--random-weights]
+
+``--quant 4bit`` loads the model as the hand-written QLoRA anchor does (bitsandbytes NF4, double quantization,
+compute in the training precision, on GPU 0; no prepare_model_for_kbit_training). ``--random-weights`` builds the
+model from the folder's config alone (on the GPU when there is one), for a folder holding only a config and a
+tokenizer.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import time
 import torch
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import SFTConfig, SFTTrainer
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -49,6 +55,8 @@ parser.add_argument("--target-modules", default="all-linear")
 parser.add_argument("--logging-steps", type=int, default=10)
 parser.add_argument("--seed", type=int, default=42)
 parser.add_argument("--liger", action="store_true")
+parser.add_argument("--quant", choices=("none", "4bit"), default="none")
+parser.add_argument("--random-weights", action="store_true")
 a = parser.parse_args()
 
 cuda = torch.cuda.is_available()
@@ -56,7 +64,19 @@ dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[a
 tokenizer = AutoTokenizer.from_pretrained(a.model)
 if tokenizer.pad_token is None:
     tokenizer.pad_token = tokenizer.eos_token
-model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=a.attn)
+if a.random_weights:
+    if a.quant != "none":
+        sys.exit("--random-weights builds the model from its config; --quant needs saved weights")
+    with torch.device("cuda" if cuda else "cpu"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(a.model), dtype=dtype,
+                                                 attn_implementation=a.attn)
+elif a.quant == "4bit":
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(a.model, quantization_config=bnb, dtype=dtype,
+                                                 device_map={"": 0} if cuda else None, attn_implementation=a.attn)
+else:
+    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=dtype, attn_implementation=a.attn)
 rows = load_dataset("json", data_files=a.data, split="train")
 
 targets = a.target_modules if a.target_modules == "all-linear" else a.target_modules.split(",")
@@ -101,6 +121,11 @@ class Stopwatch(TrainerCallback):
 
     start = end = cpu_start = cpu_end = 0.0
     tokens_start = tokens_end = 0
+    losses: list[float] = []  # noqa: RUF012 (one instance)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):  # type: ignore[no-untyped-def]
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
 
     def on_train_begin(self, args, state, control, **kwargs):  # type: ignore[no-untyped-def]
         if a.warmup == 0:
@@ -120,8 +145,10 @@ trainer.train()
 elapsed = watch.end - watch.start
 cpu = watch.cpu_end - watch.cpu_start
 tokens = watch.tokens_end - watch.tokens_start
+reserved_gib = None
 if cuda:
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
+    reserved_gib = round(torch.cuda.max_memory_reserved() / 2**30, 3)
 else:
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**30 if sys.platform == "darwin" else 2**20)
 print("RESULT " + json.dumps({
@@ -130,6 +157,8 @@ print("RESULT " + json.dumps({
     "tokens_per_cpu_s": round(tokens / max(cpu, 1e-9), 2),
     "cpu_s_per_step": round(cpu / a.steps, 4),
     "peak_memory_gib": round(peak_gib, 3),
+    "peak_reserved_gib": reserved_gib,
+    "losses": watch.losses,
     "timed_tokens": tokens,
     "torch_threads": torch.get_num_threads(),
 }), flush=True)

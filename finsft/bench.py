@@ -228,6 +228,7 @@ def _clock(warmup: int, steps: int) -> Any:
             self.t0 = self.t1 = self.cpu0 = self.cpu1 = 0.0
             self.n0 = self.n1 = 0
             self.loss: float | None = None
+            self.losses: list[float] = []
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
             if warmup == 0:
@@ -243,6 +244,7 @@ def _clock(warmup: int, steps: int) -> Any:
                    **kw: Any) -> None:
             if logs and "loss" in logs:
                 self.loss = float(logs["loss"])
+                self.losses.append(self.loss)
 
     return Clock()
 
@@ -412,6 +414,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     elapsed = clock.t1 - clock.t0
     tokens = clock.n1 - clock.n0
     peak, memory_kind = _peak_memory()
+    reserved = (round(torch.cuda.max_memory_reserved() / 2**30, 3)
+                if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     train, quant = recipe.training, recipe.quantization
     return {
         "config": which,
@@ -423,6 +427,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "tokens_per_cpu_s": round(tokens / max(clock.cpu1 - clock.cpu0, 1e-9), 2),
         "peak_memory_gib": round(peak, 3),
         "memory_kind": memory_kind,
+        "peak_reserved_gib": reserved,  # CUDA max reserved (the allocator's cache included); None on CPU
         "data_prep_s": round(data.prep_s, 2),
         "data_from_cache": data.from_cache,
         "model_load_s": round(load_s, 2),
@@ -431,6 +436,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "warmup_steps": warmup,
         "timed_tokens": tokens,
         "final_loss": clock.loss,
+        "losses": clock.losses,  # every logged training loss (logging_steps apart)
         "settings": plan_settings(plan),
         "batch": {"per_device_train_batch_size": train["per_device_train_batch_size"],
                   "gradient_accumulation_steps": train["gradient_accumulation_steps"],

@@ -242,9 +242,27 @@ def load_tokenizer(source: ModelSource, recipe: Recipe) -> Any:
                                             trust_remote_code=recipe.model["trust_remote_code"])
     except (OSError, ValueError) as exc:  # a folder without tokenizer files raises ValueError
         raise _load_error("tokenizer", source, exc) from exc
+    check_vocabulary(tok, source)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+MIN_VOCABULARY = 100
+
+
+def check_vocabulary(tok: Any, source: ModelSource) -> None:
+    """A tokenizer with (almost) no vocabulary is an error. transformers builds one from a folder that holds a
+    config but no tokenizer files (a Gemma config gives 5 tokens, all special): every word then maps to the unknown
+    token, and training or scoring would run on nothing."""
+    size = len(tok)
+    specials = len(set(getattr(tok, "all_special_tokens", ()) or ()))
+    if size < max(MIN_VOCABULARY, specials + 32):
+        hint = (" The folder holds no tokenizer files (tokenizer.json, or tokenizer.model / vocab files): save the "
+                "model's tokenizer there with tokenizer.save_pretrained(FOLDER)." if source.is_local else "")
+        raise ModelLoadError(
+            f"the tokenizer loaded from '{source.path}' has {size} tokens ({specials} of them special), too few "
+            f"for a language model (at least {MIN_VOCABULARY}).{hint}")
 
 
 def load_model(source: ModelSource, model_kwargs: dict[str, Any], *, random_weights: bool = False) -> Any:

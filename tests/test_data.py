@@ -278,6 +278,25 @@ def test_broken_local_model_folder(recipe: Any, tmp_path: Path) -> None:
         load_model(resolve_model(r), {})
 
 
+def test_a_tokenizer_without_vocabulary_is_an_error(recipe: Any, tmp_path: Path) -> None:
+    """transformers builds a 5-token Gemma tokenizer (all special) from a folder holding only config.json: finsft
+    refuses it instead of training on unknown tokens."""
+    folder = tmp_path / "config-only"
+    folder.mkdir()
+    config = json.loads((Path(__file__).parent.parent / "finsft/model_configs/google--gemma-2b.json").read_text())
+    (folder / "config.json").write_text(json.dumps(config))
+    r = recipe({"path": str(INVENTED_TRAIN)}, model={"name_or_path": str(folder)})
+    with pytest.raises(ModelLoadError) as exc:
+        load_tokenizer(resolve_model(r), r)
+    msg = str(exc.value)
+    assert "config-only" in msg and "5 tokens" in msg and "save_pretrained" in msg
+
+
+def test_a_real_small_tokenizer_loads(recipe: Any, tiny_model: Path) -> None:
+    r = recipe({"path": str(INVENTED_TRAIN)}, model={"name_or_path": str(tiny_model)})
+    assert len(load_tokenizer(resolve_model(r), r)) >= 100
+
+
 # ------------------------------------------------------------------------------------------- tokenization
 
 

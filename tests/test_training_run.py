@@ -41,3 +41,33 @@ def test_fsdp_on_a_machine_without_gpus_is_refused_before_any_process_waits(make
     with TrainingRun(load_recipe(str(make_recipe()))) as run, pytest.raises(FinsftError, match="DDP: accelerate launch"):
         run.setup()
     assert not run.dirs.work.exists()
+
+
+def test_a_missing_metric_package_is_an_error_before_training(make_recipe: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The evaluation at the end of a run imports scikit-learn (classification) or rouge-score (QA): a missing one
+    stops the run at setup, with the pip line, not after training."""
+    import sys
+
+    from finsft.errors import FinsftError
+
+    monkeypatch.setitem(sys.modules, "sklearn", None)  # import sklearn -> ImportError, as when not installed
+    recipe = load_recipe(str(make_recipe(evaluation={"max_samples": 4}, data={"validation_size": 0.2})))
+    with TrainingRun(recipe) as run, pytest.raises(FinsftError, match="pip install scikit-learn"):
+        run.setup()
+    assert not run.dirs.work.exists()
+
+
+def test_a_missing_plot_package_is_a_note_and_plots_are_skipped(tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    from finsft.evaluation.metrics import plots_note
+    from finsft.evaluation.report import plot_confusion
+    from finsft.training.report import plot_losses
+
+    assert plots_note() is None
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert "matplotlib is not installed" in (plots_note() or "")
+    assert plot_losses([{"step": 1, "loss": 2.0}], tmp_path / "loss.png") is False
+    metrics = {"labels": ["a", "b"], "confusion_matrix": [[1, 0], [0, 1]]}
+    assert plot_confusion(metrics, tmp_path / "confusion.png", "t") is False
+    assert not list(tmp_path.iterdir())

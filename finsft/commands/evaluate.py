@@ -20,6 +20,7 @@ from finsft.evaluation import (
     score,
     write_report,
 )
+from finsft.evaluation.metrics import check_metric_packages
 from finsft.evaluation.report import is_results_folder
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
@@ -91,6 +92,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
         checked = preflight(recipe, "eval", data=data, split=split, limit=limit)
     template = checked.template or template_from_recipe(recipe.template)
     scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)
+    check_metric_packages(template.is_classification, "finsft eval")
     rows = checked.main_set
     assert rows is not None
     out_dir = results_folder(out, adapter_dir, rows.name)

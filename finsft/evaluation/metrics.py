@@ -9,7 +9,44 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
+from finsft.errors import FinsftError
 from finsft.templates import FINGPT9, Template, to_three_class
+
+# The packages the metrics and plots import only at the end of a run: (import name, pip name, what needs it).
+CLASSIFICATION_PACKAGES = (("sklearn", "scikit-learn", "classification metrics (accuracy, F1, confusion matrix)"),)
+QA_PACKAGES = (("rouge_score.rouge_scorer", "rouge-score", "ROUGE-L of generated answers"),)
+PLOT_PACKAGE = ("matplotlib", "matplotlib", "loss.png and confusion.png")
+
+
+def missing_package(module: str) -> str | None:
+    """None when ``module`` imports, else why not (a package present but broken counts as missing)."""
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except ImportError as exc:
+        return str(exc)
+    return None
+
+
+def check_metric_packages(classification: bool, what: str) -> None:
+    """Before anything heavy runs: the packages the metrics of ``what`` need, so that a finished training never
+    fails at its last step on a missing import."""
+    needed = CLASSIFICATION_PACKAGES if classification else QA_PACKAGES
+    missing = [(pip, use, why) for module, pip, use in needed if (why := missing_package(module))]
+    if missing:
+        names = " ".join(pip for pip, _, _ in missing)
+        raise FinsftError(
+            f"{what} needs " + "; ".join(f"{pip} for the {use} ({why})" for pip, use, why in missing)
+            + f". Install it with: pip install {names}" + (" (or set evaluation to null to train without a task "
+                                                           "evaluation)" if "evaluation" in what else ""))
+
+
+def plots_note() -> str | None:
+    """A note when matplotlib is missing: plots are skipped, nothing fails."""
+    module, pip, use = PLOT_PACKAGE
+    why = missing_package(module)
+    return None if why is None else f"{pip} is not installed ({why}): {use} are skipped (pip install {pip})"
 
 
 def uses_fingpt_mapping(template: Template) -> bool:

@@ -111,8 +111,12 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> None:
-    import matplotlib
+def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> bool:
+    """confusion.png; False (nothing written) when matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ImportError:
+        return False
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -132,6 +136,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+    return True
 
 
 @dataclass
@@ -215,8 +220,7 @@ def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[st
     write_json(folder / "eval.json", report.as_dict())
     write_jsonl(folder / "predictions.jsonl", predictions)
     written = ["eval.json", "predictions.jsonl"]
-    if "confusion_matrix" in report.metrics:
-        plot_confusion(report.metrics, folder / "confusion.png", title)
+    if "confusion_matrix" in report.metrics and plot_confusion(report.metrics, folder / "confusion.png", title):
         written.append("confusion.png")
     return written
 

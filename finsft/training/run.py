@@ -35,8 +35,9 @@ from finsft.evaluation import (
     rows_fingerprint,
     score,
 )
+from finsft.evaluation.metrics import check_metric_packages, plots_note
 from finsft.evaluation.report import write_report
-from finsft.evaluation.sets import NamedSet, log_summary, named_sets, summary_line
+from finsft.evaluation.sets import NamedSet, log_summary, named_sets, set_template, summary_line
 from finsft.files import write_json
 from finsft.models import (
     ModelSource,
@@ -242,6 +243,7 @@ class TrainingRun:
         self.template: Template = self.checked.template or template_from_recipe(recipe.template)
         if recipe.data_format:
             out.print(f"data format: {recipe.data_format}")
+        self._check_metric_packages()
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -258,6 +260,23 @@ class TrainingRun:
         self._prepare_output()
         self.tokenizer = load_tokenizer(self.source, recipe)
         self._prepare_data()
+
+    def _check_metric_packages(self) -> None:
+        """The packages the evaluations and plots at the end of the run import, checked now: a missing metric
+        package is an error before training, a missing plot package a note (the plots are skipped)."""
+        recipe = self.recipe
+        kinds: dict[bool, list[str]] = {}  # classification or not -> the recipe keys that ask for it
+        if recipe.evaluation:
+            for spec in [{}, *(recipe.evaluation_settings.get("sets") or {}).values()]:
+                kinds.setdefault(set_template(spec, self.template).is_classification, []).append("$.evaluation")
+        if recipe.training["eval_task_samples"] and self.template.is_classification:
+            kinds.setdefault(True, []).append("$.training.eval_task_samples")
+        for classification, keys in sorted(kinds.items()):
+            check_metric_packages(classification, f"{recipe.source} ({', '.join(sorted(set(keys)))}): the task "
+                                                  "evaluation")
+        note = plots_note() if recipe.output["plot"] or True in kinds else None
+        if note and self.main:
+            self.out.print(f"[yellow]note:[/] {note}")
 
     def _prepare_output(self) -> None:
         """The main process locks and checks the output folder; every rank gets its verdict (none left waiting)."""
