@@ -17,7 +17,15 @@ from _runs import BIN, adapter, loss_steps, max_abs_diff, metrics, subprocess_en
 
 from finsft.cli import main as cli
 from finsft.errors import FinsftError
-from finsft.plan import Hardware, get_model_kwargs, get_quantization_config, plan_run, sharding_engine
+from finsft.plan import (
+    Hardware,
+    get_model_kwargs,
+    get_quantization_config,
+    parallelism_from_accelerate_config,
+    parallelism_from_environment,
+    plan_run,
+    sharding_engine,
+)
 from finsft.recipe import load_recipe
 from finsft.training.launch import WORKING_CPU_LAUNCH, check_world_size, launcher_warning
 
@@ -147,6 +155,7 @@ def test_qlora_plan_under_each_engine(name: str, storage: str, engine: str | Non
                                            "r.json"])).items():
         clean_env.setenv(k, v)
     clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "2")  # set by the torch launcher accelerate starts
     recipe = load_recipe(str(REPO / "recipes" / "gemma_qlora.json"))
     plan = plan_run(recipe, GPU)
     assert plan.dtype == plan.compute_dtype == "bfloat16"
@@ -154,9 +163,19 @@ def test_qlora_plan_under_each_engine(name: str, storage: str, engine: str | Non
     quant = get_quantization_config(recipe, plan)
     assert quant.bnb_4bit_quant_storage == getattr(torch, storage)
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
-    # each rank loads its quantized copy on its own GPU
-    assert get_model_kwargs(recipe, plan)["device_map"] == {"": 1}
+    if engine is None:  # each rank loads its quantized copy on its own GPU
+        assert get_model_kwargs(recipe, plan)["device_map"] == {"": 1}
+        assert plan.optim == "paged_adamw_8bit"  # QLoRA's optimizer where nothing shards it
+    else:  # as PEFT's FSDP/ZeRO-3 + QLoRA examples: no device_map; the quantizer uses the rank's current device
+        assert "device_map" not in get_model_kwargs(recipe, plan)
+        # bitsandbytes' paged 8-bit state cannot be sharded or gathered (bitsandbytes#89): replaced, with the reason
+        assert plan.optim == "adamw_torch_fused" and "bitsandbytes#89" in plan.choice("training.optim").reason
+        with pytest.raises(FinsftError) as err:
+            plan_run(load_recipe(str(REPO / "recipes" / "gemma_qlora.json"), ["training.optim=paged_adamw_8bit"]), GPU)
+        assert "$.training.optim: paged_adamw_8bit" in str(err.value) and "training.optim=auto" in str(err.value)
     assert sharding_engine() == engine  # finsft skips prepare_model_for_kbit_training's float32 upcast then
+    # `finsft plan --accelerate-config` reads the same engine from the YAML that accelerate gives the processes
+    assert parallelism_from_accelerate_config(CONFIGS / f"{name}.yaml") == parallelism_from_environment()
 
 
 # ---------------------------------------------------------------------------------------- real 2-process run

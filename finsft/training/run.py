@@ -171,11 +171,12 @@ class TrainingRun:
             check_can_push(self.repo_id, "output.hub_model_id")  # a missing token fails now, not after training
         self.hardware = detect_hardware()
         engine = sharding_engine()
-        if engine and not self.hardware.is_gpu:
+        if engine == "FSDP" and not self.hardware.is_gpu:
             # accelerate's FSDP plugin refuses CPU-only machines ("There are currently no available devices
-            # found"), and DeepSpeed needs GPUs: say so before any process waits for another.
+            # found"): say so before any process waits for another. DeepSpeed runs on CPU through its CPU
+            # accelerator (gloo), see the README's "Scaling out".
             raise FinsftError(f"{engine} shards the model across GPUs and this machine has none; on CPU, train "
-                              f"with several processes through DDP: {WORKING_CPU_LAUNCH}")
+                              f"with several processes through DDP ({WORKING_CPU_LAUNCH}) or DeepSpeed ZeRO")
         warning = launcher_warning()
         if warning:
             out.print(f"[yellow]warning:[/] {warning}")
