@@ -234,3 +234,50 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_effective_batch(ma
     ddp_loss = [r["loss"] for r in metrics(ddp) if "loss" in r]
     single_loss = [r["loss"] for r in metrics(single) if "loss" in r]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_machine_ranks_on_one_host_train_one_run(make_recipe: Any, tmp_path: Path) -> None:
+    """Two `accelerate launch --num_machines 2 --machine_rank 0/1` processes on 127.0.0.1 (gloo), as two nodes of a
+    cluster would start: one run, written once, by the main process of machine rank 0."""
+    recipe = make_recipe("nodes", training={"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100})
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finsft", str(recipe)]
+        procs.append(subprocess.Popen(launch, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(logs)
+    assert "distributed: world size 2" in logs[0] and "finsft: done" in logs[0]
+    assert "finsft: done" not in logs[1]  # only the main process (machine rank 0) prints and writes
+    out = tmp_path / "nodes-out"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("nodes-out")) == ["nodes-out"]
+    assert loss_steps(out) == [1, 2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["hardware"]["world_size"] == 2 and manifest["train"]["effective_batch"] == 4
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_train_on_two_cpu_ranks(make_recipe: Any, tmp_path: Path) -> None:
+    """The shipped DeepSpeed configs, unchanged, on two CPU processes through DeepSpeed's CPU accelerator (gloo):
+    2 steps each. ZeRO-2 and ZeRO-3 compute the same steps, so their adapters agree to float rounding."""
+    pytest.importorskip("deepspeed")
+    adapters = {}
+    for stage in (2, 3):
+        recipe = make_recipe(f"zero{stage}", training={"max_steps": 2, "per_device_train_batch_size": 2,
+                                                       "group_by_length": False, "save_steps": 100})
+        launch = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / f"deepspeed_zero{stage}.yaml"),
+                  "--main_process_port", str(_free_port()), "-m", "finsft", str(recipe)]
+        proc = subprocess.run(launch, cwd=tmp_path, env={**subprocess_env(), "DS_ACCELERATOR": "cpu"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = tmp_path / f"zero{stage}-out"
+        assert loss_steps(out) == [1, 2] and proc.stdout.count("finsft: done") == 1
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["hardware"]["distributed_type"] == "DEEPSPEED" and manifest["hardware"]["world_size"] == 2
+        adapters[stage] = adapter(out)
+    assert max(float(t.abs().max()) for t in adapters[3].values()) > 1e-4  # the adapters did train
+    assert max_abs_diff(adapters[2], adapters[3]) < 1e-5

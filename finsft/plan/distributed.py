@@ -43,7 +43,8 @@ class Parallelism:
         parts = [p for p, on in (("weights", self.shard_weights), ("gradients", self.shard_gradients),
                                  ("optimizer state", self.shard_optimizer)) if on]
         what = f"shards {', '.join(parts)} across {self.processes} GPUs" if parts else "replicates the model"
-        return f"{self.engine}{f' {self.detail}' if self.detail else ''} on {self.processes} processes: {what}"
+        n = f"{self.processes} process{'es' if self.processes > 1 else ''}"
+        return f"{self.engine}{f' {self.detail}' if self.detail else ''} on {n}: {what}"
 
 
 SINGLE = Parallelism("single")
