@@ -178,6 +178,28 @@ def test_qlora_plan_under_each_engine(name: str, storage: str, engine: str | Non
     assert parallelism_from_accelerate_config(CONFIGS / f"{name}.yaml") == parallelism_from_environment()
 
 
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("distributed_type: MULTI_GPU\nnum_processes: 4", ("DDP", 4, False, False, False)),
+    ("distributed_type: NO\nnum_processes: 1", ("single", 1, False, False, False)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_sharding_strategy: SHARD_GRAD_OP}",
+     ("FSDP", 4, False, True, True)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_sharding_strategy: 1}", ("FSDP", 4, True, True, True)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_version: 2, fsdp_reshard_after_forward: true}",
+     ("FSDP", 4, True, True, True)),
+    ("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config: {zero_stage: 1}",
+     ("DeepSpeed ZeRO-1", 8, False, False, True)),
+])
+def test_parallelism_read_from_an_accelerate_yaml(yaml_text: str, expected: tuple[Any, ...], tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml_text)
+    p = parallelism_from_accelerate_config(path)
+    assert (p.engine, p.processes, p.shard_weights, p.shard_gradients, p.shard_optimizer) == expected
+    assert parallelism_from_accelerate_config(path, 2).processes == 2  # --num-processes wins
+    path.write_text("distributed_type: TPU")
+    with pytest.raises(FinsftError, match="distributed_type 'TPU' is not planned"):
+        parallelism_from_accelerate_config(path)
+
+
 # ---------------------------------------------------------------------------------------- real 2-process run
 
 
@@ -207,7 +229,7 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_effective_batch(ma
     proc = subprocess.run(launch, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert "distributed: world size 2 (MULTI_CPU, launcher WORLD_SIZE=2)" in proc.stdout
+    assert "distributed: world size 2 (MULTI_CPU, launcher WORLD_SIZE=2; DDP on 2 processes" in proc.stdout
     assert "effective batch" in proc.stdout and "2 per device x 1 accumulation x 2 processes = 4" in proc.stdout
     # only rank 0 prints: one plan, one progress line per report, one summary
     assert proc.stdout.count("finsft: done") == 1 and proc.stdout.count("step 4/4") == 1
@@ -276,6 +298,7 @@ def test_deepspeed_zero2_and_zero3_train_on_two_cpu_ranks(make_recipe: Any, tmp_
         assert proc.returncode == 0, proc.stdout + proc.stderr
         out = tmp_path / f"zero{stage}-out"
         assert loss_steps(out) == [1, 2] and proc.stdout.count("finsft: done") == 1
+        assert f"DeepSpeed ZeRO-{stage} on 2 processes" in proc.stdout
         manifest = json.loads((out / "manifest.json").read_text())
         assert manifest["hardware"]["distributed_type"] == "DEEPSPEED" and manifest["hardware"]["world_size"] == 2
         adapters[stage] = adapter(out)

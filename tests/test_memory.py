@@ -126,12 +126,14 @@ def test_plan_json_for_every_profile(profile: str, name: str) -> None:
 
 def test_plan_command_needs_no_torch_for_a_profile(tmp_path: Path) -> None:
     code = ("import sys; from finsft.cli import main; rc = main(['plan', sys.argv[1], '--hardware', 't4-16gb', "
-            "'training.per_device_train_batch_size=4']); assert 'torch' not in sys.modules, 'torch imported'; "
+            "'training.per_device_train_batch_size=4', '--accelerate-config', 'recipes/accelerate/fsdp.yaml']); "
+            "assert 'torch' not in sys.modules and 'accelerate' not in sys.modules, 'torch imported'; "
             "raise SystemExit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(SEEDS["gemma"])], capture_output=True, text=True,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "training.gradient_checkpointing" in proc.stdout and "estimated peak" in proc.stdout
+    assert "distributed: FSDP FULL_SHARD on 2 processes" in proc.stdout and '"adamw_torch_fused"' in proc.stdout
 
 
 def test_gpu_memory_option_and_local_model_folder(tmp_path: Path) -> None:

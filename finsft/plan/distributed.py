@@ -54,11 +54,11 @@ def _truthy(value: Any) -> bool:
     return str(value).strip().lower() in ("1", "true", "yes")
 
 
-def _fsdp(processes: int, version: str, strategy: str | None, reshard: str | None) -> Parallelism:
+def _fsdp(processes: int, version: str, strategy: Any, reshard: Any) -> Parallelism:
     if str(version) == "2":  # FSDP2 always shards; reshard_after_forward false keeps the weights between passes
         full = reshard is None or _truthy(reshard)
         return Parallelism("FSDP", processes, full, True, True, "v2" + ("" if full else " (no reshard)"))
-    name = (strategy or "FULL_SHARD").strip().upper()
+    name = str(strategy or "FULL_SHARD").strip().upper()
     if name.isdigit() and 1 <= int(name) <= len(_FSDP_STRATEGIES):
         name = _FSDP_STRATEGIES[int(name) - 1]
     if name == "NO_SHARD":
@@ -116,7 +116,8 @@ def parallelism_from_accelerate_config(path: str | Path, num_processes: int | No
     processes = num_processes if num_processes is not None else _processes(config.get("num_processes", 1))
     if processes < 1:
         raise FinsftError(f"--num-processes must be at least 1, got {processes}")
-    kind = str(config.get("distributed_type", "NO")).upper()
+    raw = config.get("distributed_type", "NO")
+    kind = "NO" if raw is False or raw is None else str(raw).upper()  # YAML 1.1 reads an unquoted NO as false
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         return _fsdp(processes, str(fsdp.get("fsdp_version", 1)), fsdp.get("fsdp_sharding_strategy"),

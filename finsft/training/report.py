@@ -20,6 +20,9 @@ def print_plan(out: Console, plan: Plan, recipe: Recipe, n_train: int, n_val: in
             ("effective batch", f"{train['per_device_train_batch_size']} per device x "
                                 f"{train['gradient_accumulation_steps']} accumulation x {world} processes = {eff}"),
             ("data", f"{n_train} training rows, {n_val} validation rows")]
+    if plan.memory is not None and plan.hardware.is_gpu:
+        rows.append(("memory per GPU", f"{plan.memory.peak / 2**30:.1f} GiB estimated peak"
+                     + (f" ({plan.parallel.describe()})" if plan.parallel.processes > 1 else "")))
     for c in plan.choices:
         rows.append((c.setting, f"{c.value}  ({'auto: ' if c.automatic else ''}{c.reason})"))
     out.print(summary_table(f"finsft: {recipe.name}", rows))

@@ -241,7 +241,8 @@ class TrainingRun:
         print_plan(out, self.plan, recipe, len(self.splits.train), self.n_val)
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
-                      f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
+                      f"WORLD_SIZE={launcher_world_size()}; {self.plan.parallel.describe()}); only rank 0 prints "
+                      "and writes")
         if self.recipe.evaluation and self.main:
             rows = eval_set(recipe, self.template, self.splits.validation)
             scorer = resolve_scorer(recipe.evaluation_settings["scorer"], self.template)
