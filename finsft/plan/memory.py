@@ -359,8 +359,11 @@ def fitting_overrides(shape: ModelShape, s: MemorySettings, device_bytes: int, g
         if est(t) <= limit:
             out.append(f"{prefix}quantization.load_in_4bit=true ({est(t) / GiB:.1f} GiB)")
     if not out:
-        out.append("no single override fits: use a larger GPU, shard with FSDP across GPUs, or combine "
-                   "4-bit weights, batch 1 and a shorter max_length")
+        shard = (f"shard across more than {s.processes} GPUs" if s.shard_weights and s.processes > 1 else
+                 "shard with FSDP or DeepSpeed ZeRO-3 across GPUs (finsft plan --accelerate-config "
+                 "recipes/accelerate/fsdp.yaml --num-processes N)")
+        out.append(f"no single override fits: use a larger GPU, {shard}, or combine 4-bit weights, batch 1 and a "
+                   "shorter max_length")
     return out
 
 
