@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--hardware", metavar="PROFILE", help="plan for a named GPU: t4-16gb, v100-16gb, l4-24gb, "
                        "a10g-24gb, rtx4090-24gb, a100-40gb, a100-80gb, h100-80gb, h200-141gb")
     where.add_argument("--gpu-memory", type=float, metavar="GIB", help="plan for an Ampere-class GPU with GIB GiB")
+    p.add_argument("--accelerate-config", metavar="FILE", help="plan per GPU under the engine of this accelerate "
+                   "config (DDP, FSDP, DeepSpeed ZeRO), e.g. recipes/accelerate/fsdp.yaml")
+    p.add_argument("--num-processes", type=int, metavar="N", help="processes (GPUs) to plan for (default: the "
+                   "config's num_processes; without --accelerate-config: DDP over N)")
     p.add_argument("--format", choices=("text", "json"), default="text")
 
     p = sub.add_parser("push", help="upload a finished run folder (adapter or model, tokenizer, model card) to the "
@@ -300,7 +304,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     return plan_command(load_recipe(args.recipe, args.overrides), hardware=args.hardware,
-                        gpu_memory=args.gpu_memory, fmt=args.format)
+                        gpu_memory=args.gpu_memory, fmt=args.format, accelerate_config=args.accelerate_config,
+                        num_processes=args.num_processes)
 
 
 def cmd_push(args: argparse.Namespace) -> int:

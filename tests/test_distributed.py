@@ -17,7 +17,15 @@ from _runs import BIN, adapter, loss_steps, max_abs_diff, metrics, subprocess_en
 
 from finsft.cli import main as cli
 from finsft.errors import FinsftError
-from finsft.plan import Hardware, get_model_kwargs, get_quantization_config, plan_run, sharding_engine
+from finsft.plan import (
+    Hardware,
+    get_model_kwargs,
+    get_quantization_config,
+    parallelism_from_accelerate_config,
+    parallelism_from_environment,
+    plan_run,
+    sharding_engine,
+)
 from finsft.recipe import load_recipe
 from finsft.training.launch import WORKING_CPU_LAUNCH, check_world_size, launcher_warning
 
@@ -147,6 +155,7 @@ def test_qlora_plan_under_each_engine(name: str, storage: str, engine: str | Non
                                            "r.json"])).items():
         clean_env.setenv(k, v)
     clean_env.setenv("LOCAL_RANK", "1")
+    clean_env.setenv("WORLD_SIZE", "2")  # set by the torch launcher accelerate starts
     recipe = load_recipe(str(REPO / "recipes" / "gemma_qlora.json"))
     plan = plan_run(recipe, GPU)
     assert plan.dtype == plan.compute_dtype == "bfloat16"
@@ -154,9 +163,41 @@ def test_qlora_plan_under_each_engine(name: str, storage: str, engine: str | Non
     quant = get_quantization_config(recipe, plan)
     assert quant.bnb_4bit_quant_storage == getattr(torch, storage)
     assert quant.bnb_4bit_compute_dtype == torch.bfloat16
-    # each rank loads its quantized copy on its own GPU
-    assert get_model_kwargs(recipe, plan)["device_map"] == {"": 1}
+    if engine is None:  # each rank loads its quantized copy on its own GPU
+        assert get_model_kwargs(recipe, plan)["device_map"] == {"": 1}
+        assert plan.optim == "paged_adamw_8bit"  # QLoRA's optimizer where nothing shards it
+    else:  # as PEFT's FSDP/ZeRO-3 + QLoRA examples: no device_map; the quantizer uses the rank's current device
+        assert "device_map" not in get_model_kwargs(recipe, plan)
+        # bitsandbytes' paged 8-bit state cannot be sharded or gathered (bitsandbytes#89): replaced, with the reason
+        assert plan.optim == "adamw_torch_fused" and "bitsandbytes#89" in plan.choice("training.optim").reason
+        with pytest.raises(FinsftError) as err:
+            plan_run(load_recipe(str(REPO / "recipes" / "gemma_qlora.json"), ["training.optim=paged_adamw_8bit"]), GPU)
+        assert "$.training.optim: paged_adamw_8bit" in str(err.value) and "training.optim=auto" in str(err.value)
     assert sharding_engine() == engine  # finsft skips prepare_model_for_kbit_training's float32 upcast then
+    # `finsft plan --accelerate-config` reads the same engine from the YAML that accelerate gives the processes
+    assert parallelism_from_accelerate_config(CONFIGS / f"{name}.yaml") == parallelism_from_environment()
+
+
+@pytest.mark.parametrize("yaml_text, expected", [
+    ("distributed_type: MULTI_GPU\nnum_processes: 4", ("DDP", 4, False, False, False)),
+    ("distributed_type: NO\nnum_processes: 1", ("single", 1, False, False, False)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_sharding_strategy: SHARD_GRAD_OP}",
+     ("FSDP", 4, False, True, True)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_sharding_strategy: 1}", ("FSDP", 4, True, True, True)),
+    ("distributed_type: FSDP\nnum_processes: 4\nfsdp_config: {fsdp_version: 2, fsdp_reshard_after_forward: true}",
+     ("FSDP", 4, True, True, True)),
+    ("distributed_type: DEEPSPEED\nnum_processes: 8\ndeepspeed_config: {zero_stage: 1}",
+     ("DeepSpeed ZeRO-1", 8, False, False, True)),
+])
+def test_parallelism_read_from_an_accelerate_yaml(yaml_text: str, expected: tuple[Any, ...], tmp_path: Path) -> None:
+    path = tmp_path / "a.yaml"
+    path.write_text(yaml_text)
+    p = parallelism_from_accelerate_config(path)
+    assert (p.engine, p.processes, p.shard_weights, p.shard_gradients, p.shard_optimizer) == expected
+    assert parallelism_from_accelerate_config(path, 2).processes == 2  # --num-processes wins
+    path.write_text("distributed_type: TPU")
+    with pytest.raises(FinsftError, match="distributed_type 'TPU' is not planned"):
+        parallelism_from_accelerate_config(path)
 
 
 # ---------------------------------------------------------------------------------------- real 2-process run
@@ -188,7 +229,7 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_effective_batch(ma
     proc = subprocess.run(launch, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log
-    assert "distributed: world size 2 (MULTI_CPU, launcher WORLD_SIZE=2)" in proc.stdout
+    assert "distributed: world size 2 (MULTI_CPU, launcher WORLD_SIZE=2; DDP on 2 processes" in proc.stdout
     assert "effective batch" in proc.stdout and "2 per device x 1 accumulation x 2 processes = 4" in proc.stdout
     # only rank 0 prints: one plan, one progress line per report, one summary
     assert proc.stdout.count("finsft: done") == 1 and proc.stdout.count("step 4/4") == 1
@@ -215,3 +256,51 @@ def test_two_processes_on_cpu_match_one_process_with_the_same_effective_batch(ma
     ddp_loss = [r["loss"] for r in metrics(ddp) if "loss" in r]
     single_loss = [r["loss"] for r in metrics(single) if "loss" in r]
     assert ddp_loss == pytest.approx(single_loss, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_two_machine_ranks_on_one_host_train_one_run(make_recipe: Any, tmp_path: Path) -> None:
+    """Two `accelerate launch --num_machines 2 --machine_rank 0/1` processes on 127.0.0.1 (gloo), as two nodes of a
+    cluster would start: one run, written once, by the main process of machine rank 0."""
+    recipe = make_recipe("nodes", training={"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100})
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        launch = [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_machines", "2", "--num_processes", "2",
+                  "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
+                  "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "finsft", str(recipe)]
+        procs.append(subprocess.Popen(launch, cwd=tmp_path, env=subprocess_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n\n".join(logs)
+    assert "distributed: world size 2" in logs[0] and "finsft: done" in logs[0]
+    assert "finsft: done" not in logs[1]  # only the main process (machine rank 0) prints and writes
+    out = tmp_path / "nodes-out"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("nodes-out")) == ["nodes-out"]
+    assert loss_steps(out) == [1, 2]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["hardware"]["world_size"] == 2 and manifest["train"]["effective_batch"] == 4
+
+
+@pytest.mark.slow
+def test_deepspeed_zero2_and_zero3_train_on_two_cpu_ranks(make_recipe: Any, tmp_path: Path) -> None:
+    """The shipped DeepSpeed configs, unchanged, on two CPU processes through DeepSpeed's CPU accelerator (gloo):
+    2 steps each. ZeRO-2 and ZeRO-3 compute the same steps, so their adapters agree to float rounding."""
+    pytest.importorskip("deepspeed")
+    adapters = {}
+    for stage in (2, 3):
+        recipe = make_recipe(f"zero{stage}", training={"max_steps": 2, "per_device_train_batch_size": 2,
+                                                       "group_by_length": False, "save_steps": 100})
+        launch = [str(BIN / "accelerate"), "launch", "--config_file", str(CONFIGS / f"deepspeed_zero{stage}.yaml"),
+                  "--main_process_port", str(_free_port()), "-m", "finsft", str(recipe)]
+        proc = subprocess.run(launch, cwd=tmp_path, env={**subprocess_env(), "DS_ACCELERATOR": "cpu"},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        out = tmp_path / f"zero{stage}-out"
+        assert loss_steps(out) == [1, 2] and proc.stdout.count("finsft: done") == 1
+        assert f"DeepSpeed ZeRO-{stage} on 2 processes" in proc.stdout
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["hardware"]["distributed_type"] == "DEEPSPEED" and manifest["hardware"]["world_size"] == 2
+        adapters[stage] = adapter(out)
+    assert max(float(t.abs().max()) for t in adapters[3].values()) > 1e-4  # the adapters did train
+    assert max_abs_diff(adapters[2], adapters[3]) < 1e-5

@@ -126,12 +126,14 @@ def test_plan_json_for_every_profile(profile: str, name: str) -> None:
 
 def test_plan_command_needs_no_torch_for_a_profile(tmp_path: Path) -> None:
     code = ("import sys; from finsft.cli import main; rc = main(['plan', sys.argv[1], '--hardware', 't4-16gb', "
-            "'training.per_device_train_batch_size=4']); assert 'torch' not in sys.modules, 'torch imported'; "
+            "'training.per_device_train_batch_size=4', '--accelerate-config', 'recipes/accelerate/fsdp.yaml']); "
+            "assert 'torch' not in sys.modules and 'accelerate' not in sys.modules, 'torch imported'; "
             "raise SystemExit(rc)")
     proc = subprocess.run([sys.executable, "-c", code, str(SEEDS["gemma"])], capture_output=True, text=True,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
     assert "training.gradient_checkpointing" in proc.stdout and "estimated peak" in proc.stdout
+    assert "distributed: FSDP FULL_SHARD on 2 processes" in proc.stdout and '"adamw_torch_fused"' in proc.stdout
 
 
 def test_gpu_memory_option_and_local_model_folder(tmp_path: Path) -> None:
@@ -199,3 +201,63 @@ def test_padding_free_batches_count_every_token(make_recipe: Any, tmp_path: Path
     assert get_sft_config(r, packed, str(tmp_path)).include_num_input_tokens_seen == "all"
     padded = plan_run(load_recipe(str(make_recipe(training={"packing": False}))), cpu)
     assert get_sft_config(r, padded, str(tmp_path)).include_num_input_tokens_seen == "non_padding"
+
+
+# ------------------------------------------------------------------------------------- per GPU, mask, margin
+
+
+def test_padding_free_sdpa_mask_is_t_by_t_per_layer_and_absent_with_flash_attn() -> None:
+    from finsft.plan.memory import attention_mask_bytes
+
+    gemma = read_model_shape(CONFIGS / "google--gemma-2b.json")
+    assert gemma is not None
+    s = anchor_settings(True, False)
+    t = 8 * 512
+    assert attention_mask_bytes(gemma, s) == t * t * (1 + 18 * 2)  # the bool mask + a bf16 copy per layer
+    assert attention_mask_bytes(gemma, s) / GiB == pytest.approx(0.56, abs=0.02)
+    assert attention_mask_bytes(gemma, replace(s, max_length=2048)) / GiB == pytest.approx(9.0, rel=0.03)
+    assert attention_mask_bytes(gemma, replace(s, attn_implementation="flash_attention_2")) == 0
+    assert attention_mask_bytes(gemma, replace(s, packing=False)) == 0  # padded batches: SDPA's is_causal
+    assert attention_mask_bytes(gemma, replace(s, gradient_checkpointing=True)) == t * t * 3  # one layer at a time
+    assert estimate_memory(gemma, s).attention_mask == attention_mask_bytes(gemma, s)
+
+
+def test_sharding_divides_what_each_engine_shards() -> None:
+    shape = read_model_shape(CONFIGS / "mistralai--Mistral-7B-v0.1.json")
+    assert shape is not None
+    one = estimate_memory(shape, anchor_settings(False, True))
+    ddp, zero2, zero3 = (estimate_memory(shape, replace(anchor_settings(False, True), processes=4, **flags)) for flags in (
+        {}, {"shard_gradients": True, "shard_optimizer": True},
+        {"shard_weights": True, "shard_gradients": True, "shard_optimizer": True}))
+    assert ddp.peak == one.peak  # DDP replicates everything
+    assert (zero2.weights, zero2.gradients, zero2.optimizer) == (one.weights, one.gradients // 4, one.optimizer // 4)
+    assert zero3.weights == pytest.approx(one.weights / 4, rel=1e-6) and zero3.gathered > 0
+    assert zero3.activations == one.activations  # every GPU runs its own micro-batch
+    assert zero3.peak < zero2.peak < one.peak
+
+
+def test_plan_per_gpu_from_the_accelerate_config_lets_sharded_runs_fit() -> None:
+    zero3 = str(ROOT / "recipes" / "accelerate" / "deepspeed_zero3.yaml")
+    r = seed("mistral")
+    t4 = hardware_profile("t4-16gb")
+    with pytest.raises(FinsftError) as err:  # one T4: refused, and the advice names what would fit
+        check_fits(plan_run(r, t4, recipe_model_shape(r)[0]))
+    assert "allocator margin" in str(err.value) and "CUDA context" in str(err.value)
+    out = io.StringIO()
+    assert plan_command(r, hardware="t4-16gb", accelerate_config=zero3, fmt="json", out=out) == 0
+    plan = json.loads(out.getvalue())
+    assert plan["distributed"] == {"engine": "DeepSpeed ZeRO-3", "processes": 2, "shard_weights": True,
+                                   "shard_gradients": True, "shard_optimizer": True, "detail": ""}
+    assert plan["memory"]["fits"] is True and plan["memory"]["usable_bytes"] < t4.memory_bytes
+    out = io.StringIO()
+    assert plan_command(r, hardware="t4-16gb", accelerate_config=zero3, num_processes=1, out=out) == 1
+    assert "DeepSpeed ZeRO-3 on 1 process" in out.getvalue() and "would fit:" in out.getvalue()
+    with pytest.raises(FinsftError, match=r"not valid YAML|expected a mapping"):
+        plan_command(r, hardware="t4-16gb", accelerate_config=str(ROOT / "README.md"), out=io.StringIO())
+
+
+def test_the_fit_threshold_keeps_an_allocator_margin_and_the_cuda_context() -> None:
+    from finsft.plan.memory import ALLOCATOR_MARGIN, CUDA_CONTEXT_BYTES, fit_limit
+
+    assert fit_limit(80 * GiB) == int((80 * GiB - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_MARGIN))
+    assert 72 * GiB < fit_limit(80 * GiB) < 73 * GiB

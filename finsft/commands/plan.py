@@ -1,5 +1,6 @@
-"""``finsft plan RECIPE [key.path=value ...] [--hardware PROFILE | --gpu-memory GIB] [--format json]``: every
-resolved choice with its reason, and the memory estimate, for this machine or a named GPU.
+"""``finsft plan RECIPE [key.path=value ...] [--hardware PROFILE | --gpu-memory GIB] [--accelerate-config FILE]
+[--num-processes N] [--format json]``: every resolved choice with its reason, and the memory estimate per GPU, for
+this machine or a named GPU, on one process or under DDP, FSDP or DeepSpeed ZeRO (read from the accelerate YAML).
 
 No weights, no hub, no GPU: the model's shapes come from the config finsft ships for a hub id
 (finsft/model_configs) or from a local model folder's config.json. torch is imported only to detect this machine's
@@ -13,8 +14,16 @@ import os
 import sys
 from typing import Any, TextIO
 
+from finsft.plan.distributed import SINGLE, Parallelism, parallelism_from_accelerate_config
 from finsft.plan.hardware import PROFILES, Hardware, gpu_with_memory, hardware_profile
-from finsft.plan.memory import GiB, ModelShape, read_model_shape
+from finsft.plan.memory import (
+    ALLOCATOR_MARGIN,
+    COMPONENTS,
+    CUDA_CONTEXT_BYTES,
+    GiB,
+    ModelShape,
+    read_model_shape,
+)
 from finsft.plan.plan import Plan, plan_run
 from finsft.recipe import PACKAGE_PREFIX, Recipe
 
@@ -35,7 +44,21 @@ def recipe_model_shape(recipe: Recipe) -> tuple[ModelShape | None, str]:
     return None, f"'{ref}' is neither a local folder nor a model whose config finsft ships"
 
 
-def make_plan(recipe: Recipe, hardware: str | None = None, gpu_memory: float | None = None) -> tuple[Plan, str]:
+def parallelism(accelerate_config: str | None, num_processes: int | None) -> Parallelism:
+    """The engine from an accelerate YAML (its num_processes unless ``num_processes``); without one, DDP over
+    ``num_processes`` (or one process)."""
+    if accelerate_config:
+        return parallelism_from_accelerate_config(accelerate_config, num_processes)
+    if num_processes is not None and num_processes < 1:
+        from finsft.errors import FinsftError
+
+        raise FinsftError(f"--num-processes must be at least 1, got {num_processes}")
+    return Parallelism("DDP", num_processes) if num_processes and num_processes > 1 else SINGLE
+
+
+def make_plan(recipe: Recipe, hardware: str | None = None, gpu_memory: float | None = None,
+              accelerate_config: str | None = None, num_processes: int | None = None) -> tuple[Plan, str]:
+    par = parallelism(accelerate_config, num_processes)
     hw: Hardware
     if hardware is not None and gpu_memory is not None:
         from finsft.errors import FinsftError
@@ -50,7 +73,7 @@ def make_plan(recipe: Recipe, hardware: str | None = None, gpu_memory: float | N
 
         hw = detect_hardware()
     shape, where = recipe_model_shape(recipe)
-    return plan_run(recipe, hw, shape), where
+    return plan_run(recipe, hw, shape, par), where
 
 
 def plan_dict(plan: Plan, shape_source: str) -> dict[str, Any]:
@@ -63,6 +86,10 @@ def plan_dict(plan: Plan, shape_source: str) -> dict[str, Any]:
         "model": {"shape": None if plan.model_shape is None else vars(plan.model_shape), "source": shape_source},
         "choices": {c.setting: {"value": c.value, "reason": c.reason, "automatic": c.automatic}
                     for c in plan.choices},
+        "distributed": {"engine": plan.parallel.engine, "processes": plan.parallel.processes,
+                        "shard_weights": plan.parallel.shard_weights,
+                        "shard_gradients": plan.parallel.shard_gradients,
+                        "shard_optimizer": plan.parallel.shard_optimizer, "detail": plan.parallel.detail},
         "memory": None if mem is None else {**mem.as_dict(), "device_bytes": hw.memory_bytes},
     }
 
@@ -77,6 +104,7 @@ def render_text(plan: Plan, shape_source: str, out: TextIO) -> None:
     print(f"hardware: {hw.name} ({hw.device}, {_fmt_gib(hw.memory_bytes)}, bf16 {'yes' if hw.bf16 else 'no'}, "
           f"tf32 {'yes' if hw.tf32 else 'no'})", file=out)
     print(f"model shape: {shape_source}", file=out)
+    print(f"distributed: {plan.parallel.describe()}", file=out)
     width = max(len(c.setting) for c in plan.choices)
     vwidth = max(len(json.dumps(c.value)) for c in plan.choices)
     for c in plan.choices:
@@ -87,8 +115,7 @@ def render_text(plan: Plan, shape_source: str, out: TextIO) -> None:
         return
     print(f"memory per GPU for {mem.tokens:,} tokens a step (batch x max_length; gradient checkpointing "
           f"{'on' if mem.gradient_checkpointing else 'off'}):", file=out)
-    for k in ("weights", "trainable", "gradients", "optimizer", "activations", "loss_head", "backward_transient",
-              "runtime"):
+    for k in COMPONENTS:
         print(f"  {k:<19} {getattr(mem, k) / GiB:8.2f} GiB", file=out)
     print(f"  {'estimated peak':<19} {mem.peak / GiB:8.2f} GiB"
           + (f"   (without checkpointing {mem.without_checkpointing / GiB:.1f} GiB)"
@@ -96,17 +123,19 @@ def render_text(plan: Plan, shape_source: str, out: TextIO) -> None:
     if mem.fits is None:
         print("  fits: unknown (no GPU memory to compare with; try --hardware or --gpu-memory)", file=out)
     else:
-        print(f"  fits: {'yes' if mem.fits else 'NO'} ({mem.headroom:.0%} of {_fmt_gib(mem.device_bytes)} = "
-              f"{mem.headroom * (mem.device_bytes or 0) / GiB:.1f} GiB usable)", file=out)
+        print(f"  fits: {'yes' if mem.fits else 'NO'} (peak + {ALLOCATOR_MARGIN:.0%} allocator margin (reserved over "
+              f"allocated) <= {_fmt_gib(mem.device_bytes)} - {CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context: "
+              f"peak up to {_fmt_gib(mem.usable)})", file=out)
     for a in mem.advice:
         print(f"  would fit: {a}", file=out)
 
 
 def plan_command(recipe: Recipe, hardware: str | None = None, gpu_memory: float | None = None,
-                 fmt: str = "text", out: TextIO | None = None) -> int:
+                 fmt: str = "text", out: TextIO | None = None, accelerate_config: str | None = None,
+                 num_processes: int | None = None) -> int:
     """Print the plan; returns 0 when it fits (or fit is unknown), 1 when the estimate does not fit."""
     out = out or sys.stdout
-    plan, where = make_plan(recipe, hardware, gpu_memory)
+    plan, where = make_plan(recipe, hardware, gpu_memory, accelerate_config, num_processes)
     if fmt == "json":
         print(json.dumps(plan_dict(plan, where), indent=2, default=str), file=out)
     else:

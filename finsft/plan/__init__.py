@@ -12,6 +12,11 @@ from finsft.plan.configs import (
     get_sft_config,
     torch_dtype,
 )
+from finsft.plan.distributed import (
+    Parallelism,
+    parallelism_from_accelerate_config,
+    parallelism_from_environment,
+)
 from finsft.plan.hardware import (
     PROFILES,
     Hardware,
@@ -32,8 +37,30 @@ from finsft.plan.plan import (
 )
 
 __all__ = [
-    "PROFILES", "Choice", "Hardware", "MemoryEstimate", "MemorySettings", "ModelShape", "Plan", "check_fits",
-    "detect_hardware", "estimate_memory", "estimate_training_bytes", "flash_attn_usable", "get_model_kwargs",
-    "get_peft_config", "get_quantization_config", "get_sft_config", "gpu_with_memory", "hardware_profile",
-    "memory_settings", "plan_run", "read_model_shape", "sharding_engine", "torch_dtype",
+    "PROFILES",
+    "Choice",
+    "Hardware",
+    "MemoryEstimate",
+    "MemorySettings",
+    "ModelShape",
+    "Parallelism",
+    "Plan",
+    "check_fits",
+    "detect_hardware",
+    "estimate_memory",
+    "estimate_training_bytes",
+    "flash_attn_usable",
+    "get_model_kwargs",
+    "get_peft_config",
+    "get_quantization_config",
+    "get_sft_config",
+    "gpu_with_memory",
+    "hardware_profile",
+    "memory_settings",
+    "parallelism_from_accelerate_config",
+    "parallelism_from_environment",
+    "plan_run",
+    "read_model_shape",
+    "sharding_engine",
+    "torch_dtype",
 ]

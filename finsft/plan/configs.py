@@ -8,7 +8,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from finsft.plan.plan import Plan, sharding_engine
+from finsft.plan.plan import Plan
 from finsft.recipe import Recipe, schema
 from finsft.recipe.training_rules import best_at_end, strategies
 
@@ -93,9 +93,11 @@ def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
     quant = get_quantization_config(recipe, plan)
     if quant is not None:
         kwargs["quantization_config"] = quant
-    if plan.hardware.is_gpu and (quant is not None or sharding_engine() is None):
-        # Each process holds its model on its own GPU (also for evaluation before the trainer moves it); under
-        # FSDP/ZeRO-3 the engine places the unquantized shards itself.
+    if plan.hardware.is_gpu and plan.parallel.sharding_engine is None:
+        # Each process holds its model on its own GPU (also for evaluation before the trainer moves it). Under
+        # FSDP/ZeRO-3 no device_map, as PEFT's FSDP/ZeRO-3 + QLoRA examples load it: the engine places the
+        # unquantized shards itself, and transformers' bitsandbytes quantizer puts a quantized model on
+        # torch.cuda.current_device() (the rank's GPU, set by accelerate) before FSDP shards it.
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     return kwargs
 
@@ -170,7 +172,7 @@ def get_sft_config(recipe: Recipe, plan: Plan, output_dir: str, *, has_eval: boo
         **_checkpointing_kwargs(SFTConfig, plan.gradient_checkpointing),
         bf16=plan.precision == "bf16",
         fp16=plan.precision == "fp16",
-        tf32=plan.tf32 if plan.hardware.is_gpu else None,
+        tf32=plan.tf32,  # None (left to the libraries) except on CUDA GPUs with TF32: see plan._choose_tf32
         use_cpu=on_cpu,
         use_liger_kernel=plan.use_liger_kernel,
         logging_steps=train["logging_steps"],

@@ -99,7 +99,9 @@ def detect_hardware() -> Hardware:
         # including_emulation=False: pre-Ampere cards (T4, V100) emulate bf16 slowly; they train in fp16
         bf16 = cc >= (8, 0) and torch.cuda.is_bf16_supported(including_emulation=False)
         return Hardware(
-            device="cuda", name=props.name, bf16=bf16, tf32=cc >= (8, 0), memory_bytes=int(props.total_memory),
+            # TF32 is an NVIDIA (CUDA >= 11, Ampere+) mode: transformers refuses tf32=True on ROCm
+            device="cuda", name=props.name, bf16=bf16, tf32=cc >= (8, 0) and torch.version.cuda is not None,
+            memory_bytes=int(props.total_memory),
             flash_attn=cc >= (8, 0) and flash_attn_usable(),
             liger=importlib.util.find_spec("liger_kernel") is not None, world_size=world, compute_capability=cc,
         )

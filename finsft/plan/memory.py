@@ -2,7 +2,16 @@
 
 Components, each reported: weights (4-bit/8-bit/16-bit), trainable parameters with their gradients and optimizer
 state, activations (bytes autograd saves for backward, per token per layer), the loss head and the backward's
-transient buffers, and a fixed allowance for the CUDA runtime's workspaces.
+transient buffers, a fixed allowance for the CUDA runtime's workspaces, and the attention mask that SDPA needs
+for padding-free (packed) batches. Under FSDP/DeepSpeed ZeRO the sharded components are divided by the number of
+processes (per GPU), plus the full weights of the units being computed.
+
+The attention mask: transformers (``masking_utils.create_causal_mask``) detects packed sequences from the
+position_ids of a padding-free batch (TRL flattens the batch into one row of T = batch x max_length tokens) and
+builds one boolean [1, 1, T, T] mask for the model; every layer's ``scaled_dot_product_attention`` converts it to
+an additive mask in the activation dtype and saves that copy for backward (measured with
+``saved_tensors_hooks``: one [T, T] bf16 tensor per layer). Gemma-2B at 8 x 512: 18 x 2 x 4096^2 bytes = 0.56
+GiB; at 8 x 2048: 9 GiB. flash-attn's variable-length kernel needs no mask.
 
 The per-layer activation formula counts the tensors each op saves (calibrated op by op against
 ``torch.autograd.graph.saved_tensors_hooks`` on real layer shapes: :mod:`finsft.plan.calibrate`,
@@ -38,6 +47,12 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 TRL_TOKEN_CHUNK = 4096  # trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE
 TRL_VOCAB_CHUNK = 32768  # trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
 RUNTIME_BYTES = GiB // 4  # cuBLAS/cuDNN workspaces, allocator rounding: seen as max_memory_allocated
+# The fit threshold. The estimate is of allocated bytes (torch.cuda.max_memory_allocated); PyTorch's caching
+# allocator reserves more than it hands out (2 MiB / 20 MiB segments, blocks split and cached across the varying
+# shapes of packed batches), and an out-of-memory error comes when *reserved* memory reaches the card. A step fits
+# when peak x (1 + ALLOCATOR_MARGIN) <= GPU memory - CUDA_CONTEXT_BYTES.
+ALLOCATOR_MARGIN = 0.10  # reserved over allocated
+CUDA_CONTEXT_BYTES = GiB // 2  # the CUDA context and kernel images: outside torch's allocator, per process
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,10 @@ class MemorySettings:
     optim: str = "adamw_torch"
     kbit_upcast: bool = False  # prepare_model_for_kbit_training (fp32 norms and embedding)
     fused_loss: bool = True  # TRL >= 1.x fused LM head: no [tokens, vocab] logits
+    processes: int = 1  # GPUs the sharded components are divided across (finsft.plan.distributed)
+    shard_weights: bool = False  # FSDP FULL_SHARD, DeepSpeed ZeRO-3
+    shard_gradients: bool = False  # also ZeRO-2, FSDP SHARD_GRAD_OP
+    shard_optimizer: bool = False  # also ZeRO-1
 
 
 @dataclass
@@ -151,33 +170,57 @@ class MemoryEstimate:
     loss_head: int
     backward_transient: int
     runtime: int
+    attention_mask: int  # padding-free SDPA: the packed block mask, one copy per layer saved for backward
+    gathered: int  # sharded weights: the full weights of the units being computed (and the one prefetched)
     per_layer_bytes_per_token: float
     tokens: int
     gradient_checkpointing: bool
     device_bytes: int | None = None
-    headroom: float = 0.9
+    processes: int = 1
     advice: list[str] = field(default_factory=list)
     without_checkpointing: int | None = None  # peak bytes with checkpointing off (for the auto decision)
 
     @property
     def peak(self) -> int:
-        return (self.weights + self.trainable + self.gradients + self.optimizer + self.activations
-                + self.loss_head + self.backward_transient + self.runtime)
+        return sum(getattr(self, k) for k in COMPONENTS)
+
+    @property
+    def usable(self) -> int | None:
+        """The largest estimated peak that fits: see ALLOCATOR_MARGIN."""
+        return fit_limit(self.device_bytes) if self.device_bytes else None
 
     @property
     def fits(self) -> bool | None:
         if not self.device_bytes:
             return None
-        return self.peak <= self.headroom * self.device_bytes
+        return self.peak <= fit_limit(self.device_bytes)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d.update(estimated_peak_bytes=self.peak, fits=self.fits,
                  estimated_peak_gib=round(self.peak / GiB, 2),
-                 components_gib={k: round(getattr(self, k) / GiB, 3) for k in (
-                     "weights", "trainable", "gradients", "optimizer", "activations", "loss_head",
-                     "backward_transient", "runtime")})
+                 usable_bytes=self.usable, components_gib={k: round(getattr(self, k) / GiB, 3) for k in COMPONENTS})
         return d
+
+
+COMPONENTS = ("weights", "gathered", "trainable", "gradients", "optimizer", "activations", "attention_mask",
+              "loss_head", "backward_transient", "runtime")
+
+
+def fit_limit(device_bytes: int) -> int:
+    """The largest estimated peak (allocated bytes) that fits on a GPU of ``device_bytes``."""
+    return int((device_bytes - CUDA_CONTEXT_BYTES) / (1 + ALLOCATOR_MARGIN))
+
+
+def attention_mask_bytes(shape: ModelShape, s: MemorySettings) -> int:
+    """The packed block mask of padding-free SDPA (see the module docstring): the boolean mask once, and one
+    additive copy per layer saved for backward (one layer's under gradient checkpointing). None without packing
+    or with flash-attn."""
+    if not s.packing or s.attn_implementation.startswith(("flash", "kernels-community/flash")):
+        return 0
+    t = s.batch * s.max_length
+    saved_layers = 1 if s.gradient_checkpointing else shape.layers
+    return t * t * (1 + saved_layers * _act_bytes(s.precision))
 
 
 def _act_bytes(precision: str) -> int:
@@ -204,9 +247,9 @@ def layer_activation_bytes(shape: ModelShape, s: MemorySettings) -> float:
     return float(norms + proj + attention + mlp)
 
 
-def estimate_memory(shape: ModelShape, s: MemorySettings, device_bytes: int | None = None,
-                    headroom: float = 0.9) -> MemoryEstimate:
-    """Peak bytes of one training step (forward + backward + optimizer step) on one device."""
+def estimate_memory(shape: ModelShape, s: MemorySettings, device_bytes: int | None = None) -> MemoryEstimate:
+    """Peak bytes of one training step (forward + backward + optimizer step) on one device: with sharding
+    (``s.processes`` > 1 and a ``shard_*`` flag), what each GPU holds."""
     b = _act_bytes(s.precision)
     weight_b = 4 if s.precision == "fp32" else 2
     linear = shape.layers * shape.layer_linear_params()
@@ -241,6 +284,21 @@ def estimate_memory(shape: ModelShape, s: MemorySettings, device_bytes: int | No
     trainable = int(n_train * p_bytes)
     gradients = int(n_train * p_bytes)
     optimizer = int(n_train * state)
+    n = max(1, s.processes)
+    gathered = 0
+    if s.shard_weights and n > 1:
+        # Each GPU keeps 1/n of every flat parameter; a wrapped unit (a decoder layer) is gathered whole for its
+        # forward and backward, the next one prefetched; the root unit (embeddings, final norm, untied head)
+        # stays gathered through the step.
+        root = other * (4 if s.kbit_upcast and s.quantization else weight_b)
+        layer_bytes = (weights - root + trainable) / shape.layers if s.lora_r is not None else \
+            (n_train - other) * p_bytes / shape.layers
+        gathered = int(2 * layer_bytes + root)
+        weights, trainable = weights / n, trainable // n
+    if s.shard_gradients:
+        gradients //= n
+    if s.shard_optimizer:
+        optimizer //= n
 
     tokens = s.batch * s.max_length
     per_layer = layer_activation_bytes(shape, s)
@@ -260,16 +318,16 @@ def estimate_memory(shape: ModelShape, s: MemorySettings, device_bytes: int | No
     return MemoryEstimate(
         weights=int(weights), trainable=trainable, gradients=gradients, optimizer=optimizer,
         activations=int(activations), loss_head=int(loss_head), backward_transient=int(transient),
-        runtime=RUNTIME_BYTES, per_layer_bytes_per_token=per_layer, tokens=tokens,
-        gradient_checkpointing=s.gradient_checkpointing, device_bytes=device_bytes, headroom=headroom)
+        runtime=RUNTIME_BYTES, attention_mask=attention_mask_bytes(shape, s), gathered=gathered,
+        per_layer_bytes_per_token=per_layer, tokens=tokens, gradient_checkpointing=s.gradient_checkpointing,
+        device_bytes=device_bytes, processes=n)
 
 
-def fitting_overrides(shape: ModelShape, s: MemorySettings, device_bytes: int, grad_accum: int,
-                      headroom: float = 0.9) -> list[str]:
+def fitting_overrides(shape: ModelShape, s: MemorySettings, device_bytes: int, grad_accum: int) -> list[str]:
     """Recipe overrides (``key.path=value``) under which the step fits, each with its estimate; tried in order:
     gradient checkpointing, a smaller batch with more accumulation (same effective batch), a shorter max_length,
     4-bit weights."""
-    limit = headroom * device_bytes
+    limit = fit_limit(device_bytes)
     out: list[str] = []
 
     def est(t: MemorySettings) -> int:
@@ -301,8 +359,11 @@ def fitting_overrides(shape: ModelShape, s: MemorySettings, device_bytes: int, g
         if est(t) <= limit:
             out.append(f"{prefix}quantization.load_in_4bit=true ({est(t) / GiB:.1f} GiB)")
     if not out:
-        out.append("no single override fits: use a larger GPU, shard with FSDP across GPUs, or combine "
-                   "4-bit weights, batch 1 and a shorter max_length")
+        shard = (f"shard across more than {s.processes} GPUs" if s.shard_weights and s.processes > 1 else
+                 "shard with FSDP or DeepSpeed ZeRO-3 across GPUs (finsft plan --accelerate-config "
+                 "recipes/accelerate/fsdp.yaml --num-processes N)")
+        out.append(f"no single override fits: use a larger GPU, {shard}, or combine 4-bit weights, batch 1 and a "
+                   "shorter max_length")
     return out
 
 

@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.plan.distributed import Parallelism, parallelism_from_environment
 from finsft.plan.hardware import Hardware
 from finsft.plan.memory import (
     ALL_LINEAR,
+    ALLOCATOR_MARGIN,
+    CUDA_CONTEXT_BYTES,
     FP16_UNSAFE_MODEL_TYPES,
     GiB,
     MemoryEstimate,
@@ -23,8 +25,8 @@ from finsft.recipe import Recipe
 
 # "auto" gradient checkpointing turns on when the estimate without it exceeds this share of the GPU's memory.
 CHECKPOINTING_SHARE = 0.85
-# A plan fits when the estimated peak is at most this share of the GPU's memory (CUDA context, fragmentation).
-FITS_SHARE = 0.9
+# A plan fits when the estimated peak plus the allocator's margin fits beside the CUDA context
+# (finsft.plan.memory.fit_limit).
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class Plan:
     group_by_length: bool
     gradient_checkpointing: bool
     use_liger_kernel: bool
-    tf32: bool
+    tf32: bool | None  # None: left to the libraries
     optim: str
     compute_dtype: str | None
     quant_storage: str | None
@@ -55,6 +57,7 @@ class Plan:
     memory: MemoryEstimate | None = None  # None when the model's shape is unknown
     evaluate_before_training: bool = False  # evaluation.before_training, unless the plan had to skip it
     model_shape: ModelShape | None = None
+    parallel: Parallelism = field(default_factory=lambda: Parallelism("single"))
 
     def choice(self, setting: str) -> Choice:
         return next(c for c in self.choices if c.setting == setting)
@@ -70,8 +73,10 @@ def _shape(model_shape: ShapeLike) -> ModelShape | None:
 
 
 def memory_settings(recipe: Recipe, *, precision: str, gradient_checkpointing: bool, packing: bool,
-                    attn_implementation: str, use_liger_kernel: bool, optim: str) -> MemorySettings:
-    """The recipe's settings that the memory estimate depends on."""
+                    attn_implementation: str, use_liger_kernel: bool, optim: str,
+                    parallel: Parallelism | None = None) -> MemorySettings:
+    """The recipe's settings that the memory estimate depends on (per GPU under ``parallel``)."""
+    par = parallel or Parallelism("single")
     train, quant, lora = recipe.training, recipe.quantization, recipe.lora
     targets: tuple[str, ...] = ALL_LINEAR
     if lora and lora["target_modules"] not in ("all-linear", None):
@@ -87,6 +92,8 @@ def memory_settings(recipe: Recipe, *, precision: str, gradient_checkpointing: b
         gradient_checkpointing=gradient_checkpointing, packing=packing, attn_implementation=attn_implementation,
         use_liger_kernel=use_liger_kernel, optim=optim,
         kbit_upcast=bool(quant) and precision == "fp16",  # see finsft.models.load_training_model
+        processes=par.processes, shard_weights=par.shard_weights, shard_gradients=par.shard_gradients,
+        shard_optimizer=par.shard_optimizer,
     )
 
 
@@ -167,6 +174,59 @@ def _auto_checkpointing(hw: Hardware, without: MemoryEstimate | None) -> tuple[b
                   f"{CHECKPOINTING_SHARE:.0%} of {hw.memory_bytes / GiB:.0f} GiB on the GPU")
 
 
+def _unshardable_optimizer(optim: str) -> bool:
+    """bitsandbytes' 8-bit and paged optimizers: their state (quantized blocks with per-block scales, or paged
+    CUDA unified memory) is not shaped like the parameters, so FSDP/ZeRO-3 cannot shard or gather it."""
+    return "8bit" in optim or optim.startswith("paged_")
+
+
+def _auto_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+    if not hw.is_gpu:
+        return "adamw_torch", "plain AdamW on CPU"
+    if engine:
+        return "adamw_torch_fused", (f"fused AdamW: {engine} shards its state; bitsandbytes' paged 8-bit state "
+                                     "cannot be gathered by FSDP (bitsandbytes#89)")
+    if recipe.quantization:
+        return "paged_adamw_8bit", ("quantized model on CUDA: paged 8-bit AdamW, as QLoRA (8-bit state, paged to "
+                                    "CPU memory under spikes)")
+    return "adamw_torch_fused", "fused AdamW on CUDA"
+
+
+def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+    """(optimizer, reason) for "auto"; a pinned bitsandbytes 8-bit/paged optimizer under FSDP/ZeRO-3 is refused."""
+    pinned = str(recipe.training["optim"])
+    if pinned != "auto" and engine and _unshardable_optimizer(pinned):
+        raise FinsftError(
+            f"{recipe.source}: $.training.optim: {pinned} keeps bitsandbytes' 8-bit/paged optimizer state, which "
+            f"{engine} cannot shard or gather (the run would fail at its first checkpoint, bitsandbytes#89). Use "
+            f"\"auto\" (fused AdamW under {engine}), \"adamw_torch_fused\" or \"adamw_torch\": "
+            "training.optim=auto")
+    return _auto_optimizer(recipe, hw, engine)
+
+
+def _choose_tf32(train: Any, hw: Hardware, precision: str, choices: _Choices) -> bool | None:
+    """TF32 only where it is set: on CUDA GPUs that have it (transformers refuses tf32 elsewhere, ROCm included).
+    Under bf16/fp16 "auto" leaves it to the libraries: the matmuls run in 16 bits, and with torch >= 2.9
+    transformers sets TF32 through torch's precision API (mixing it with the legacy allow_tf32 flags raises)."""
+    pinned = train["tf32"]
+    if pinned == "auto":
+        if not hw.tf32:
+            choices.append(Choice("training.tf32", None, "not set: no TF32 on this hardware", True))
+            return None
+        if precision != "fp32":
+            choices.append(Choice("training.tf32", None, f"left to the libraries: {precision} matmuls do not use "
+                                  "TF32", True))
+            return None
+        choices.append(Choice("training.tf32", True, "fp32 on a GPU with TF32 tensor cores", True))
+        return True
+    if not hw.tf32:
+        choices.append(Choice("training.tf32", None, f"pinned {str(pinned).lower()}, but this hardware has no TF32: "
+                              "not applied", False))
+        return None
+    choices.append(Choice("training.tf32", bool(pinned), "pinned by the recipe", False))
+    return bool(pinned)
+
+
 def _choose_precision(recipe: Recipe, hw: Hardware, model_type: str, choices: _Choices) -> str:
     train = recipe.training
     auto_prec, why = _precision(recipe, hw, model_type)
@@ -182,7 +242,8 @@ def _choose_precision(recipe: Recipe, hw: Hardware, model_type: str, choices: _C
     return precision
 
 
-def _choose_quantization(recipe: Recipe, dtype: str, choices: _Choices) -> tuple[str | None, str | None]:
+def _choose_quantization(recipe: Recipe, dtype: str, choices: _Choices,
+                         engine: str | None) -> tuple[str | None, str | None]:
     """(compute dtype, storage dtype) of a 4-bit model."""
     quant = recipe.quantization
     if not (quant and quant["load_in_4bit"]):
@@ -190,7 +251,6 @@ def _choose_quantization(recipe: Recipe, dtype: str, choices: _Choices) -> tuple
     compute_dtype = choices.choose("quantization.bnb_4bit_compute_dtype", quant["bnb_4bit_compute_dtype"], dtype,
                                    "the model dtype")
     # FSDP and DeepSpeed ZeRO-3 shard the weights (PEFT's FSDP/ZeRO-3 + QLoRA recipes).
-    engine = sharding_engine()
     quant_storage = choices.choose("quantization.bnb_4bit_quant_storage", quant["bnb_4bit_quant_storage"],
                                    dtype if engine else "uint8",
                                    f"{engine} shards the 4-bit weights in the compute dtype" if engine
@@ -198,10 +258,9 @@ def _choose_quantization(recipe: Recipe, dtype: str, choices: _Choices) -> tuple
     return compute_dtype, quant_storage
 
 
-def _choose_evaluation_before(recipe: Recipe, choices: _Choices) -> bool:
+def _choose_evaluation_before(recipe: Recipe, choices: _Choices, engine: str | None) -> bool:
     evaluation = recipe.evaluation
     before = bool(evaluation and evaluation["before_training"])
-    engine = sharding_engine()
     if before and engine and not recipe.quantization:
         choices.append(Choice("evaluation.before_training", False,
                               f"skipped: {engine} shards the unquantized model across ranks; generating on rank 0 "
@@ -212,13 +271,17 @@ def _choose_evaluation_before(recipe: Recipe, choices: _Choices) -> bool:
     return before
 
 
-def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Plan:
+def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parallel: Parallelism | None = None) -> Plan:
     """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
     :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
-    estimate. Raises FinsftError for a pinned setting the model cannot train with (fp16 on Gemma)."""
+    estimate. ``parallel``: the engine and process count (default: what the launcher set up in this process's
+    environment); the memory estimate is per GPU. Raises FinsftError for a pinned setting the model or the engine
+    cannot train with (fp16 on Gemma, a paged 8-bit optimizer under FSDP)."""
     train, model = recipe.training, recipe.model
     shape = _shape(model_shape)
     choices = _Choices()
+    par = parallel if parallel is not None else parallelism_from_environment()
+    engine = par.sharding_engine
 
     precision = _choose_precision(recipe, hw, _model_type(recipe, shape), choices)
     prec_dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[precision]
@@ -233,7 +296,7 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Pla
 
     liger_ok = hw.is_gpu and hw.liger
     will_liger = liger_ok if train["use_liger_kernel"] == "auto" else bool(train["use_liger_kernel"])
-    optim_auto = "adamw_torch_fused" if hw.is_gpu else "adamw_torch"
+    optim_auto, optim_why = _choose_optimizer(recipe, hw, engine)
     will_optim = optim_auto if train["optim"] == "auto" else train["optim"]
 
     # The memory estimate without checkpointing decides "auto" checkpointing; the one with the plan's setting is
@@ -241,35 +304,30 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None) -> Pla
     without: MemoryEstimate | None = None
     if shape is not None:
         settings = memory_settings(recipe, precision=precision, gradient_checkpointing=False, packing=packing,
-                                   attn_implementation=attn, use_liger_kernel=will_liger, optim=will_optim)
-        without = estimate_memory(shape, settings, hw.memory_bytes, FITS_SHARE)
+                                   attn_implementation=attn, use_liger_kernel=will_liger, optim=will_optim,
+                                   parallel=par)
+        without = estimate_memory(shape, settings, hw.memory_bytes)
     ckpt = choices.choose("training.gradient_checkpointing", train["gradient_checkpointing"],
                           *_auto_checkpointing(hw, without))
     memory: MemoryEstimate | None = None
     if shape is not None and without is not None:
         planned = replace(settings, gradient_checkpointing=bool(ckpt))
-        memory = estimate_memory(shape, planned, hw.memory_bytes, FITS_SHARE)
+        memory = estimate_memory(shape, planned, hw.memory_bytes)
         memory.without_checkpointing = without.peak
         if hw.memory_bytes and memory.fits is False:
-            memory.advice = fitting_overrides(shape, planned, hw.memory_bytes, train["gradient_accumulation_steps"],
-                                              FITS_SHARE)
+            memory.advice = fitting_overrides(shape, planned, hw.memory_bytes, train["gradient_accumulation_steps"])
 
     liger = choices.choose("training.use_liger_kernel", train["use_liger_kernel"], liger_ok,
                            "liger-kernel installed on CUDA: fused norms, GLU and linear cross-entropy" if liger_ok else
                            ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
-    tf32 = choices.choose("training.tf32", train["tf32"], hw.tf32,
-                          "GPU has TF32 tensor cores" if hw.tf32 else "no TF32 on this hardware")
-    if tf32 and not hw.tf32:
-        choices[-1] = Choice("training.tf32", False, "pinned true, but this hardware has no TF32: not applied", False)
-        tf32 = False
-    optim = choices.choose("training.optim", train["optim"], optim_auto,
-                           "fused AdamW on CUDA" if hw.is_gpu else "plain AdamW on CPU")
-    compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices)
-    before = _choose_evaluation_before(recipe, choices)
+    tf32 = _choose_tf32(train, hw, precision, choices)
+    optim = choices.choose("training.optim", train["optim"], optim_auto, optim_why)
+    compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices, engine)
+    before = _choose_evaluation_before(recipe, choices, engine)
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
                 compute_dtype=compute_dtype, quant_storage=quant_storage, choices=list(choices), memory=memory,
-                evaluate_before_training=before, model_shape=shape)
+                evaluate_before_training=before, model_shape=shape, parallel=par)
 
 
 def check_fits(plan: Plan) -> None:
@@ -279,19 +337,16 @@ def check_fits(plan: Plan) -> None:
     if mem is None or mem.fits is not False or not mem.device_bytes:
         return
     parts = ", ".join(f"{k} {getattr(mem, k) / GiB:.1f}" for k in (
-        "weights", "activations", "optimizer", "loss_head") if getattr(mem, k) >= GiB // 10)
+        "weights", "gathered", "activations", "attention_mask", "optimizer", "loss_head") if getattr(mem, k) >= GiB // 10)
     advice = "\n".join(f"  finsft train RECIPE {a}" for a in mem.advice)
+    per = f" per GPU ({plan.parallel.describe()})" if plan.parallel.processes > 1 else ""
     raise FinsftError(
-        f"this run does not fit on {plan.hardware.name}: estimated peak {mem.peak / GiB:.1f} GiB ({parts} GiB) > "
-        f"{mem.headroom:.0%} of {mem.device_bytes / GiB:.0f} GiB "
+        f"this run does not fit on {plan.hardware.name}: estimated peak{per} {mem.peak / GiB:.1f} GiB ({parts} GiB) "
+        f"+ {ALLOCATOR_MARGIN:.0%} allocator margin > {mem.device_bytes / GiB:.0f} GiB less "
+        f"{CUDA_CONTEXT_BYTES / GiB:.1f} GiB CUDA context "
         f"(gradient checkpointing {'on' if mem.gradient_checkpointing else 'off'}). Overrides that fit:\n{advice}")
 
 
 def sharding_engine() -> str | None:
     """"FSDP" or "DeepSpeed ZeRO-3" when accelerate launch set one up (its environment), else None."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true"):
-        return "FSDP"
-    if (os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true")
-            and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"):
-        return "DeepSpeed ZeRO-3"
-    return None
+    return parallelism_from_environment().sharding_engine

@@ -22,6 +22,9 @@ def print_plan(out: Console, plan: Plan, recipe: Recipe, n_train: int, n_val: in
             ("data", f"{n_train} training rows, {n_val} validation rows")]
     if recipe.data_format:
         rows.append(("data format", recipe.data_format))
+    if plan.memory is not None and plan.hardware.is_gpu:
+        rows.append(("memory per GPU", f"{plan.memory.peak / 2**30:.1f} GiB estimated peak"
+                     + (f" ({plan.parallel.describe()})" if plan.parallel.processes > 1 else "")))
     for c in plan.choices:
         rows.append((c.setting, f"{c.value}  ({'auto: ' if c.automatic else ''}{c.reason})"))
     out.print(summary_table(f"finsft: {recipe.name}", rows))

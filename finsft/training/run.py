@@ -229,11 +229,12 @@ class TrainingRun:
         self.repo_id = default_repo_id(dict(recipe.output), recipe.name)
         self.hardware = detect_hardware()
         engine = sharding_engine()
-        if engine and not self.hardware.is_gpu:
+        if engine == "FSDP" and not self.hardware.is_gpu:
             # accelerate's FSDP plugin refuses CPU-only machines ("There are currently no available devices
-            # found"), and DeepSpeed needs GPUs: say so before any process waits for another.
+            # found"): say so before any process waits for another. DeepSpeed runs on CPU through its CPU
+            # accelerator (gloo), see the README's "Scaling out".
             raise FinsftError(f"{engine} shards the model across GPUs and this machine has none; on CPU, train "
-                              f"with several processes through DDP: {WORKING_CPU_LAUNCH}")
+                              f"with several processes through DDP ({WORKING_CPU_LAUNCH}) or DeepSpeed ZeRO")
         warning = launcher_warning()
         if warning:
             out.print(f"[yellow]warning:[/] {warning}")
@@ -319,7 +320,8 @@ class TrainingRun:
         print_plan(out, self.plan, recipe, len(self.splits.train), self.n_val)
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
-                      f"WORLD_SIZE={launcher_world_size()}); only rank 0 prints and writes")
+                      f"WORLD_SIZE={launcher_world_size()}; {self.plan.parallel.describe()}); only rank 0 prints "
+                      "and writes")
         if self.recipe.evaluation and self.template.language_modeling:
             out.print(f"task evaluation skipped: template '{self.template.name}' trains on plain text, with no "
                       "prompt and answer to score; the validation loss measures it")
