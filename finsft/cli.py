@@ -13,6 +13,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from finsft import __version__
 from finsft.errors import FinsftError, RecipeError
@@ -287,11 +288,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from finsft.merge import check_out
     from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    preflight(recipe, "merge", adapter=args.adapter)
+    preflight(recipe, "merge", adapter=args.adapter,
+              extra=[lambda: check_out(Path(args.out).expanduser().absolute())])
     _quiet_libraries()
     from finsft.commands.merge import merge_command
 

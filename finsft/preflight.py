@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +125,16 @@ def _quiet_datasets() -> None:
 
 def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: str | None = None,
               limit: int | None = None, suite: str | None = None, suite_data: str | None = None,
-              adapter: str | None = None) -> Checked:
+              adapter: str | None = None, extra: Sequence[Callable[[], object]] = ()) -> Checked:
     """The checks of ``command`` (train, eval, predict, merge) on ``recipe``; PreflightError listing every
     problem. ``data``/``split``/``limit``: finsft eval's --data, --split, --limit; ``suite``/``suite_data``:
-    finsft eval --suite, --suite-data; ``adapter``: the --adapter folder of eval, predict and merge."""
+    finsft eval --suite, --suite-data; ``adapter``: the --adapter folder of eval, predict and merge; ``extra``: the
+    command's own light checks (e.g. merge's --out), reported with the others."""
     _quiet_datasets()
     checked = Checked()
+    for check in extra:
+        with checked.check():
+            check()
     if adapter is not None:
         with checked.check():
             check_adapter(adapter)
