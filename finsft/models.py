@@ -328,11 +328,29 @@ def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, rand
     for checkpointing itself. Only fp16 runs keep it (fp16 norms and embedding overflow; fp32 masters are the
     classic fp16 QLoRA path). Not under FSDP/ZeRO-3 either: a shard must hold one dtype."""
     model = load_model(source, get_model_kwargs(recipe, plan), random_weights=random_weights)
+    if recipe.quantization:
+        keep_4bit_layout_trainable(model)
     if recipe.quantization and not sharding_engine() and plan.precision == "fp16":
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=plan.gradient_checkpointing)
     return model
+
+
+def keep_4bit_layout_trainable(model: Any) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel in a model that will be trained.
+
+    On CPUs with AVX512-BF16, a ``Linear4bit`` layer that runs in eval mode without gradients (scoring the base model
+    before training, or during it) repacks its weight for ``gemv_4bit`` and keeps that layout. Every later training
+    step then goes through ``gemv_4bit``, which has no backward: PyTorch warns "an autograd kernel was not registered
+    ... silently incorrect behavior" and no gradient flows back through the frozen layers. Training must keep the
+    dequantize-and-matmul path. Returns the number of layers changed."""
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 # ------------------------------------------------------------------------------------- inference and adapters

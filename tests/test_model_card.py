@@ -184,6 +184,11 @@ def test_card_of_a_generation_run_and_of_an_unevaluated_full_model(tmp_path: Pat
     card = ModelCard(card_text(_folder(tmp_path), MANIFEST, _recipe(), report))
     assert {r.task_type for r in card.data.eval_results} == {"text-generation"}
     assert {r.metric_name: r.metric_value for r in card.data.eval_results} == {"ROUGE-L": 0.31, "token F1": 0.4}
+    with_ppl = {**report, "base_metrics": {**report["metrics"], "answer_perplexity": 30.9},
+                "metrics": {**report["metrics"], "answer_perplexity": 21.25}}
+    (tmp_path / "qa").mkdir()
+    assert "| answer perplexity (held-out references) | 30.9000 | 21.2500 |" in card_text(
+        _folder(tmp_path / "qa"), MANIFEST, _recipe(), with_ppl)
     full = ModelCard(card_text(_folder(tmp_path, "full"), MANIFEST, _recipe(lora=None), None))
     assert full.data.eval_results is None and full.data.library_name == "transformers"
     assert "fully fine-tuned model" in full.text and "did not evaluate" in full.text

@@ -44,7 +44,7 @@ def documented() -> dict[str, dict[str, object]]:
 
 def test_readme_table_lists_exactly_the_shipped_files() -> None:
     table = documented()
-    assert set(table) == {p.name for p in DATA.glob("*.jsonl")}
+    assert set(table) == {p.name for p in DATA.glob("tfns_*.jsonl")}  # the FiQA files: tests/test_fiqa_data.py
     assert {"tfns_quickstart_train.jsonl", "tfns_quickstart_heldout.jsonl"} <= set(table)
 
 

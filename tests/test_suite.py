@@ -152,7 +152,7 @@ def test_suite_command_scores_the_sets_it_can_load(make_recipe: Any, tmp_path: P
     for name, n in (("fpb", 4), ("fiqa_sa", 4), ("tfns", 4)):
         report = json.loads((out / name / "eval.json").read_text())
         assert set(report) == {"model", "adapter", "data", "rows", "rows_fingerprint", "settings", "metrics",
-                               "base_metrics", "seconds"}
+                               "base_metrics", "seconds", "samples"}
         assert report["rows"] == n and report["metrics"]["labels"] == ["negative", "neutral", "positive"]
         assert suite["sets"][name]["weighted_f1"] == report["metrics"]["weighted_f1"]
     # every set missing: an error naming each reason

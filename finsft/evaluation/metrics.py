@@ -1,5 +1,6 @@
 """Metrics: FinGPT's answer-to-label mapping, classification metrics (scikit-learn: accuracy, macro and weighted F1,
-per-class precision/recall, confusion matrix) and QA metrics (ROUGE-L from rouge-score, SQuAD-style token F1)."""
+per-class precision/recall, confusion matrix) and QA metrics (ROUGE-L from rouge-score, SQuAD-style token F1, answer
+length against the reference; the answer perplexity comes from :func:`finsft.evaluation.scorers.answer_loss`)."""
 
 from __future__ import annotations
 
@@ -113,18 +114,24 @@ def qa_metrics(predictions: Sequence[str], references: Sequence[str]) -> dict[st
     rouge = [scorer.score(ref, pred)["rougeL"].fmeasure for pred, ref in pairs]
     f1 = [token_f1(pred, ref) for pred, ref in pairs]
     n = max(1, len(predictions))
+    generated = sum(len(p.split()) for p in predictions) / n
+    reference = sum(len(r.split()) for r in references) / n
     return {
         "n": len(predictions),
         "rougeL": sum(rouge) / n,
         "token_f1": sum(f1) / n,
-        "mean_generated_words": sum(len(p.split()) for p in predictions) / n,
-        "mean_reference_words": sum(len(r.split()) for r in references) / n,
+        "mean_generated_words": generated,
+        "mean_reference_words": reference,
+        "length_ratio": generated / reference if reference else 0.0,
     }
 
 
 def headline(m: dict[str, Any]) -> str:
     if "accuracy" in m:
         return f"accuracy {m['accuracy']:.3f}, macro F1 {m['macro_f1']:.3f}, weighted F1 {m['weighted_f1']:.3f}"
-    return f"ROUGE-L {m['rougeL']:.3f}, token F1 {m['token_f1']:.3f}, {m['mean_generated_words']:.0f} words"
+    text = f"ROUGE-L {m['rougeL']:.3f}, token F1 {m['token_f1']:.3f}, {m['mean_generated_words']:.0f} words"
+    if "answer_perplexity" in m:
+        text = f"answer perplexity {m['answer_perplexity']:.2f}, " + text
+    return text
 
 

@@ -55,11 +55,14 @@ class ScoringProgress:
 
 
 def score_rows(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], out: Any, title: str, *,
-               scorer: str, batch_size: int, max_new_tokens: int | None) -> EvalResult:
-    """evaluate_model with a progress display."""
-    with ScoringProgress(out, title, len(rows)) as progress:
+               scorer: str, batch_size: int, max_new_tokens: int | None, max_length: int | None = None,
+               generate_samples: int | None = None) -> EvalResult:
+    """evaluate_model with a progress display (of the generations, for generation templates)."""
+    total = min(len(rows), generate_samples or len(rows))
+    with ScoringProgress(out, title, total) as progress:
         return evaluate_model(model, formatter, rows, scorer=scorer, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens, progress=progress)
+                              max_new_tokens=max_new_tokens, progress=progress, max_length=max_length,
+                              generate_samples=generate_samples)
 
 
 def rows_fingerprint(rows: Sequence[dict[str, Any]]) -> str:
@@ -72,10 +75,15 @@ def metrics_tables(metrics: dict[str, Any], title: str) -> list[Any]:
 
     head = Table(title=title)
     if "accuracy" not in metrics:
-        for col in ("rows", "ROUGE-L", "token F1", "generated words", "reference words"):
+        cells = {"generated rows": str(metrics["n"]), "ROUGE-L": f"{metrics['rougeL']:.4f}",
+                 "token F1": f"{metrics['token_f1']:.4f}", "generated words": f"{metrics['mean_generated_words']:.1f}",
+                 "reference words": f"{metrics['mean_reference_words']:.1f}"}
+        if "answer_perplexity" in metrics:
+            cells = {"answer perplexity": f"{metrics['answer_perplexity']:.3f}",
+                     "answer tokens": str(metrics["answer_tokens"]), **cells}
+        for col in cells:
             head.add_column(col, justify="right")
-        head.add_row(str(metrics["n"]), f"{metrics['rougeL']:.4f}", f"{metrics['token_f1']:.4f}",
-                     f"{metrics['mean_generated_words']:.1f}", f"{metrics['mean_reference_words']:.1f}")
+        head.add_row(*cells.values())
         return [head]
     for col in ("rows", "accuracy", "macro F1", "weighted F1"):
         head.add_column(col, justify="right")
@@ -183,16 +191,20 @@ def eval_settings(recipe: Recipe, formatter: Formatter, scorer: str, limit: int 
     """How the rows are scored: part of every eval.json."""
     ev = recipe.evaluation_settings
     template = formatter.template
-    return {"scorer": scorer, "batch_size": ev["batch_size"],
-            "max_new_tokens": default_max_new_tokens(template, recipe) if scorer == "generate" else None,
-            "limit": limit or ev["max_samples"], "template": template.name, "chat_template": formatter.chat}
+    settings = {"scorer": scorer, "batch_size": ev["batch_size"],
+                "max_new_tokens": default_max_new_tokens(template, recipe) if scorer == "generate" else None,
+                "limit": limit or ev["max_samples"], "template": template.name, "chat_template": formatter.chat}
+    if not template.is_classification:  # the answer perplexity: rows cut as for training; generation: a prefix
+        settings.update(max_length=recipe.training["max_length"], generate_samples=ev["generate_samples"])
+    return settings
 
 
 def score(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], settings: dict[str, Any], out: Any,
           title: str) -> EvalResult:
     """Score ``model`` on ``rows`` as ``settings`` say, with a progress display."""
     return score_rows(model, formatter, rows, out, title, scorer=settings["scorer"],
-                      batch_size=settings["batch_size"], max_new_tokens=settings["max_new_tokens"])
+                      batch_size=settings["batch_size"], max_new_tokens=settings["max_new_tokens"],
+                      max_length=settings.get("max_length"), generate_samples=settings.get("generate_samples"))
 
 
 @dataclass
@@ -209,9 +221,36 @@ class EvalReport:
     metrics: dict[str, Any]
     base_metrics: dict[str, Any] | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    # generation templates: the first few rows side by side, {input, reference, before, after}
+    samples: list[dict[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+SIDE_BY_SIDE = 5
+
+
+def side_by_side(before: Sequence[dict[str, Any]] | None, after: Sequence[dict[str, Any]],
+                 limit: int = SIDE_BY_SIDE) -> list[dict[str, Any]] | None:
+    """The first ``limit`` generated answers before and after training next to the question and the reference
+    (generation templates, when the base model was scored on the same rows); None otherwise."""
+    if not before or not after or "reference" not in after[0]:
+        return None
+    return [{"input": a.get("input"), "reference": a["reference"], "before": b["answer"], "after": a["answer"]}
+            for b, a in zip(before[:limit], after[:limit], strict=True) if b.get("input") == a.get("input")]
+
+
+def samples_table(samples: Sequence[dict[str, Any]]) -> Any:
+    """The side-by-side answers as a rich table."""
+    from rich.table import Table
+
+    table = Table(title=f"{len(samples)} held-out questions: answers before and after training", show_lines=True)
+    for col in ("question", "reference", "before", "after"):
+        table.add_column(col, overflow="fold", ratio=1)
+    for s in samples:
+        table.add_row(_clip(str(s.get("input") or "")), _clip(s["reference"]), _clip(s["before"]), _clip(s["after"]))
+    return table
 
 
 def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[str, Any]], title: str) -> list[str]:

@@ -2,16 +2,18 @@
 
 Classification templates: ``likelihood`` ranks the label strings by the model's log-likelihood after the prompt;
 ``generate`` decodes greedily and maps the text to a label as FinGPT's benchmarks do. Generation templates are
-scored on greedy generations (ROUGE-L, token F1).
+scored on greedy generations (ROUGE-L, token F1, length against the reference) and on the perplexity of the
+reference answers (the loss on the answer tokens only, tokenized and truncated as for training).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from finsft.data import Formatter, encode_continuation, encode_prompt
+from finsft.data import Formatter, encode_continuation, encode_prompt, tokenize_rows
 from finsft.errors import FinsftError
 from finsft.evaluation.metrics import (
     classification_metrics,
@@ -172,6 +174,51 @@ def generate(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], b
     return texts
 
 
+def answer_loss(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
+                max_length: int | None, progress: Progress | None = None) -> dict[str, Any]:
+    """The model's loss on the reference answers: each row is tokenized exactly as for training (prompt, then
+    completion with its end token, over-long rows cut as ``max_length`` says) and only the completion tokens count.
+    ``answer_loss`` is the mean negative log-likelihood per answer token over all rows together (token-weighted,
+    not a mean of per-row means), ``answer_perplexity`` its exp."""
+    import datasets
+    import torch
+
+    if not rows:
+        raise FinsftError("no rows to evaluate")
+    fields = [f for f in formatter.template.fields if f in rows[0]]
+    table = datasets.Dataset.from_list([{f: r[f] for f in fields} for r in rows])
+    encoded = tokenize_rows(table, formatter, max_length)
+    ids_list, masks = encoded["input_ids"], encoded["completion_mask"]
+    tok = formatter.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    device = _device(model)
+    order = _by_length(ids_list)
+    total, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start:start + batch_size]
+                ids, attention, _ = _right_pad([ids_list[i] for i in idx], pad, device)
+                target = torch.zeros_like(ids, dtype=torch.bool)
+                for j, i in enumerate(idx):
+                    target[j, : len(masks[i])] = torch.tensor(masks[i], dtype=torch.bool)
+                # position t predicts token t + 1: score the predictions of completion tokens only
+                where = target[:, 1:]
+                logits = model(input_ids=ids, attention_mask=attention).logits[:, :-1][where].float()
+                total += float(torch.nn.functional.cross_entropy(logits, ids[:, 1:][where], reduction="sum"))
+                count += int(where.sum())
+                if progress:
+                    progress(min(start + batch_size, len(order)), len(order))
+    finally:
+        model.train(was_training)
+    if count == 0:
+        raise FinsftError("no answer tokens to score: every completion is empty or cut off by max_length")
+    mean = total / count
+    return {"answer_loss": mean, "answer_perplexity": math.exp(mean), "answer_tokens": count}
+
+
 def _stop_ids(tok: Any) -> list[int]:
     ids = {tok.eos_token_id}
     for name in ("<|im_end|>", "<end_of_turn>", "<|eot_id|>"):
@@ -193,8 +240,11 @@ def resolve_scorer(scorer: str, template: Template) -> str:
 
 
 def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], *, scorer: str,
-                   batch_size: int, max_new_tokens: int | None, progress: Progress | None = None) -> EvalResult:
-    """Score ``model`` on template rows (dicts of template fields)."""
+                   batch_size: int, max_new_tokens: int | None, progress: Progress | None = None,
+                   max_length: int | None = None, generate_samples: int | None = None) -> EvalResult:
+    """Score ``model`` on template rows (dicts of template fields). Generation templates: the answer perplexity
+    on every row (tokenized and cut at ``max_length`` as in training), greedy answers for the first
+    ``generate_samples`` rows (all when None)."""
     template = formatter.template
     scorer = resolve_scorer(scorer, template)
     if not rows:
@@ -215,11 +265,13 @@ def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, An
             preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": t}
                      for r, g, p, t in zip(rows, gold, pred, texts, strict=True)]
         return EvalResult(scorer, classification_metrics(gold, pred, label_space), preds)
-    refs = [template.reference(r) for r in rows]  # a conversation's reference is its last assistant turn
-    texts = generate(model, formatter, rows, batch_size, max_new_tokens or 256, progress)
+    loss = answer_loss(model, formatter, rows, batch_size, max_length)
+    gen_rows = list(rows[:generate_samples] if generate_samples else rows)
+    refs = [template.reference(r) for r in gen_rows]  # a conversation's reference is its last assistant turn
+    texts = generate(model, formatter, gen_rows, batch_size, max_new_tokens or 256, progress)
     preds = [{"input": r.get("input"), "reference": ref, "answer": t}
-             for r, ref, t in zip(rows, refs, texts, strict=True)]
-    return EvalResult(scorer, qa_metrics(texts, refs), preds)
+             for r, ref, t in zip(gen_rows, refs, texts, strict=True)]
+    return EvalResult(scorer, {**loss, **qa_metrics(texts, refs)}, preds)
 
 
 def default_max_new_tokens(template: Template, recipe: Recipe) -> int:

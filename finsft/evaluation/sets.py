@@ -19,7 +19,7 @@ from finsft.evaluation.scorers import resolve_scorer
 from finsft.recipe import Recipe
 from finsft.templates import Template, get_template, resolve_labels
 
-SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "weighted_f1", "rougeL", "token_f1")
+SUMMARY_KEYS = ("n", "accuracy", "macro_f1", "weighted_f1", "answer_perplexity", "rougeL", "token_f1")
 
 
 @dataclass

@@ -241,6 +241,8 @@ def _metrics_table(report: Mapping[str, Any]) -> list[str]:
         keys = [("accuracy", "accuracy"), ("macro_f1", "macro F1"), ("weighted_f1", "weighted F1")]
     else:
         keys = [("rougeL", "ROUGE-L"), ("token_f1", "token F1"), ("mean_generated_words", "generated words")]
+        if "answer_perplexity" in after:
+            keys = [("answer_perplexity", "answer perplexity (held-out references)"), *keys]
     lines = ["| metric | base model (before) | fine-tuned (after) |", "|---|---:|---:|"]
     for key, label in keys:
         lines.append(f"| {label} | {_fmt(before.get(key)) if before else '-'} | {_fmt(after.get(key))} |")

@@ -132,6 +132,7 @@ class EvaluationSection(TypedDict):
     max_samples: int | None
     batch_size: int
     max_new_tokens: int | None
+    generate_samples: int | None
     before_training: bool
     sets: dict[str, EvaluationSetSection]
 

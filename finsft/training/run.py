@@ -36,7 +36,7 @@ from finsft.evaluation import (
     score,
 )
 from finsft.evaluation.metrics import check_metric_packages, plots_note
-from finsft.evaluation.report import write_report
+from finsft.evaluation.report import samples_table, side_by_side, write_report
 from finsft.evaluation.sets import NamedSet, log_summary, named_sets, set_template, summary_line
 from finsft.files import write_json
 from finsft.models import (
@@ -133,6 +133,7 @@ class TrainingRun:
         # The evaluation set (evaluation.path or the validation split) first, then evaluation.sets.
         self.sets: list[NamedSet] = []
         self.set_base: dict[str, dict[str, Any]] = {}
+        self.set_base_predictions: dict[str, list[dict[str, Any]]] = {}
         self.set_reports: dict[str, EvalReport] = {}
         self.model: Any = None
         self.trainer: Any = None
@@ -355,6 +356,7 @@ class TrainingRun:
                 res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
                             "evaluating the base model" + (f" on '{s.name}'" if i else ""))
             self.set_base[s.name] = res.metrics
+            self.set_base_predictions[s.name] = res.predictions
             self.out.print(f"before training ({res.scorer}, {len(s.rows.rows)} rows): {headline(res.metrics)}" if i == 0
                            else f"before training, {summary_line(s.name, res.metrics)}")
             self._log_set(s.name, "before_training", res.metrics)
@@ -468,10 +470,14 @@ class TrainingRun:
             base = self.set_base.get(s.name)
             self.out.print(f"after training ({res.scorer}, {len(s.rows.rows)} rows): {headline(res.metrics)}" if i == 0
                            else f"after training, {summary_line(s.name, res.metrics, base)}")
+            samples = side_by_side(self.set_base_predictions.get(s.name), res.predictions)
+            if samples and i == 0:
+                self.out.print(samples_table(samples))
             report = EvalReport(
                 model=self.source.description, adapter=str(self.dirs.final), data=s.rows.description,
                 rows=len(s.rows.rows), rows_fingerprint=rows_fingerprint(s.rows.rows), settings=s.settings,
-                metrics=res.metrics, base_metrics=base, seconds={"scoring": round(time.perf_counter() - t0, 2)})
+                metrics=res.metrics, base_metrics=base, seconds={"scoring": round(time.perf_counter() - t0, 2)},
+                samples=samples)
             folder = self.dirs.work if i == 0 else self.dirs.work / "eval" / s.name
             write_report(folder, report, res.predictions, f"{recipe.name}: '{s.name}' after training")
             self.set_reports[s.name] = report
