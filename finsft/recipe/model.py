@@ -65,6 +65,7 @@ class DataSection(TypedDict):
     validation_path: str | None
     validation_size: float
     group_by: str
+    drop_eval_overlap: bool
     balance: str
 
 
@@ -130,6 +131,8 @@ class EvaluationSection(TypedDict):
     batch_size: int
     max_new_tokens: int | None
     before_training: bool
+    suite: str | None
+    suite_data: str | None
     sets: dict[str, EvaluationSetSection]
 
 

@@ -37,6 +37,7 @@ from finsft.evaluation import (
     rows_fingerprint,
     score,
 )
+from finsft.evaluation.leak import evaluation_inputs
 from finsft.evaluation.report import write_report
 from finsft.evaluation.sets import NamedSet, extra_sets, log_summary, summary_line
 from finsft.files import write_json
@@ -184,6 +185,8 @@ class TrainingRun:
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
         self.template: Template = template_from_recipe(recipe.template)
         check_trackers(recipe.training["report_to"])  # a missing tracker package, before anything heavy
+        # The leak guard's evaluation inputs: every evaluation file read (and its errors found) before torch loads.
+        self.exclude = evaluation_inputs(recipe, self.template, log=out.print if self.main else None)
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -226,7 +229,7 @@ class TrainingRun:
     def _prepare_data(self) -> None:
         recipe, out = self.recipe, self.out
         with self.state.main_process_first():
-            self.splits = build_splits(recipe, self.template)
+            self.splits = build_splits(recipe, self.template, self.exclude)
             self.formatter: Formatter = make_formatter(recipe, self.template, self.tokenizer)
             max_length = recipe.training["max_length"]
             t0 = time.perf_counter()
@@ -237,6 +240,9 @@ class TrainingRun:
                            if self.splits.validation is not None else None)
             self.prep_s = time.perf_counter() - t0
         self.n_val = len(self.splits.validation) if self.splits.validation is not None else 0
+        if self.main and self.exclude.checked:
+            line, warning = self.exclude.summary()
+            out.print(f"[yellow]warning:[/] {line}" if warning else line)
         print_plan(out, self.plan, recipe, len(self.splits.train), self.n_val)
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
@@ -446,7 +452,8 @@ class TrainingRun:
                            "hub_id": self.source.hub_id, "hub_id_reason": self.source.hub_id_reason},
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
                      "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2),
-                     "sources": self.splits.sources},
+                     "sources": self.splits.sources,
+                     "eval_overlap": self.exclude.report() if self.exclude.checked else None},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
                       "runtime_s": self.result.metrics.get("train_runtime"),
                       "tokens_per_s": self.progress.tokens_per_s(trainer.state),
