@@ -46,8 +46,10 @@ def sample(ds: Any, cap: int | None, seed: int) -> tuple[Any, str]:
     return ds, ""
 
 
-def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Template) -> EvalSet:
-    """The rows of one extra set, mapped to its template's fields, labels checked, capped."""
+def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Template,
+             limit: int | None = None) -> EvalSet:
+    """The rows of one extra set, mapped to its template's fields, labels checked, capped (``limit``, else the
+    set's max_samples, else evaluation.max_samples)."""
     from finsft.data_sources import describe, load_source
 
     source = {"path": spec["path"], "name": spec.get("name"), "split": spec.get("split", "test")}
@@ -55,7 +57,7 @@ def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Templ
     ds, fp = load_source(source)
     ds = to_template_rows(ds, template, spec.get("columns") or {}, what)
     check_labels(ds, template, what)
-    cap = spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
+    cap = limit or spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
     ds, note = sample(ds, cap, recipe.training["seed"])
     return EvalSet([dict(r) for r in ds], f"{describe(source)}{note} ({fp})", name)
 
