@@ -155,3 +155,20 @@ def test_run_manifest_and_console(make_recipe: Any, tmp_path: Path, files: dict[
         assert len(run.splits.train) == 46
     said = " ".join(capsys.readouterr().out.split())
     assert "warning: 6 training rows have their input in the evaluation data" in said
+
+
+def test_suite_from_an_unreachable_hub_is_named_not_checked(tmp_path: Path, files: dict[str, Path]) -> None:
+    """Offline, the first suite set that the hub cannot give is named; the others are not tried (retries cost
+    ~25 s each); training goes on with the sets the recipe names."""
+    raw = {"model": {"name_or_path": "unused-model"}, "template": {"name": "fingpt_sentiment"},
+           "data": {"path": str(files["a"])},
+           "evaluation": {"path": str(files["heldout"]), "suite": "fingpt-sentiment"},
+           "output": {"dir": str(tmp_path / "run")}}
+    (tmp_path / "r.json").write_text(json.dumps(raw))
+    recipe = load_recipe(str(tmp_path / "r.json"))
+    said: list[str] = []
+    guard = evaluation_inputs(recipe, template_from_recipe(recipe.template), log=said.append)
+    assert guard.checked == {"heldout": 6} and len(said) == 4
+    assert "cannot be reached" in guard.unchecked["fingpt-sentiment/fpb"]
+    assert all(guard.unchecked[f"fingpt-sentiment/{s}"].startswith("not tried: the hub could not be reached for FPB")
+               for s in ("fiqa_sa", "tfns", "nwgi"))

@@ -64,11 +64,16 @@ def evaluation_inputs(recipe: Recipe, template: Template, log: Callable[[str], N
         if ev["suite"] not in SUITES:
             raise FinsftError(f"unknown suite '{ev['suite']}'; available: {', '.join(SUITES)}")
         folder = suite_data_dir(recipe)
+        unreachable = None  # the hub failed for one set: the others are not tried (each costs ~25 s of retries)
         for s in SETS:
             name = f"{ev['suite']}/{s.name}"
             try:
+                if unreachable:
+                    raise DataError(f"not tried: {unreachable}")
                 rows, _ = load_suite_set(s, folder)
             except (DataError, KeyError, ValueError) as exc:
+                if folder is None and "cannot be reached" in str(exc):
+                    unreachable = f"the hub could not be reached for {s.title}"
                 guard.unchecked[name] = str(exc)
                 if log:
                     log(f"[yellow]leak guard:[/] {s.title} of suite {ev['suite']} could not be loaded, so training "
