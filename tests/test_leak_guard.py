@@ -146,6 +146,8 @@ def test_run_manifest_and_console(make_recipe: Any, tmp_path: Path, files: dict[
     overlap = json.loads((out / "manifest.json").read_text())["data"]["eval_overlap"]
     assert (overlap["drop"], overlap["dropped"], overlap["by_set"]) == (True, 6, {"heldout": 4, "extra": 2})
     assert overlap["by_source"][str(files["a"])]["dropped"] == 3
+    card = (out / "README.md").read_text()
+    assert "6 training rows whose input appears in the evaluation data were left out of training" in card
 
     # The off switch: the same data is kept, and the console says how many rows overlap (setup only: no model).
     recipe = load_recipe(str(make_recipe("off", data={"path": None, "max_samples": None, "datasets": sources,
