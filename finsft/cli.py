@@ -70,12 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="evaluate at most N rows")
     p.add_argument("--scorer", choices=("auto", "likelihood", "generate"), help="override evaluation.scorer")
     p.add_argument("--out", help="folder for eval.json and predictions.jsonl (default: the adapter folder)")
-    p.add_argument("--suite", choices=("fingpt-sentiment",),
+    p.add_argument("--suite", nargs="?", const="", metavar="NAME",
                    help="score a benchmark suite instead: fingpt-sentiment = FPB, FiQA-SA, TFNS, NWGI as FinGPT "
-                        "prepares them")
+                        "prepares them; without NAME, the recipe's evaluation.suite")
     p.add_argument("--suite-data", metavar="DIR", help="with --suite: read local copies from DIR (fpb.jsonl, "
                                                       "fiqa_sa.jsonl, tfns_valid.jsonl, nwgi_test.jsonl) "
-                                                      "instead of the hub")
+                                                      "instead of the hub (default: the recipe's "
+                                                      "evaluation.suite_data when it names that suite)")
 
     p = sub.add_parser("predict", help="generate with the recipe's template")
     _add_recipe(p)
@@ -251,19 +252,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if args.suite_data and not args.suite:
+    if args.suite_data and args.suite is None:
         raise FinsftError("--suite-data goes with --suite (e.g. --suite fingpt-sentiment)")
-    if args.suite and (args.data or args.split):
-        raise FinsftError("--suite scores the suite's own data: leave out --data and --split")
+    suite, data_dir = None, args.suite_data
+    if args.suite is not None:
+        if args.data or args.split:
+            raise FinsftError("--suite scores the suite's own data: leave out --data and --split")
+        ev = recipe.evaluation_settings
+        suite = args.suite or ev["suite"]
+        if not suite:
+            raise FinsftError("--suite without a name scores the recipe's evaluation.suite, and this recipe names "
+                              "none: pass --suite fingpt-sentiment, or set evaluation.suite")
+        data_dir = args.suite_data or (ev["suite_data"] if suite == ev["suite"] else None)
     if args.limit is not None and args.limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {args.limit}")
-    checked = preflight(recipe, "eval", data=args.data, split=args.split, limit=args.limit, suite=args.suite,
-                        suite_data=args.suite_data, adapter=args.adapter)
+    checked = preflight(recipe, "eval", data=args.data, split=args.split, limit=args.limit, suite=suite,
+                        suite_data=data_dir, adapter=args.adapter)
     _quiet_libraries()
-    if args.suite:
+    if suite:
         from finsft.commands.suite import suite_command
 
-        suite_command(recipe, args.suite, adapter=args.adapter, data_dir=args.suite_data, limit=args.limit,
+        suite_command(recipe, suite, adapter=args.adapter, data_dir=data_dir, limit=args.limit,
                       scorer=args.scorer, out=args.out, checked=checked)
         return EXIT_OK
     from finsft.commands.evaluate import evaluate_command

@@ -40,6 +40,7 @@ class Splits:
     fingerprint: str  # of the source data
     # Each source read: path, name, split, rows (read), rows_used (after its fraction), fraction, fingerprint.
     sources: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    overlap: EvalInputs | None = None  # the leak guard's counts, when it ran
 
 
 def _file_digest(path: str) -> str:
@@ -322,6 +323,77 @@ def column(ds: Any, name: str) -> list[Any]:
     return list(ds.with_format("arrow")[name].to_pylist())
 
 
+def normalise_text(value: Any) -> str:
+    """A row's input as the leak guard compares it: Unicode NFKC, case folded, whitespace collapsed (a
+    conversation or other non-text value: its JSON)."""
+    import unicodedata
+
+    text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, ensure_ascii=False)
+    return " ".join(unicodedata.normalize("NFKC", text).casefold().split())
+
+
+@dataclass
+class EvalInputs:
+    """The inputs of every evaluation set, normalised (finsft.evaluation.leak builds it): training rows whose
+    ``field`` value is among them overlap the evaluation data. ``drop``: leave them out (data.drop_eval_overlap)."""
+
+    field: str
+    drop: bool
+    sets: dict[str, set[str]]  # set name -> its normalised inputs
+    checked: dict[str, int] = dataclasses.field(default_factory=dict)  # set name -> rows compared
+    unchecked: dict[str, str] = dataclasses.field(default_factory=dict)  # set name -> why it could not be read
+    by_source: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # filled by apply()
+
+    def apply(self, rows: Any, source: str) -> Any:
+        """``rows`` without (``drop``) or with the rows that overlap; counts them under ``source``."""
+        if not self.sets or self.field not in rows.column_names:
+            return rows
+        keys = [normalise_text(v) for v in column(rows, self.field)]
+        hits = [i for i, k in enumerate(keys) if any(k in inputs for inputs in self.sets.values())]
+        per_set = {name: sum(1 for i in hits if keys[i] in inputs) for name, inputs in self.sets.items()}
+        self.by_source[source] = {"rows": len(rows), "overlapping": len(hits),
+                                  "dropped": len(hits) if self.drop else 0,
+                                  "by_set": {k: v for k, v in per_set.items() if v}}
+        if not (self.drop and hits):
+            return rows
+        if len(hits) == len(rows):
+            raise DataError(
+                f"{source}: every one of its {len(rows):,} rows has its {self.field} in the evaluation data ({', '.join(f'{k}: {v:,}' for k, v in per_set.items() if v)}): the training data is an "
+                "evaluation set, or is held in one. Evaluate on rows the model does not train on, or set "
+                "data.drop_eval_overlap to false to train on them anyway")
+        gone = set(hits)
+        return rows.select([i for i in range(len(rows)) if i not in gone])
+
+    def report(self) -> dict[str, Any]:
+        """For manifest.json: what was compared and what overlapped, per source and per set."""
+        by_set: dict[str, int] = {}
+        for info in self.by_source.values():
+            for name, n in info["by_set"].items():
+                by_set[name] = by_set.get(name, 0) + n
+        return {"drop": self.drop, "field": self.field,
+                "compared": "Unicode NFKC, case folded, whitespace collapsed",
+                "checked": self.checked, "unchecked": self.unchecked,
+                "overlapping": sum(i["overlapping"] for i in self.by_source.values()),
+                "dropped": sum(i["dropped"] for i in self.by_source.values()),
+                "by_set": by_set, "by_source": self.by_source}
+
+    def summary(self) -> tuple[str, bool]:
+        """One console line, and whether it is a warning (overlapping rows that are trained on)."""
+        r = self.report()
+        checked = ", ".join(f"{name} ({n:,})" for name, n in self.checked.items())
+        if not r["overlapping"]:
+            return f"leak guard: no training input appears in the evaluation data (checked {checked})", False
+        sets = ", ".join(f"{name}: {n:,}" for name, n in r["by_set"].items())
+        sources = ", ".join(f"{src}: {i['overlapping']:,} of {i['rows']:,}" for src, i in self.by_source.items()
+                            if i["overlapping"])
+        if self.drop:
+            return (f"leak guard: dropped {r['dropped']:,} training rows whose {self.field} appears in the evaluation "
+                    f"data (by set: {sets}; by source: {sources}); data.drop_eval_overlap=false keeps them"), False
+        return (f"{r['overlapping']:,} training rows have their {self.field} in the evaluation data (by "
+                f"set: {sets}; by source: {sources}) and are trained on, as data.drop_eval_overlap is false: the "
+                "scores on those sets will be too high"), True
+
+
 def group_split(ds: Any, size: float, group_by: str, seed: int, source: str = "the training data") -> tuple[Any, Any]:
     """Split off a validation set of about ``size`` rows (or fraction) so no group_by value is in both parts."""
     if size >= 1 and int(size) >= len(ds):
@@ -379,24 +451,31 @@ def load_split(path: str, split: str, template: Template, columns: Mapping[str, 
     return ds, digest
 
 
-def build_splits(recipe: Recipe, template: Template) -> Splits:
+def build_splits(recipe: Recipe, template: Template, exclude: EvalInputs | None = None) -> Splits:
     """The training and validation rows of a recipe with one source, ``data.path`` (a mixture of sources in
-    ``data.datasets``: :func:`finsft.data_sources.build_splits`)."""
+    ``data.datasets``: :func:`finsft.data_sources.build_splits`). ``exclude``: the leak guard's evaluation
+    inputs, applied to the source before the validation split."""
     data = recipe.data
     path = data["path"]
     if not path:
         raise DataError("data.path is not set: name the training data (or a mixture in data.datasets)")
     train, digest = load_split(path, data["split"], template, data["columns"], data.get("label_map"))
-    source = {"path": path, "name": None, "split": data["split"], "rows": len(train), "rows_used": len(train),
+    rows = len(train)
+    if exclude is not None:
+        train = exclude.apply(train, path)
+    source = {"path": path, "name": None, "split": data["split"], "rows": rows, "rows_used": len(train),
               "fraction": 1, "fingerprint": digest}
-    splits = finish_splits(train, digest, recipe, template, path)
+    if rows != len(train):
+        source["rows_dropped_eval_overlap"] = rows - len(train)
+    splits = finish_splits(train, digest, recipe, template, path, exclude)
     splits.sources = [source]
     return splits
 
 
-def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, what: str) -> Splits:
+def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, what: str,
+                  exclude: EvalInputs | None = None) -> Splits:
     """Shuffle, the validation split (by unique group_by value), max_samples and class balance, on the rows of
-    every source together; ``digest`` fingerprints the sources."""
+    every source together; ``digest`` fingerprints the sources, ``exclude`` the rows the leak guard dropped."""
     data = recipe.data
     seed = recipe.training["seed"]
     if data["shuffle"]:
@@ -414,10 +493,14 @@ def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, w
         train = balance(train, template.label_field, data["balance"], seed)
     if len(train) == 0:
         raise DataError(f"{what}: no training rows left after the validation split")
-    # data.datasets is absent (null) for one source: left out, so fingerprints from before mixtures still hold.
-    settings = {k: v for k, v in data.items() if not (k == "datasets" and v is None)}
-    fp = hashlib.sha256(json.dumps([digest, settings, seed], sort_keys=True).encode()).hexdigest()[:16]
-    return Splits(train=train, validation=validation, fingerprint=fp)
+    # data.datasets is absent (null) for one source: left out, so fingerprints from before mixtures still hold;
+    # so is the leak guard's setting and what it dropped when it dropped nothing.
+    settings = {k: v for k, v in data.items() if not (k == "datasets" and v is None) and k != "drop_eval_overlap"}
+    dropped = exclude.report()["dropped"] if exclude is not None else 0
+    key: list[Any] = [digest, settings, seed] + ([sorted((s, i["dropped"]) for s, i in exclude.by_source.items())]
+                                                 if exclude is not None and dropped else [])
+    fp = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return Splits(train=train, validation=validation, fingerprint=fp, overlap=exclude)
 
 
 # --------------------------------------------------------------------------------------------- formatting

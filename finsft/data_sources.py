@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from finsft.data import (
+    EvalInputs,
     Splits,
     _file_digest,
     check_labels,
@@ -77,9 +78,10 @@ def take_fraction(ds: Any, fraction: float, seed: int, index: int) -> Any:
     return ds.select(sorted(picked))
 
 
-def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dict[str, Any]]]:
+def load_mixture(recipe: Recipe, template: Template,
+                 exclude: EvalInputs | None = None) -> tuple[Any, str, list[dict[str, Any]]]:
     """Every source of data.datasets as template rows, concatenated; a digest of all of them; and what each
-    source gave (for the manifest)."""
+    source gave (for the manifest). ``exclude``: the leak guard, applied to each source before its fraction."""
     import datasets
 
     seed = recipe.training["seed"]
@@ -93,12 +95,17 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
         rows = map_labels(rows, template, {**(recipe.data.get("label_map") or {}), **(source.get("label_map") or {})},
                           what)
         check_labels(rows, template, what, fix=f"data.datasets[{i}].label_map")
+        read = len(rows)
+        if exclude is not None:
+            rows = exclude.apply(rows, what)
         fraction = float(source.get("fraction", 1))
         used = take_fraction(rows, fraction, seed, i)
         parts.append(used)
         digests.append(digest)
         report.append({"path": source["path"], "name": source.get("name"), "split": source.get("split", "train"),
-                       "rows": len(rows), "rows_used": len(used), "fraction": fraction, "fingerprint": digest})
+                       "rows": read, "rows_used": len(used), "fraction": fraction, "fingerprint": digest})
+        if read != len(rows):
+            report[-1]["rows_dropped_eval_overlap"] = read - len(rows)
     first = parts[0]
     aligned = [first]
     for part, info in zip(parts[1:], report[1:], strict=True):
@@ -112,13 +119,14 @@ def load_mixture(recipe: Recipe, template: Template) -> tuple[Any, str, list[dic
     return datasets.concatenate_datasets(aligned), "+".join(digests), report
 
 
-def build_splits(recipe: Recipe, template: Template) -> Splits:
+def build_splits(recipe: Recipe, template: Template, exclude: EvalInputs | None = None) -> Splits:
     """The training and validation rows of the recipe's data section: one source (data.path) or a mixture
-    (data.datasets). ``Splits.sources`` lists each source with its rows and fingerprint."""
+    (data.datasets). ``Splits.sources`` lists each source with its rows and fingerprint. ``exclude``: the leak
+    guard's evaluation inputs (finsft.evaluation.leak), dropped or counted per source."""
     if not recipe.data.get("datasets"):
-        return build_single_splits(recipe, template)
-    rows, digest, report = load_mixture(recipe, template)
-    splits = finish_splits(rows, digest, recipe, template, f"the mixture of {len(report)} sources")
+        return build_single_splits(recipe, template, exclude)
+    rows, digest, report = load_mixture(recipe, template, exclude)
+    splits = finish_splits(rows, digest, recipe, template, f"the mixture of {len(report)} sources", exclude)
     splits.sources = report
     return splits
 

@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finsft.data import Splits
+from finsft.data import EvalInputs, Splits
 from finsft.data_sources import build_splits, resolve_data_format
 from finsft.errors import DataError, FinsftError
+from finsft.evaluation.leak import evaluation_inputs
 from finsft.evaluation.report import EvalSet, eval_set
 from finsft.evaluation.sets import load_set, set_template
 from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, load_suite_set, local_file
@@ -68,6 +69,7 @@ class Checked:
     sets: list[tuple[str, Template, EvalSet]] = field(default_factory=list)  # evaluation.sets
     suite_sets: list[tuple[SuiteSet, list[Row], str]] = field(default_factory=list)
     suite_missing: dict[str, str] = field(default_factory=dict)  # set -> why it was not loaded (not fatal)
+    exclude: EvalInputs | None = None  # the leak guard's evaluation inputs (train; eval of the validation split)
     problems: list[str] = field(default_factory=list)
 
     @contextmanager
@@ -152,7 +154,9 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
         return checked
     if command == "train":
         with checked.check():
-            checked.splits = build_splits(recipe, template)
+            checked.exclude = evaluation_inputs(recipe, template, log=_log)
+        with checked.check():
+            checked.splits = build_splits(recipe, template, checked.exclude)
         if recipe.evaluation:
             _evaluation_sets(checked, recipe, template)
     elif command == "eval" and suite:
@@ -162,14 +166,21 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
         ev = recipe.evaluation_settings
         validation = None
         if not ref and not ev["path"]:
-            with checked.check():
-                checked.splits = build_splits(recipe, template)
+            with checked.check():  # the run's validation split: drawn after the leak guard, as training drew it
+                checked.exclude = evaluation_inputs(recipe, template)
+                checked.splits = build_splits(recipe, template, checked.exclude)
                 validation = checked.splits.validation
         if ref or ev["path"] or validation is not None:
             with checked.check():
                 checked.main_set = eval_set(recipe, template, validation, ref, split, limit)
     checked.raise_problems()
     return checked
+
+
+def _log(text: str) -> None:
+    from finsft.progress import console
+
+    console().print(text)
 
 
 def _evaluation_sets(checked: Checked, recipe: Recipe, template: Template) -> None:

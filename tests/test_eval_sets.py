@@ -81,3 +81,19 @@ def test_run_scores_every_set_before_and_after(make_recipe: Any, tmp_path: Path)
     (source,) = manifest["data"]["sources"]
     assert source["path"] == str(INVENTED_TRAIN) and source["fraction"] == 0.5
     assert source["rows_used"] == round(source["rows"] * 0.5) and len(source["fingerprint"]) == 64
+    # `finsft eval RECIPE --adapter RUN` scores every set, as training did: the main set under RUN/eval/<name>/,
+    # each evaluation.sets entry beside it; the folders the training run wrote itself are never replaced.
+    from finsft.commands.evaluate import evaluate_command
+
+    own = {name: (out / "eval" / name / "eval.json").read_bytes() for name in ("heldout", "qa")}
+    main_report = evaluate_command(recipe, adapter=str(out), limit=3)
+    assert main_report["rows"] == 3 and main_report["adapter"] == str(out)
+    assert json.loads((out / "eval" / "invented_headlines_test" / "eval.json").read_text())["rows"] == 3
+    for name, key in (("heldout", "accuracy"), ("qa", "rougeL")):
+        assert (out / "eval" / name / "eval.json").read_bytes() == own[name]
+        report = json.loads((out / "eval" / name / "rescored" / "eval.json").read_text())
+        assert report["rows"] == 3 and key in report["metrics"] and report["base_metrics"] is None
+    # --out DIR: the main set in DIR, the others in DIR/eval/<name>/, as a training run lays them out
+    evaluate_command(recipe, adapter=str(out), limit=2, out=str(tmp_path / "elsewhere"))
+    assert json.loads((tmp_path / "elsewhere" / "eval.json").read_text())["rows"] == 2
+    assert {p.parent.name for p in (tmp_path / "elsewhere" / "eval").glob("*/eval.json")} == {"heldout", "qa"}

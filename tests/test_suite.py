@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import SHARED_DATA
+from conftest import INVENTED_TEST, SHARED_DATA
 
 from finsft.data import load_table
 from finsft.evaluation.suite import (
@@ -137,9 +137,12 @@ def test_suite_command_scores_the_sets_it_can_load(make_recipe: Any, tmp_path: P
     for name in ("fpb.jsonl", "tfns_valid.jsonl", "fiqa_sa.jsonl"):
         shutil.copy(FIXTURES / name, data / name)
     out = tmp_path / "results"
-    recipe = make_recipe()
-    code = main(["eval", str(recipe), "--suite", "fingpt-sentiment", "--suite-data", str(data), "--limit", "4",
-                 "--out", str(out)])
+    assert main(["eval", str(make_recipe("plain")), "--suite", "--out", str(out)]) == 1
+    assert "this recipe names none" in capsys.readouterr().err
+    # --suite without a name: the recipe's evaluation.suite, read from its evaluation.suite_data
+    recipe = make_recipe(evaluation={"path": str(INVENTED_TEST), "suite": "fingpt-sentiment",
+                                     "suite_data": str(data)})
+    code = main(["eval", str(recipe), "--suite", "--limit", "4", "--out", str(out)])
     captured = capsys.readouterr()
     text = captured.out
     assert code == 0, text + captured.err

@@ -22,6 +22,7 @@ from finsft.evaluation import (
 )
 from finsft.evaluation.metrics import check_metric_packages
 from finsft.evaluation.report import is_results_folder
+from finsft.evaluation.sets import load_set, set_template, summary_line
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -76,12 +77,34 @@ def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> 
     return target
 
 
+def training_sets(run: Path | None) -> set[str]:
+    """The evaluation sets a training run scored itself (its metrics.jsonl names them): their RUN/eval/<name>/
+    folders are the run's own files, never replaced by ``finsft eval``."""
+    import json
+
+    path = run / "metrics.jsonl" if run is not None else None
+    if path is None or not path.is_file():
+        return set()
+    names = set()
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("eval_set"), str):
+            names.add(record["eval_set"])
+    return names
+
+
 def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | None = None,
                      split: str | None = None, limit: int | None = None, scorer: str | None = None,
                      out: str | None = None, checked: Checked | None = None) -> dict[str, Any]:
-    """Writes eval.json, predictions.jsonl (and confusion.png for classification) into the results folder.
-    Returns eval.json's content. ``checked``: the preflight's result (the evaluation rows) when the caller ran
-    it."""
+    """Scores every set the recipe names, as training does: the main set (evaluation.path or the validation
+    split, drawn after the leak guard as training drew it; ``data`` instead, and then that alone) and each
+    evaluation.sets entry. Each set's eval.json, predictions.jsonl (and confusion.png for classification) go to
+    ``RUN/eval/<set name>/``; with ``--out DIR`` the main set's go to DIR and the others' to
+    ``DIR/eval/<set name>/``, as in a training run. Returns the main set's eval.json content. ``checked``: the
+    preflight's result (the main set's rows) when the caller ran it."""
     con = console()
     if limit is not None and limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {limit}")
@@ -91,32 +114,69 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     if checked is None:
         checked = preflight(recipe, "eval", data=data, split=split, limit=limit)
     template = checked.template or template_from_recipe(recipe.template)
-    scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)
+    ev = recipe.evaluation_settings
+    wanted_scorer = scorer
+    scorer = resolve_scorer(scorer or ev["scorer"], template)
     check_metric_packages(template.is_classification, "finsft eval")
     rows = checked.main_set
     assert rows is not None
     out_dir = results_folder(out, adapter_dir, rows.name)
+    owned = training_sets(adapter_dir)
+    # Every set's rows before the model loads: a set that cannot be read fails now, not after the first is scored.
+    extra = []
+    for name, spec in ([] if data else (ev.get("sets") or {}).items()):
+        t = set_template(spec, template)
+        set_scorer = resolve_scorer(ev["scorer"], t)
+        if wanted_scorer and wanted_scorer != "auto":
+            if wanted_scorer == "likelihood" and not t.is_classification:
+                con.print(f"set '{name}': --scorer likelihood does not apply to template '{t.name}' (it has no "
+                          f"labels); scored with {set_scorer}")
+            else:
+                set_scorer = wanted_scorer
+        folder = out_dir / "eval" / name if out else results_folder(None, adapter_dir, name)
+        if not out and name in owned:
+            folder = folder / "rescored"
+            con.print(f"set '{name}': {folder.parent} holds the training run's own report; this evaluation goes to "
+                      f"{folder}")
+        if folder == out_dir:
+            raise FinsftError(f"evaluation.sets has a set named '{name}', the name of the main evaluation set's "
+                              f"results folder ({out_dir}); rename the set")
+        extra.append((load_set(recipe, name, spec, t, limit), t, set_scorer, spec.get("max_samples"), folder))
 
     t0 = time.perf_counter()
     loaded = load_for_inference(recipe, adapter, log=con.print)
+    load_s = round(time.perf_counter() - t0, 2)
     formatter = make_formatter(recipe, template, loaded.tokenizer)
-    settings = eval_settings(recipe, formatter, scorer, limit)
     what = f"adapter {loaded.adapter}" if loaded.adapter else f"base model {loaded.description}"
-    con.print(f"evaluating {what} on {len(rows.rows)} rows of {rows.description} ({scorer} scorer)")
-    t1 = time.perf_counter()
-    result = score(loaded.model, formatter, rows.rows, settings, con, f"scoring ({scorer})")
-    seconds = time.perf_counter() - t1
-
-    report = EvalReport(model=loaded.description, adapter=loaded.adapter, data=rows.description,
-                        rows=len(rows.rows), rows_fingerprint=rows_fingerprint(rows.rows), settings=settings,
-                        metrics=result.metrics, seconds={"load": round(t1 - t0, 2), "scoring": round(seconds, 2)})
-    title = f"{recipe.name}: {what}, {result.scorer} scorer"
-    written = write_report(out_dir, report, result.predictions, title)
-    for table in metrics_tables(result.metrics, title):
-        con.print(table)
-    if not template.is_classification:
-        con.print(predictions_table(result.predictions))
-    n = len(rows.rows)
-    con.print(f"{n} rows in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} rows/s); wrote "
-              f"{', '.join(written)} to {out_dir}")
-    return report.as_dict()
+    sets = [(rows, formatter, eval_settings(recipe, formatter, scorer, limit), out_dir)]
+    for set_rows, t, set_scorer, cap, folder in extra:
+        set_formatter = make_formatter(recipe, t, loaded.tokenizer)
+        sets.append((set_rows, set_formatter, eval_settings(recipe, set_formatter, set_scorer, limit or cap), folder))
+    reports = []
+    for i, (set_rows, set_formatter, settings, folder) in enumerate(sets):
+        set_scorer = settings["scorer"]
+        label = "" if i == 0 else f"set '{set_rows.name}': "
+        con.print(f"{label}evaluating {what} on {len(set_rows.rows)} rows of {set_rows.description} ({set_scorer} "
+                  "scorer)")
+        t1 = time.perf_counter()
+        result = score(loaded.model, set_formatter, set_rows.rows, settings, con, f"scoring {set_rows.name} "
+                       f"({set_scorer})")
+        seconds = time.perf_counter() - t1
+        report = EvalReport(model=loaded.description, adapter=loaded.adapter, data=set_rows.description,
+                            rows=len(set_rows.rows), rows_fingerprint=rows_fingerprint(set_rows.rows),
+                            settings=settings, metrics=result.metrics,
+                            seconds={"load": load_s, "scoring": round(seconds, 2)} if i == 0
+                            else {"scoring": round(seconds, 2)})
+        title = f"{recipe.name}: {what}, {result.scorer} scorer" + (f", set '{set_rows.name}'" if i else "")
+        written = write_report(folder, report, result.predictions, title)
+        for table in metrics_tables(result.metrics, title):
+            con.print(table)
+        if not set_formatter.template.is_classification:
+            con.print(predictions_table(result.predictions))
+        n = len(set_rows.rows)
+        con.print(f"{n} rows in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} rows/s); wrote "
+                  f"{', '.join(written)} to {folder}")
+        reports.append(report)
+    if len(reports) > 1:
+        con.print("; ".join(summary_line(s[0].name, r.metrics) for r, s in zip(reports, sets, strict=True)))
+    return reports[0].as_dict()

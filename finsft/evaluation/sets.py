@@ -47,8 +47,10 @@ def sample(ds: Any, cap: int | None, seed: int) -> tuple[Any, str]:
     return ds, ""
 
 
-def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Template) -> EvalSet:
-    """The rows of one extra set, mapped to its template's fields, labels checked, capped."""
+def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Template,
+             limit: int | None = None) -> EvalSet:
+    """The rows of one extra set, mapped to its template's fields, labels checked, capped (``limit``, else the
+    set's max_samples, else evaluation.max_samples)."""
     from finsft.data_sources import describe, load_source
 
     source = {"path": spec["path"], "name": spec.get("name"), "split": spec.get("split", "test")}
@@ -59,7 +61,7 @@ def load_set(recipe: Recipe, name: str, spec: Mapping[str, Any], template: Templ
                           path=local)
     ds = map_labels(ds, template, spec.get("label_map"), what)
     check_labels(ds, template, what, f"evaluation.sets.{name}.labels", fix=f"evaluation.sets.{name}.label_map")
-    cap = spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
+    cap = limit or spec.get("max_samples") or recipe.evaluation_settings["max_samples"]
     ds, note = sample(ds, cap, recipe.training["seed"])
     return EvalSet([dict(r) for r in ds], f"{describe(source)}{note} ({fp})", name)
 

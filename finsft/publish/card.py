@@ -361,6 +361,24 @@ def _data_lines(datasets: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _overlap_lines(manifest: Mapping[str, Any]) -> list[str]:
+    """What the leak guard found: training rows whose input is also in the evaluation data."""
+    data = manifest.get("data")
+    overlap = data.get("eval_overlap") if isinstance(data, Mapping) else None
+    if not isinstance(overlap, Mapping) or not overlap.get("checked"):
+        return []
+    sets = ", ".join(f"{name} ({n:,} rows)" for name, n in overlap["checked"].items())
+    found = overlap.get("overlapping", 0)
+    if not found:
+        return ["", f"No training input appears in the evaluation data (compared with: {sets})."]
+    by_set = ", ".join(f"{name}: {n:,}" for name, n in (overlap.get("by_set") or {}).items())
+    if overlap.get("drop"):
+        return ["", f"{overlap.get('dropped', 0):,} training rows whose input appears in the evaluation data were "
+                    f"left out of training (by set: {by_set}; compared with: {sets})."]
+    return ["", f"**{found:,} training rows have their input in the evaluation data and were trained on** (by set: "
+                f"{by_set}): the scores on those sets are too high."]
+
+
 def _evaluation_lines(report: Mapping[str, Any] | None) -> list[str]:
     """The evaluation numbers, before and after training."""
     lines: list[str] = []
@@ -525,7 +543,7 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
                       f"its hub id {base} comes from {how}."]
 
     lines += _usage_lines(kind, repo_id, base, recipe, manifest)
-    lines += _data_lines(datasets)
+    lines += _data_lines(datasets) + _overlap_lines(manifest)
     lines += _evaluation_lines(report)
     lines += _training_lines(manifest, recipe, method, lora)
     lines += _limitations_lines(datasets, base, base_ref, base_licence)

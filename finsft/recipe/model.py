@@ -67,6 +67,7 @@ class DataSection(TypedDict):
     validation_path: str | None
     validation_size: float
     group_by: str
+    drop_eval_overlap: bool
     balance: str
 
 
@@ -134,6 +135,8 @@ class EvaluationSection(TypedDict):
     max_new_tokens: int | None
     generate_samples: int | None
     before_training: bool
+    suite: str | None
+    suite_data: str | None
     sets: dict[str, EvaluationSetSection]
 
 

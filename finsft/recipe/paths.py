@@ -10,7 +10,8 @@ DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet")
 PACKAGE_PREFIX = "package:"
 # (section, key) of fields that name local files or hub ids; relative local paths resolve against the recipe
 # file that declares them.
-PATH_FIELDS = (("data", "path"), ("data", "validation_path"), ("evaluation", "path"), ("model", "name_or_path"))
+PATH_FIELDS = (("data", "path"), ("data", "validation_path"), ("evaluation", "path"), ("evaluation", "suite_data"),
+               ("model", "name_or_path"))
 
 
 # Fields that name local folders relative to the current folder (not the recipe file); only ~ is expanded.

@@ -246,6 +246,9 @@ class TrainingRun:
         if recipe.data_format:
             out.print(f"data format: {recipe.data_format}")
         self._check_metric_packages()
+        # The leak guard's evaluation inputs, gathered by the preflight before torch loaded.
+        assert self.checked.exclude is not None
+        self.exclude = self.checked.exclude
         # Only the main process converts a GGUF file; the others wait for it below.
         source = resolve_model(recipe, log=out.print) if self.main else None
         from accelerate import PartialState
@@ -318,6 +321,9 @@ class TrainingRun:
                            if self.splits.validation is not None else None)
             self.prep_s = time.perf_counter() - t0
         self.n_val = len(self.splits.validation) if self.splits.validation is not None else 0
+        if self.main and self.exclude.checked:
+            line, warning = self.exclude.summary()
+            out.print(f"[yellow]warning:[/] {line}" if warning else line)
         print_plan(out, self.plan, recipe, len(self.splits.train), self.n_val)
         if self.world > 1:
             out.print(f"distributed: world size {self.world} ({self.state.distributed_type.value}, launcher "
@@ -564,7 +570,8 @@ class TrainingRun:
                            "hub_id": self.source.hub_id, "hub_id_reason": self.source.hub_id_reason},
             "data": {"fingerprint": self.splits.fingerprint, "train_rows": len(self.splits.train),
                      "validation_rows": self.n_val, "prep_seconds": round(self.prep_s, 2),
-                     "sources": self.splits.sources},
+                     "sources": self.splits.sources,
+                     "eval_overlap": self.exclude.report() if self.exclude.checked else None},
             "train": {"global_step": trainer.state.global_step, "train_loss": train_loss,
                       "runtime_s": self.result.metrics.get("train_runtime"),
                       "tokens_per_s": self.progress.tokens_per_s(trainer.state),
