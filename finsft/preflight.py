@@ -178,9 +178,11 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
 
 
 def _log(text: str) -> None:
-    from finsft.progress import console
+    """The preflight's notes (finsft.progress imports transformers): rich, quiet on every rank but the first."""
+    from rich.console import Console
 
-    console().print(text)
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0")).print(text)
 
 
 def _evaluation_sets(checked: Checked, recipe: Recipe, template: Template) -> None:
