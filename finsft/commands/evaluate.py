@@ -133,11 +133,18 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
                           f"labels); scored with {set_scorer}")
             else:
                 set_scorer = wanted_scorer
-        folder = out_dir / "eval" / name if out else results_folder(None, adapter_dir, name)
-        if not out and name in owned:
-            folder = folder / "rescored"
+        if out:
+            folder = out_dir / "eval" / name
+        elif adapter_dir is not None and name in owned:  # the training run's own report stays as it is
+            folder = adapter_dir / "eval" / name / "rescored"
+            if folder.is_symlink() or (folder.exists() and not (folder.is_dir() and (
+                    not any(folder.iterdir()) or is_results_folder(folder)))):
+                raise FinsftError(f"{folder} holds files finsft did not write; finsft never replaces them: pass "
+                                  "--out DIR to write the results to a new folder")
             con.print(f"set '{name}': {folder.parent} holds the training run's own report; this evaluation goes to "
                       f"{folder}")
+        else:
+            folder = results_folder(None, adapter_dir, name)
         if folder == out_dir:
             raise FinsftError(f"evaluation.sets has a set named '{name}', the name of the main evaluation set's "
                               f"results folder ({out_dir}); rename the set")
