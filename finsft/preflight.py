@@ -188,7 +188,9 @@ def _log(text: str) -> None:
 def _evaluation_sets(checked: Checked, recipe: Recipe, template: Template) -> None:
     """The run's evaluation rows: evaluation.path or the validation split, and every set of evaluation.sets."""
     validation = checked.splits.validation if checked.splits is not None else None
-    if recipe.evaluation_settings["path"] or validation is not None or checked.splits is not None:
+    # plain-text (language-modelling) data has no prompt and answer to score: the run skips the task evaluation
+    if not template.language_modeling and (recipe.evaluation_settings["path"] or validation is not None
+                                           or checked.splits is not None):
         with checked.check():
             checked.main_set = eval_set(recipe, template, validation)
     for name, spec in (recipe.evaluation_settings.get("sets") or {}).items():

@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import INVENTED_TRAIN
 
-from finsft.errors import DataError, ModelLoadError
+from finsft.errors import FinsftError, ModelLoadError
 from finsft.recipe import load_recipe
 from finsft.testing import write_jsonl
 from finsft.training import train
@@ -344,7 +344,7 @@ def test_a_model_that_cannot_load_leaves_no_partial_folder(make_recipe: Any) -> 
 
 def test_a_data_error_does_not_block_the_next_run(make_recipe: Any, tmp_path: Path) -> None:
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"input": "Shares rose", "output": "bullish"}])
-    with pytest.raises(DataError, match="bullish"):
+    with pytest.raises(FinsftError, match="bullish"):  # found by the preflight, before the output folder
         run(make_recipe, data={"path": str(bad)})
     out = run(make_recipe, training={"max_steps": 1})  # same output.dir, no --overwrite needed
     assert (out / "adapter_model.safetensors").is_file()
