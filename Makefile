@@ -25,4 +25,4 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/mypy
 
 test: lint
-	$(PY) -m pytest
+	$(PY) -m pytest --durations=15
