@@ -11,7 +11,8 @@ whose peak RSS is read with os.wait4, so neither sees the other's memory.
 
 Prints one table and writes qa_quality.json into --out. Nothing is written into the repository.
 
-    python benchmarks/qa_quality.py --max-steps 60 --threads 1      # the README's table (~45 min on 2 busy cores)
+    python benchmarks/qa_quality.py --max-steps 100 --heldout 32 --generate 12 --threads 1 --parallel \
+        --set training.max_length=256 --set evaluation.max_new_tokens=96   # the README's table (~22 min)
     python benchmarks/qa_quality.py --max-steps 2 --heldout 8 --generate 4 --out /tmp/qa   # a quick look
 """
 
