@@ -31,8 +31,11 @@ from finsft.templates import template_from_recipe
 from finsft.training.output import made_by_finsft
 
 
-def _training_sets(run: Path) -> set[str]:
-    """The evaluation.sets a training run scored itself (its eval/<name>/ folders are part of the run)."""
+def training_sets(run: Path | None) -> set[str]:
+    """The evaluation.sets a training run scored itself (its eval/<name>/ folders are part of the run, never
+    replaced by ``finsft eval``)."""
+    if run is None:
+        return set()
     try:
         config = json.loads((run / "recipe.json").read_text(encoding="utf-8"))
         return set((config.get("evaluation") or {}).get("sets") or {})
@@ -66,34 +69,21 @@ def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> 
     else:
         run = adapter_dir
     target = run / "eval" / set_name
-    if set_name in _training_sets(run) and target.exists():
+    if set_name in training_sets(run) and target.exists():
         raise FinsftError(f"{target} holds the training run's own evaluation of its set '{set_name}' (its model "
                           "card reports it); finsft does not replace it: pass --out DIR to write this evaluation "
                           "to a new folder")
-    if target.is_symlink() or (target.exists() and not (target.is_dir() and (not any(target.iterdir())
-                                                                               or is_results_folder(target)))):
-        raise FinsftError(f"{target} holds files finsft did not write; finsft never replaces them: pass --out DIR "
+    return writable_results(target)
+
+
+def writable_results(folder: Path) -> Path:
+    """``folder`` when finsft may write results there: absent, empty, or earlier finsft results; never a link or
+    anything else."""
+    if folder.is_symlink() or (folder.exists() and not (folder.is_dir() and (not any(folder.iterdir())
+                                                                               or is_results_folder(folder)))):
+        raise FinsftError(f"{folder} holds files finsft did not write; finsft never replaces them: pass --out DIR "
                           "to write the results to a new folder")
-    return target
-
-
-def training_sets(run: Path | None) -> set[str]:
-    """The evaluation sets a training run scored itself (its metrics.jsonl names them): their RUN/eval/<name>/
-    folders are the run's own files, never replaced by ``finsft eval``."""
-    import json
-
-    path = run / "metrics.jsonl" if run is not None else None
-    if path is None or not path.is_file():
-        return set()
-    names = set()
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("eval_set"), str):
-            names.add(record["eval_set"])
-    return names
+    return folder
 
 
 def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | None = None,
@@ -136,11 +126,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
         if out:
             folder = out_dir / "eval" / name
         elif adapter_dir is not None and name in owned:  # the training run's own report stays as it is
-            folder = adapter_dir / "eval" / name / "rescored"
-            if folder.is_symlink() or (folder.exists() and not (folder.is_dir() and (
-                    not any(folder.iterdir()) or is_results_folder(folder)))):
-                raise FinsftError(f"{folder} holds files finsft did not write; finsft never replaces them: pass "
-                                  "--out DIR to write the results to a new folder")
+            folder = writable_results(adapter_dir / "eval" / name / "rescored")
             con.print(f"set '{name}': {folder.parent} holds the training run's own report; this evaluation goes to "
                       f"{folder}")
         else:
