@@ -68,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluation data: a local file or hub dataset id (default: the recipe's)")
     p.add_argument("--split", help="split of a hub evaluation dataset")
     p.add_argument("--limit", type=int, help="evaluate at most N rows")
-    p.add_argument("--scorer", choices=("auto", "likelihood", "generate"), help="override evaluation.scorer")
+    p.add_argument("--scorer", choices=("auto", "likelihood", "generate"),
+                   help="override evaluation.scorer; with --suite: generate (the default: FinGPT's own benchmark "
+                        "procedure, comparable with its published rows) or likelihood (ranks the labels)")
     p.add_argument("--out", help="folder for eval.json and predictions.jsonl (default: the adapter folder)")
     p.add_argument("--suite", nargs="?", const="", metavar="NAME",
                    help="score a benchmark suite instead: fingpt-sentiment = FPB, FiQA-SA, TFNS, NWGI as FinGPT "

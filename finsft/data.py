@@ -541,6 +541,8 @@ class Formatter:
 
     def completion_text(self, completion: str, row: Mapping[str, Any]) -> str:
         if not self.chat:
+            if self.template.completion_apart:  # FinGPT's utils.py: the target stripped, then EOS
+                completion = completion.strip()
             return completion + (self.tokenizer.eos_token or "")
         prompt_text = self.template.render_prompt(row)
         head = self.tokenizer.apply_chat_template(self._messages(prompt_text), tokenize=False,
@@ -641,6 +643,16 @@ def encode_continuation(tok: Any, texts: list[str]) -> list[list[int]]:
     return out
 
 
+def encode_completions(formatter: Formatter, texts: list[str]) -> list[list[int]]:
+    """Token ids of completions as training appends them to the prompt's ids: tokenized apart (FinGPT's
+    utils.py: ``tokenizer(target, add_special_tokens=False)``) when the template says so and no chat template
+    renders the turn, else as the prompt's continuation (:func:`encode_continuation`)."""
+    tok = formatter.tokenizer
+    if formatter.template.completion_apart and not formatter.chat:
+        return list(tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    return encode_continuation(tok, texts)
+
+
 def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, num_proc: int | None = None,
                   desc: str = "tokenizing", log: Callable[[str], None] | None = None) -> Any:
     """``input_ids`` + ``completion_mask`` for every row. Over-long rows lose the middle of the prompt (its head and
@@ -681,7 +693,7 @@ def tokenize_rows(rows: Any, formatter: Formatter, max_length: int | None, *, nu
     del cols, table
 
     p_flat, p_start, p_len = _encode_unique(lambda t: encode_prompt(tok, t, formatter.chat), prompts)
-    c_flat, c_start, c_len = _encode_unique(lambda t: encode_continuation(tok, t), completions)
+    c_flat, c_start, c_len = _encode_unique(lambda t: encode_completions(formatter, t), completions)
     del prompts, completions
     head, tail_len, c_keep = p_len, np.zeros_like(p_len), c_len
     if max_length is not None:
@@ -765,7 +777,8 @@ def prepared_cache(rows: Any, formatter: Formatter, max_length: int | None, data
     from finsft.files import cache_dir
 
     t = formatter.template
-    key = json.dumps([data_fp, name, len(rows), rows._fingerprint, t.prompt, t.completion, t.defaults, formatter.chat,
+    key = json.dumps([data_fp, name, len(rows), rows._fingerprint, t.prompt, t.completion, t.completion_apart, t.defaults,
+                      formatter.chat,
                       formatter.system, tokenizer_fingerprint(formatter.tokenizer), max_length, PROMPT_TAIL,
                       PREP_VERSION])
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]

@@ -37,10 +37,16 @@ FIQA_INSTRUCTION = (
     "Utilize your financial knowledge, give your answer or opinion to the input question or subject . "
     "Answer format is not limited."
 )
-# FinGPT's prompt format. The prompt ends in "Answer:" and the completion starts with a space, so the tokenized
-# prompt is a prefix of the tokenized prompt + completion (a trailing space would be merged into the next token).
-FINGPT_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer:"
-FINGPT_COMPLETION = " {output}"
+# FinGPT's sentiment format, token for token (fingpt/FinGPT_Benchmark/utils.py and benchmarks/*.py at ec315843):
+# the prompt ends in "Answer: " (trailing space) and the answer is tokenized APART from it (no leading space),
+# so training sees exactly the tokens FinGPT's benchmark code gives the model when it scores: tokenizer(prompt),
+# then generation. Joined into one string, the trailing space would merge into the answer's first token instead.
+FINGPT_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer: "
+FINGPT_COMPLETION = "{output}"
+# The same prompt without the trailing space, the answer as its continuation (" answer"): the QA template, whose
+# prompt and target are tokenized together as one text (a free-text answer is not scored by FinGPT's code).
+FINGPT_QA_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer:"
+FINGPT_QA_COMPLETION = " {output}"
 
 
 # Largest width or precision a placeholder's format spec may ask for ({input:>1000} pads to 1,000 characters).
@@ -115,6 +121,9 @@ class Template:
     conversational: bool = False
     # TRL's language modelling ("text" data): the completion field's text is trained on whole, with no prompt.
     language_modeling: bool = False
+    # The completion is tokenized on its own (stripped, no special tokens) and appended to the prompt's tokens, as
+    # FinGPT's utils.py does, instead of as the prompt's continuation. Set where the prompt ends in a space.
+    completion_apart: bool = False
 
     @property
     def fields(self) -> list[str]:
@@ -189,18 +198,20 @@ BUILTIN: dict[str, Template] = {
         Template(
             name="fingpt_sentiment",
             description="FinGPT sentiment: instruction + news/tweet -> one label (fingpt3: negative/neutral/positive; "
-            "fingpt9 adds mildly/moderately/strong). FinGPT's 'Instruction/Input/Answer' prompt.",
+            "fingpt9 adds mildly/moderately/strong). FinGPT's 'Instruction/Input/Answer: ' prompt and its tokens: the "
+            "prompt ends in 'Answer: ' and the label is tokenized apart, as FinGPT trains and scores.",
             prompt=FINGPT_PROMPT,
             completion=FINGPT_COMPLETION,
             defaults={"instruction": SENTIMENT_INSTRUCTION},
             labels=FINGPT3,
+            completion_apart=True,
         ),
         Template(
             name="fiqa_qa",
             description="FinGPT FiQA QA: instruction + financial question -> free-text answer, scored with ROUGE-L "
             "and token F1.",
-            prompt=FINGPT_PROMPT,
-            completion=FINGPT_COMPLETION,
+            prompt=FINGPT_QA_PROMPT,
+            completion=FINGPT_QA_COMPLETION,
             defaults={"instruction": FIQA_INSTRUCTION},
         ),
         Template(
@@ -298,6 +309,9 @@ def template_from_recipe(section: Mapping[str, Any]) -> Template:
             completion=section["completion"],
             # A classifier's completion names exactly one field: the label.
             label_field=completion_fields[0] if len(completion_fields) == 1 else "output",
+            # A prompt ending in a space keeps it as its own token(s), the answer tokenized apart (FinGPT's way):
+            # joined into one text, the space would merge into the answer's first token.
+            completion_apart=section["prompt"].endswith((" ", "\t")),
         )
     else:
         base = get_template(name)

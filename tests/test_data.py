@@ -321,13 +321,13 @@ def test_completion_mask_covers_the_answer_and_eos(recipe: Any, tokenizer: Any) 
     ds = tokenized(r, tokenizer, data)
     ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
     assert len(ids) == len(mask)
-    prompt = "Instruction: Classify.\nInput: Shares rose 5% after earnings\nAnswer:"
-    prompt_ids = tokenizer(prompt)["input_ids"]  # with BOS, as at inference
+    prompt = "Instruction: Classify.\nInput: Shares rose 5% after earnings\nAnswer: "
+    prompt_ids = tokenizer(prompt)["input_ids"]  # with BOS, as at inference; "Answer: " ends in its space token
     assert ids[0] == tokenizer.bos_token_id
     assert ids[:len(prompt_ids)] == prompt_ids and mask[:len(prompt_ids)] == [0] * len(prompt_ids)
     completion = [t for t, m in zip(ids, mask, strict=True) if m]
     assert completion[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(completion) == " positive" + tokenizer.eos_token
+    assert tokenizer.decode(completion) == "positive" + tokenizer.eos_token
     assert mask == [0] * len(prompt_ids) + [1] * len(completion)
 
 
@@ -364,8 +364,8 @@ def test_truncation_keeps_the_answer_cue_and_the_answer(recipe: Any, tokenizer: 
     ids, mask = ds[0]["input_ids"], ds[0]["completion_mask"]
     assert len(ids) == 48
     assert ids[0] == tokenizer.bos_token_id  # head kept
-    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m]).endswith("Answer:")
-    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == " positive" + tokenizer.eos_token
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m]).endswith("Answer: ")
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "positive" + tokenizer.eos_token
 
 
 def test_prepared_cache_reuses_tokenized_rows(recipe: Any, tokenizer: Any, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from finsft.data import (
     PROMPT_TAIL,
     Formatter,
     build_splits,
-    encode_continuation,
+    encode_completions,
     make_formatter,
     prepared_cache,
     tokenize_rows,
@@ -65,7 +65,7 @@ def recipe_with(make_recipe: Any, data_path: Path, name: str = "r", **sections: 
 def reference(tok: Any, f: Formatter, row: dict[str, str], max_length: int | None) -> tuple[list[int], list[int]]:
     """The row-by-row definition tokenize_rows must reproduce."""
     p = tok(f.prompt(row), add_special_tokens=not f.chat)["input_ids"]
-    c = encode_continuation(tok, [f.completion(row)])[0]
+    c = encode_completions(f, [f.completion(row)])[0]
     if max_length is not None and len(p) + len(c) > max_length:
         c = c[: max(max_length - len(p), max_length // 2)]
         keep = max_length - len(c)

@@ -154,13 +154,15 @@ def _recipe(tiny_model: Path, out: Path, **extra: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def label_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny model whose tokenizer encodes " negative", " neutral" and " positive" as single tokens, so the
-    likelihood scorer can take its next-token path."""
+    """A tiny model whose tokenizer encodes the labels as single tokens, after FinGPT's "Answer: " (tokenized
+    apart: "negative") and as a continuation (" negative"), so the likelihood scorer can take its next-token
+    path."""
     from finsft.testing import build_tiny_model
 
     texts = [json.loads(line)["input"] for line in INVENTED_TRAIN.read_text().splitlines()]
     return build_tiny_model(tmp_path_factory.mktemp("label-model"),
-                            texts=[*texts, *["Answer: negative Answer: neutral Answer: positive"] * 50])
+                            texts=[*texts, *["Answer: negative Answer: neutral Answer: positive"] * 50,
+                                   *["negative\nneutral\npositive"] * 50])
 
 
 @pytest.fixture(scope="module")

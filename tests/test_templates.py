@@ -50,13 +50,14 @@ def env_with_demo(**extra: str) -> dict[str, str]:
 def test_fingpt_sentiment_renders_fingpts_prompt() -> None:
     t = BUILTIN["fingpt_sentiment"]
     row = {"input": "Shares rose 5%", "output": "positive"}
-    assert t.render_prompt(row) == f"Instruction: {SENTIMENT_INSTRUCTION}\nInput: Shares rose 5%\nAnswer:"
-    assert t.render_completion(row) == " positive"
+    # FinGPT's utils.py template, trailing space included; the label is tokenized apart (completion_apart)
+    assert t.render_prompt(row) == f"Instruction: {SENTIMENT_INSTRUCTION}\nInput: Shares rose 5%\nAnswer: "
+    assert t.render_completion(row) == "positive" and t.completion_apart
     assert t.render_prompt({**row, "instruction": "Classify."}).startswith("Instruction: Classify.\n")
     assert t.fields == ["instruction", "input", "output"]
     assert t.required_fields == ["input", "output"]
     assert t.is_classification and t.labels == ("negative", "neutral", "positive")
-    assert t.render_label("neutral") == " neutral"
+    assert t.render_label("neutral") == "neutral"
 
 
 def test_fiqa_and_short_sentiment() -> None:
@@ -73,10 +74,20 @@ def test_fiqa_and_short_sentiment() -> None:
 # TRL's formats (prompt_completion, chat_prompt_completion, text) take the data's own text as it is.
 @pytest.mark.parametrize("name", sorted(n for n, t in BUILTIN.items() if not (
     t.messages_field or t.conversational or t.language_modeling or t.prompt == "{prompt}")))
-def test_prompts_end_without_a_space(name: str) -> None:
-    """A prompt ending in a space is not a token prefix of prompt + completion; completions start with one."""
+def test_prompts_end_without_a_space_or_tokenize_apart(name: str) -> None:
+    """A prompt ending in a space is not a token prefix of prompt + completion as one text: such a template
+    tokenizes its completion apart (FinGPT's way); the others end without a space and complete with one."""
     t = BUILTIN[name]
-    assert not t.prompt.endswith(" ") and t.completion.startswith(" ")
+    if t.completion_apart:
+        assert t.prompt.endswith(" ") and not t.completion.startswith(" ")
+    else:
+        assert not t.prompt.endswith(" ") and t.completion.startswith(" ")
+
+
+def test_custom_prompt_ending_in_a_space_tokenizes_apart() -> None:
+    spaced = template_from_recipe({"name": "custom", "prompt": "{input}\nAnswer: ", "completion": "{output}"})
+    plain = template_from_recipe({"name": "custom", "prompt": "{input}\nAnswer:", "completion": " {output}"})
+    assert spaced.completion_apart and not plain.completion_apart
 
 
 def test_missing_field_is_a_data_error() -> None:

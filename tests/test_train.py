@@ -252,7 +252,8 @@ def test_completion_only_loss_masks_everything_but_the_answer_and_eos(make_recip
                                                                       tokenizer: Any) -> None:
     run(make_recipe, training={"max_steps": 1})
     batch = first_batch(trainers[0])
-    answers = {tuple(tokenizer(f" {label}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
+    # FinGPT's tokens: the prompt ends in "Answer: ", the label tokenized apart, then EOS
+    answers = {tuple(tokenizer(f"{label}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
                for label in ("negative", "neutral", "positive")}
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
         n = int(mask.sum())
@@ -260,10 +261,10 @@ def test_completion_only_loss_masks_everything_but_the_answer_and_eos(make_recip
         carrying = (labels != -100).nonzero().flatten().tolist()
         k = len(carrying)
         assert carrying == list(range(n - k, n))  # one contiguous run at the end of the real tokens
-        assert tuple(ids[n - k:n].tolist()) in answers  # exactly " <label></s>"
+        assert tuple(ids[n - k:n].tolist()) in answers  # exactly "<label></s>"
         assert torch.equal(labels[n - k:n], ids[n - k:n])  # labels are the ids (the model shifts them)
         prompt = tokenizer.decode(ids[:n - k])
-        assert prompt.startswith("<s>Instruction: ") and prompt.endswith("\nAnswer:")
+        assert prompt.startswith("<s>Instruction: ") and prompt.endswith("\nAnswer: ")
 
 
 def test_completion_only_loss_false_trains_on_every_token(make_recipe: Any, trainers: list[Any]) -> None:

@@ -11,7 +11,8 @@ from typing import Any
 from finsft.commands.evaluate import results_folder
 from finsft.data import make_formatter
 from finsft.errors import FinsftError
-from finsft.evaluation import EvalReport, eval_settings, resolve_scorer, rows_fingerprint, score, write_report
+from finsft.evaluation import EvalReport, eval_settings, rows_fingerprint, score, write_report
+from finsft.evaluation.scorers import FINGPT_SCORER
 from finsft.evaluation.sets import summary
 from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, published, suite_template
 from finsft.files import write_json
@@ -38,6 +39,27 @@ def suite_table(s: SuiteSet, n: int, where: str, metrics: dict[str, Any], model:
     for name, acc, f1 in published(s.name):
         table.add_row(name, _fmt(acc), "-", _fmt(f1))
     return table
+
+
+# What each suite scorer is, wherever its numbers are printed next to FinGPT's published (generated) ones.
+SCORER_LABELS = {
+    FINGPT_SCORER: "generation scored with FinGPT's own procedure (its prompt ending 'Answer: ', greedy generation "
+                   "to 512 tokens, the text after 'Answer: ', change_target): comparable with the published rows",
+    "likelihood": "LIKELIHOOD scorer (the 3 labels ranked by log-likelihood, so every answer is a valid label): NOT "
+                  "how FinGPT's published rows were scored (they generate); the default, generation, is comparable",
+}
+SCORER_SHORT = {FINGPT_SCORER: "generation (FinGPT's procedure)", "likelihood": "likelihood (not comparable)"}
+
+
+def suite_scorer(requested: str | None) -> str:
+    """The suite scores as FinGPT's benchmark code does (generation) unless ``--scorer likelihood`` asks for the
+    label ranking; the recipe's evaluation.scorer is for its own evaluation set, not for the suite."""
+    if requested in (None, "auto", "generate", FINGPT_SCORER):
+        return FINGPT_SCORER
+    if requested == "likelihood":
+        return "likelihood"
+    raise FinsftError(f"the suite scores with 'generate' (FinGPT's procedure, the default) or 'likelihood', not "
+                      f"{requested!r}")
 
 
 def limit_rows(rows: list[Row], limit: int | None, seed: int) -> tuple[list[Row], str]:
@@ -74,14 +96,13 @@ def suite_command(recipe: Recipe, suite: str, *, adapter: str | None = None, dat
     result: dict[str, Any] = {"suite": suite, "sets": {}, "missing": missing}
 
     template = suite_template()
-    scorer = resolve_scorer(scorer or recipe.evaluation_settings["scorer"], template)
+    scorer = suite_scorer(scorer)
     loaded = load_for_inference(recipe, adapter, log=con.print)
     formatter = make_formatter(recipe, template, loaded.tokenizer)
     settings = eval_settings(recipe, formatter, scorer, limit)
     what = f"adapter {loaded.adapter}" if loaded.adapter else f"base model {loaded.description}"
     result.update(model=loaded.description, adapter=loaded.adapter, settings=settings)
-    con.print(f"suite {suite}: {what}, {scorer} scorer (FinGPT's own benchmarks generate; --scorer generate "
-              f"does the same)")
+    con.print(f"suite {suite}: {what}, {SCORER_LABELS[scorer]}")
     for s, rows, where in loaded_sets:
         t0 = time.perf_counter()
         res = score(loaded.model, formatter, rows, settings, con, f"{s.title} ({scorer})")
@@ -89,8 +110,9 @@ def suite_command(recipe: Recipe, suite: str, *, adapter: str | None = None, dat
                             rows=len(rows), rows_fingerprint=rows_fingerprint(rows), settings=settings,
                             metrics=res.metrics, seconds={"scoring": round(time.perf_counter() - t0, 2)})
         write_report(folder / s.name, report, res.predictions, f"{recipe.name}: {s.title}, {what}")
-        con.print(suite_table(s, len(rows), where, res.metrics, "this model" if not loaded.adapter else "this adapter"))
-        result["sets"][s.name] = {"data": report.data, **summary(res.metrics)}
+        who = "this model" if not loaded.adapter else "this adapter"
+        con.print(suite_table(s, len(rows), where, res.metrics, f"{who}, {SCORER_SHORT[scorer]}"))
+        result["sets"][s.name] = {"data": report.data, "scorer": scorer, **summary(res.metrics)}
     for name, why in missing.items():
         con.print(f"[yellow]{name}: missing[/] ({why})")
     write_json(folder / "suite.json", result)

@@ -14,7 +14,14 @@ from typing import Any
 
 from finsft.data import Formatter
 from finsft.errors import FinsftError
-from finsft.evaluation.scorers import EvalResult, default_max_new_tokens, evaluate_model
+from finsft.evaluation.scorers import (
+    FINGPT_MAX_LENGTH,
+    FINGPT_PROCEDURE,
+    FINGPT_SCORER,
+    EvalResult,
+    default_max_new_tokens,
+    evaluate_model,
+)
 from finsft.files import write_json, write_jsonl
 from finsft.recipe import Recipe
 from finsft.templates import Template
@@ -194,6 +201,8 @@ def eval_settings(recipe: Recipe, formatter: Formatter, scorer: str, limit: int 
     settings = {"scorer": scorer, "batch_size": ev["batch_size"],
                 "max_new_tokens": default_max_new_tokens(template, recipe) if scorer == "generate" else None,
                 "limit": limit or ev["max_samples"], "template": template.name, "chat_template": formatter.chat}
+    if scorer == FINGPT_SCORER:  # FinGPT's benchmark procedure: its own generation length, answer split, mapping
+        settings.update(max_length=FINGPT_MAX_LENGTH, procedure=FINGPT_PROCEDURE)
     if not template.is_classification:  # the answer perplexity: rows cut as for training; generation: a prefix
         settings.update(max_length=recipe.training["max_length"], generate_samples=ev["generate_samples"])
     return settings

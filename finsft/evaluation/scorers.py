@@ -1,7 +1,8 @@
 """Score a model on template rows.
 
 Classification templates: ``likelihood`` ranks the label strings by the model's log-likelihood after the prompt;
-``generate`` decodes greedily and maps the text to a label as FinGPT's benchmarks do. Generation templates are
+``generate`` decodes greedily and maps the text to a label as FinGPT's benchmarks do; ``fingpt`` (the FinGPT
+sentiment suite's default) is FinGPT's benchmark procedure itself, row for row. Generation templates are
 scored on greedy generations (ROUGE-L, token F1, length against the reference) and on the perplexity of the
 reference answers (the loss on the answer tokens only, tokenized and truncated as for training).
 """
@@ -13,7 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from finsft.data import Formatter, encode_continuation, encode_prompt, tokenize_rows
+from finsft.data import Formatter, encode_completions, encode_prompt, tokenize_rows
 from finsft.errors import FinsftError
 from finsft.evaluation.metrics import (
     classification_metrics,
@@ -23,9 +24,11 @@ from finsft.evaluation.metrics import (
     uses_fingpt_mapping,
 )
 from finsft.recipe import Recipe
-from finsft.templates import Template
+from finsft.templates import Template, to_three_class
 
 Progress = Callable[[int, int], None]
+# The FinGPT sentiment suite's generation scorer: FinGPT's benchmark procedure, row for row (generate_fingpt).
+FINGPT_SCORER = "fingpt"
 
 
 @dataclass
@@ -66,7 +69,7 @@ def score_likelihood(model: Any, formatter: Formatter, rows: Sequence[dict[str, 
     tok = formatter.tokenizer
     labels = formatter.template.labels
     assert labels is not None
-    label_ids = encode_continuation(tok, label_texts(formatter))
+    label_ids = encode_completions(formatter, label_texts(formatter))
     if any(not ids for ids in label_ids):
         raise FinsftError(f"a label of template '{formatter.template.name}' encodes to no tokens")
     single = all(len(ids) == 1 for ids in label_ids) and len({ids[0] for ids in label_ids}) == len(label_ids)
@@ -174,6 +177,61 @@ def generate(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], b
     return texts
 
 
+# FinGPT's benchmark procedure (fingpt/FinGPT_Benchmark/benchmarks/{fpb,fiqa,tfns,nwgi}.py at ec315843): batches in
+# file order, left padding, ``generate(max_length=512, eos_token_id=tokenizer.eos_token_id)``, the whole sequence
+# decoded without special tokens, the answer is what follows the first "Answer: " (``o.split("Answer: ")[1]``).
+FINGPT_MAX_LENGTH = 512
+FINGPT_ANSWER_SPLIT = "Answer: "
+FINGPT_PROCEDURE = ("FinGPT's benchmark code (fingpt/FinGPT_Benchmark/benchmarks/*.py at ec315843): greedy generation "
+                    "to 512 tokens, the text after 'Answer: ', change_target")
+
+
+def fingpt_answer(decoded: str) -> str:
+    """FinGPT's ``o.split("Answer: ")[1]`` of a decoded prompt + generation; "" where the text has no "Answer: "
+    (FinGPT's code would stop with an IndexError; "" maps to neutral)."""
+    parts = decoded.split(FINGPT_ANSWER_SPLIT)
+    return parts[1] if len(parts) > 1 else ""
+
+
+def generate_fingpt(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
+                    progress: Progress | None = None) -> list[str]:
+    """Each row's answer exactly as FinGPT's benchmark code reads it: the prompt tokenized as a whole (special
+    tokens as the tokenizer adds them), batches of ``batch_size`` in the rows' order, left-padded, greedy
+    generation up to FINGPT_MAX_LENGTH tokens in all or the tokenizer's end-of-sequence token, then
+    :func:`fingpt_answer` of the decoded sequence."""
+    import torch
+
+    tok = formatter.tokenizer
+    prompts = encode_prompt(tok, [formatter.prompt(r) for r in rows], formatter.chat)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    device = _device(model)
+    texts: list[str] = []
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(prompts), batch_size):
+                chunk = prompts[start:start + batch_size]
+                width = max(len(p) for p in chunk)
+                if width >= FINGPT_MAX_LENGTH:
+                    raise FinsftError(f"a prompt of {width} tokens leaves no room for an answer within FinGPT's "
+                                      f"max_length of {FINGPT_MAX_LENGTH} tokens")
+                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(chunk), width), dtype=torch.long)
+                for j, p in enumerate(chunk):
+                    ids[j, width - len(p):] = torch.tensor(p)
+                    mask[j, width - len(p):] = 1
+                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                     max_length=FINGPT_MAX_LENGTH, do_sample=False, pad_token_id=pad,
+                                     eos_token_id=tok.eos_token_id)
+                texts += [fingpt_answer(tok.decode(seq, skip_special_tokens=True)) for seq in out]
+                if progress:
+                    progress(min(start + batch_size, len(prompts)), len(prompts))
+    finally:
+        model.train(was_training)
+    return texts
+
+
 def answer_loss(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
                 max_length: int | None, progress: Progress | None = None) -> dict[str, Any]:
     """The model's loss on the reference answers: each row is tokenized exactly as for training (prompt, then
@@ -229,6 +287,11 @@ def _stop_ids(tok: Any) -> list[int]:
 
 
 def resolve_scorer(scorer: str, template: Template) -> str:
+    if scorer == FINGPT_SCORER:
+        if not template.is_classification:
+            raise FinsftError(f"the {FINGPT_SCORER} scorer maps answers to sentiment labels; template "
+                              f"'{template.name}' has none")
+        return scorer
     if template.language_modeling:
         raise FinsftError(f"template '{template.name}' trains on plain text: it has no prompt and answer to score; "
                           "the validation loss (training.eval_steps) measures it")
@@ -259,6 +322,11 @@ def evaluate_model(model: Any, formatter: Formatter, rows: Sequence[dict[str, An
             pred = [gold_label(p, template) for p in raw]
             preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": a, "scores": s}
                      for r, g, p, a, s in zip(rows, gold, pred, raw, scores, strict=True)]
+        elif scorer == FINGPT_SCORER:
+            texts = generate_fingpt(model, formatter, rows, batch_size, progress)
+            pred = [to_three_class(t) for t in texts]
+            preds = [{"input": r.get("input"), "gold": g, "pred": p, "answer": t}
+                     for r, g, p, t in zip(rows, gold, pred, texts, strict=True)]
         else:
             texts = generate(model, formatter, rows, batch_size, max_new_tokens or 8, progress)
             pred = [map_answer(t, template) for t in texts]
