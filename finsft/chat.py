@@ -57,6 +57,10 @@ def check_conversation(value: Any, where: str = "") -> list[dict[str, str]]:
     """A conversation as a list of {role, content} with text content; DataError naming ``where`` (file and line)
     otherwise."""
     at = f"{where}: " if where else ""
+    if isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+        raise DataError(f"{at}'messages' holds text that looks like JSON ({value[:60]!r}), not a list: the "
+                        "conversation was saved as a string. Store the list itself (json.loads each value when "
+                        "preparing the file)")
     if not isinstance(value, list) or not value:
         raise DataError(f"{at}'messages' must be a non-empty list of {{\"role\", \"content\"}} objects, "
                         f"got {type(value).__name__}")

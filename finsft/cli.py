@@ -153,10 +153,12 @@ def _check_usage(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
     if args.command == "train" and args.force and not args.resume:
         parser.error("--force only applies with --resume (it accepts a recipe that changed since the run): add "
                      "--resume, or drop --force")
-    if args.command == "plan" and args.gpu_memory is not None and not (
-            math.isfinite(args.gpu_memory) and args.gpu_memory > 0):
-        parser.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory as a positive number of GiB, e.g. "
-                     "--gpu-memory 24 (or name a GPU with --hardware PROFILE)")
+    if args.command == "plan" and args.gpu_memory is not None:
+        from finsft.plan.hardware import MAX_GPU_GIB
+
+        if not (math.isfinite(args.gpu_memory) and 0 < args.gpu_memory <= MAX_GPU_GIB):
+            parser.error(f"--gpu-memory {args.gpu_memory:g}: give the GPU's memory as a positive number of GiB, at "
+                         f"most {MAX_GPU_GIB:g}, e.g. --gpu-memory 24 (or name a GPU with --hardware PROFILE)")
     if args.command == "plan" and args.hardware is not None and not args.hardware.strip():
         from finsft.plan.hardware import PROFILES
 

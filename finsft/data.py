@@ -184,6 +184,80 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
         # Decoded values: a column mixing text and other content is stored as JSON text, which ``column`` returns
         # as is (a number would pass as its digits, a list of parts as its JSON).
         check_conversations(ds[template.messages_field][:], source, path)
+    return check_targets(ds, template, source, path, section)
+
+
+def note(text: str) -> None:
+    """A word about the data (rows dropped, an ambiguous layout) on the console, from the first rank only; light
+    (rich, no transformers): the preflight prints it before any heavy import."""
+    from rich.console import Console
+
+    rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
+    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0"), stderr=False).print(
+        text, markup=False)
+
+
+def _target_problem(template: Template, field: str, value: Any, csv_file: bool) -> str | None:
+    """Why a row's target (completion, answer, text) cannot be trained on: "empty" when it is empty (dropped), a
+    sentence when it is wrong (refused), None when it is fine."""
+    if value is None:
+        return "empty" if csv_file else (f"'{field}' is null: give the answer as text"
+                                         + (" (a list of assistant messages)" if template.conversational else "")
+                                         + ", or remove the row")
+    if not template.conversational:
+        return None if str(value).strip() else "empty"
+    if not isinstance(value, list):
+        return (f"'{field}' holds {type(value).__name__}, not a list of {{\"role\", \"content\"}} messages "
+                "(TRL's conversational prompt-completion)")
+    if not value:
+        return "empty"
+    for i, msg in enumerate(value):
+        role = msg.get("role") if isinstance(msg, Mapping) else None
+        if role != "assistant":
+            return (f"{field} turn {i} has role {role!r}: the {field} holds the answer, assistant turns only; move "
+                    f"the {role or 'other'} turns into 'prompt'")
+    if not any(str(m.get("content") or "").strip() for m in value):
+        return "empty"
+    return None
+
+
+def check_targets(ds: Any, template: Template, source: str, path: str | None = None,
+                  section: str = "data") -> Any:
+    """The rows' targets (the completion, answer or text the loss covers and scores compare with): a null one, or a
+    conversational completion that is not assistant turns, is refused with its line; empty ones are dropped with
+    a count (they would train only the end-of-sequence token and score nothing), or refused when every row's is
+    empty."""
+    from finsft.chat import SHOWN, jsonl_lines
+
+    field = template.label_field
+    if template.messages_field or field not in ds.column_names or field in template.defaults:
+        return ds
+    csv_file = bool(path) and str(path).lower().endswith(".csv")
+    empty: list[int] = []
+    bad: list[tuple[int, str]] = []
+    for row, value in enumerate(column(ds, field), start=1):
+        why = _target_problem(template, field, value, csv_file)
+        if why == "empty":
+            empty.append(row)
+        elif why:
+            bad.append((row, why))
+    if bad:
+        lines = jsonl_lines(path, [r for r, _ in bad[:SHOWN]]) or {}
+        shown = "\n  ".join(f"{source}, {f'line {lines[r]}' if r in lines else f'row {r}'}: {why}"
+                            for r, why in bad[:SHOWN])
+        more = f"\n  ... and {len(bad) - SHOWN} more" if len(bad) > SHOWN else ""
+        raise DataError(f"{len(bad)} of {len(ds)} rows in {source} cannot be trained:\n  {shown}{more}")
+    if empty and len(empty) == len(ds):
+        raise DataError(f"{source}: every row's '{field}' is empty ({len(ds)} rows): there is nothing to learn or to "
+                        f"score. Fill in the answers, or map '{field}' to the column that holds them with "
+                        f"{section}.columns")
+    if empty:
+        lines = jsonl_lines(path, empty[:3]) or {}
+        first = ", ".join(f"line {lines[r]}" if r in lines else f"row {r}" for r in empty[:3])
+        note(f"note: {source}: {len(empty)} of {len(ds)} rows have an empty '{field}' (first: {first}) and are left "
+             "out: an empty answer trains only the end-of-sequence token and scores nothing")
+        drop = set(empty)
+        ds = ds.select([i for i in range(len(ds)) if i + 1 not in drop])
     return ds
 
 
@@ -356,6 +430,15 @@ class EvalInputs:
                                   "by_set": {k: v for k, v in per_set.items() if v}}
         if not (self.drop and hits):
             return rows
+        distinct = len({keys[i] for i in hits})
+        if len(hits) == len(rows) and distinct * 2 <= len(hits):  # few values, each on many rows: group_by's doing
+            shared = ", ".join(repr(v[:40]) for v in sorted({keys[i] for i in hits})[:3])
+            raise DataError(
+                f"{source}: the leak guard compares rows by data.group_by ('{self.field}'), and its {len(rows):,} rows "
+                f"share {distinct:,} value{'s' if distinct != 1 else ''} of it ({shared}{', ...' if distinct > 3 else ''}) "
+                "that the evaluation data has too, so every row looks like an evaluation row. data.group_by should "
+                "name the field that identifies a row's text (e.g. 'input', or 'prompt'), not one every row repeats "
+                "(an instruction): set data.group_by to it, or set data.drop_eval_overlap to false")
         if len(hits) == len(rows):
             raise DataError(
                 f"{source}: every one of its {len(rows):,} rows has its {self.field} in the evaluation data ({', '.join(f'{k}: {v:,}' for k, v in per_set.items() if v)}): the training data is an "
@@ -472,6 +555,20 @@ def build_splits(recipe: Recipe, template: Template, exclude: EvalInputs | None 
     return splits
 
 
+def one_class_warning(train: Any, template: Template, what: str, mapped: bool) -> None:
+    """A classification set whose rows all carry one label trains a model that answers that label: said, with the
+    setting that usually caused it."""
+    if len(train) == 0 or not template.labels or len(template.labels) < 2:
+        return
+    labels = Counter(str(v).strip() for v in column(train, template.label_field))
+    if len(labels) == 1:
+        (label, n), = labels.items()
+        cause = (" after data.label_map: check that it maps each value to its own label (the dataset's card says "
+                 "what each value means)") if mapped else ""
+        note(f"warning: {what}: all {n} training rows have the label '{label}'{cause}. The model would learn to "
+             f"answer '{label}' to everything; the template's labels are {', '.join(template.labels)}")
+
+
 def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, what: str,
                   exclude: EvalInputs | None = None) -> Splits:
     """Shuffle, the validation split (by unique group_by value), max_samples and class balance, on the rows of
@@ -491,6 +588,7 @@ def finish_splits(train: Any, digest: str, recipe: Recipe, template: Template, w
         train = train.select(range(min(data["max_samples"], len(train))))
     if template.labels:
         train = balance(train, template.label_field, data["balance"], seed)
+        one_class_warning(train, template, what, bool(data.get("label_map")))
     if len(train) == 0:
         raise DataError(f"{what}: no training rows left after the validation split")
     # data.datasets is absent (null) for one source: left out, so fingerprints from before mixtures still hold;

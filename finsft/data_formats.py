@@ -36,6 +36,12 @@ class DataFormat:
     loss: str  # what the loss covers
     group_by: str  # the field whose unique values keep repeated rows on one side of a validation split
     reason: str  # the columns that decided it
+    warning: str | None = None  # an ambiguous layout: what the run will do, and how to get something else
+
+    def describe(self) -> str:
+        """The format, the template, why, and what the loss covers (and the warning), for people."""
+        text = f"{self.name}, template '{self.template}': {self.reason}; the loss covers {self.loss}"
+        return text + (f". Warning: {self.warning}" if self.warning else "")
 
 
 FORMATS = {
@@ -70,9 +76,9 @@ def detect_format(columns: Sequence[str], first: Mapping[str, Any] | None,
     conversational = any(_is_messages(row.get(k)) for k in ("prompt", "completion", "messages"))
     shown = ", ".join(columns) if columns else ", ".join(cols)
 
-    def found(template: str, why: str) -> DataFormat:
+    def found(template: str, why: str, warning: str | None = None) -> DataFormat:
         name, loss, group_by = FORMATS[template]
-        return DataFormat(name, template, loss, group_by, why)
+        return DataFormat(name, template, loss, group_by, why, warning)
 
     if "prompt" in cols and "completion" in cols:
         if conversational:
@@ -82,13 +88,52 @@ def detect_format(columns: Sequence[str], first: Mapping[str, Any] | None,
     if "messages" in cols and (conversational or first is None):
         return found("chat", f"column messages holds a list of messages (columns: {shown})")
     if "text" in cols:
-        return found("text", f"column text (columns: {shown})")
+        label = next((c for c in LABEL_COLUMNS if c in cols), None)
+        warning = None if label is None else (
+            f"the column '{label}' is not used: TRL trains on 'text' alone (language modelling, loss on every token). "
+            f"For a classifier, name a template and map the columns, e.g. template.name \"fingpt_sentiment\" with "
+            f"data.columns = {{\"input\": \"text\", \"output\": \"{label}\"}} (and data.label_map for numeric labels)")
+        return found("text", f"column text (columns: {shown})", warning)
     if "input" in cols and "output" in cols:
         return found(DEFAULT_TEMPLATE, f"columns input and output (columns: {shown})")
     return None
 
 
-def unknown_format_message(source: str, columns: Sequence[str]) -> str:
+# Columns that hold a class next to a ``text`` column (a classification file that TRL would read as plain text).
+LABEL_COLUMNS = ("label", "labels", "sentiment", "class", "target", "output", "answer")
+
+
+def format_problem(source: str, columns: Sequence[str], first: Mapping[str, Any] | None) -> str | None:
+    """The specific reason a table matches no format, when it is a near miss: conversations stored as JSON text,
+    an empty first conversation (the first row decides, as in TRL), column names with spaces around them."""
+    row = dict(first or {})
+    for key in ("messages", "prompt", "completion"):
+        value = row.get(key)
+        if key in columns and isinstance(value, str) and value.lstrip().startswith(("[", "{")):
+            return (f"{source}, first row: '{key}' holds text that looks like JSON ({value[:60]!r}), not a list of "
+                    f"{{\"role\", \"content\"}} messages: the conversation was saved as a string. Store the list "
+                    f"itself (json.loads each value when preparing the file, then write the rows with json.dumps)")
+        if key in columns and isinstance(value, list) and not value:
+            return (f"{source}, first row: '{key}' is an empty list. finsft, like TRL, reads the data format from "
+                    f"the first row: give it a conversation (a list of {{\"role\", \"content\"}} messages) or "
+                    f"remove the empty row")
+    padded = {c: c.strip() for c in columns if isinstance(c, str) and c != c.strip()}
+    if padded:
+        fixed = [padded.get(c, c) for c in columns]
+        fmt = detect_format(fixed, {padded.get(k, k): v for k, v in row.items()})
+        if fmt is not None:
+            names = ", ".join(f"{c!r}" for c in padded)
+            mapping = json.dumps({v: k for k, v in padded.items()})
+            return (f"{source}: the column name(s) {names} have spaces around them (a CSV header written as "
+                    f"'a, b'?), so they match no format; with the spaces removed this is {fmt.name}. Rename them "
+                    f"in the header, or map them with data.columns = {mapping}")
+    return None
+
+
+def unknown_format_message(source: str, columns: Sequence[str], first: Mapping[str, Any] | None = None) -> str:
+    specific = format_problem(source, columns, first)
+    if specific:
+        return specific
     return (f"{source}: its columns ({', '.join(columns) or 'none'}) match no data format finsft recognises "
             f"without a template name. Accepted: {ACCEPTED}. Rename the columns, map them with data.columns (e.g. "
             "{\"prompt\": \"question\", \"completion\": \"answer\"}), or name a template in template.name "

@@ -152,10 +152,10 @@ def resolve_data_format(recipe: Recipe) -> Template | None:
     first = ds[0] if len(ds) else None
     fmt = detect_format(list(ds.column_names), first, columns)
     if fmt is None:
-        raise DataError(unknown_format_message(describe(source), list(ds.column_names)))
+        raise DataError(unknown_format_message(describe(source), list(ds.column_names), first))
     recipe.config["template"]["name"] = fmt.template
     raw_data = recipe.raw.get("data")
     if not (isinstance(raw_data, dict) and "group_by" in raw_data):
         recipe.config["data"]["group_by"] = fmt.group_by
-    recipe.data_format = f"{fmt.name}, template '{fmt.template}': {fmt.reason}; the loss covers {fmt.loss}"
+    recipe.data_format = fmt.describe()
     return template_from_recipe(recipe.template)

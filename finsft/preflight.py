@@ -112,6 +112,122 @@ def check_trackers(report_to: Any) -> None:
                           f"{extra}; or remove it from training.report_to")
 
 
+MLFLOW_STORE = "mlruns"  # finsft's MLflow store when MLFLOW_TRACKING_URI is not set: RUN/mlruns (a file store)
+MLFLOW_REMOTE_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc")
+MLFLOW_DATABASES = ("sqlite", "postgresql", "mysql", "mssql")  # SQLAlchemy stores (not in mlflow-skinny)
+
+
+def tracker_requested(report_to: Any, name: str) -> bool:
+    """``name`` will report: named in training.report_to, or "all" with its package installed."""
+    wanted = requested_trackers(report_to)
+    if name in wanted:
+        return True
+    return "all" in wanted and not missing_trackers([name])
+
+
+def _writable_folder(path: Path) -> str | None:
+    """Why a folder at ``path`` cannot be written (made if missing), or None when it can."""
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            return "no part of it exists"
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"{probe} is a file, not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe} is not writable by this user"
+    return None
+
+
+def mlflow_store_path(uri: str) -> Path | None:
+    """The local folder or file of a file: or sqlite: tracking URI (or a plain path), else None."""
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0].lower()
+    if scheme == "" or (len(scheme) == 1 and uri[1:2] == ":"):  # a plain path (or a Windows drive letter)
+        return Path(uri).expanduser()
+    if scheme == "file":
+        return Path(unquote(parsed.path)).expanduser()
+    if scheme == "sqlite":  # sqlite:///relative.db, sqlite:////absolute.db; sqlite:// is in memory
+        rest = unquote(uri.split("://", 1)[-1])
+        return Path(rest[1:] if rest.startswith("/") else rest).expanduser() if rest else None
+    return None
+
+
+def check_mlflow_destination(environ: Any = None) -> str | None:
+    """MLflow's tracking URI is usable by the installed client, or unset (finsft's default store under the run
+    folder, see finsft.training.tracking); FinsftError saying what to set. Returns the note to print."""
+    from urllib.parse import urlparse
+
+    env = os.environ if environ is None else environ
+    uri = (env.get("MLFLOW_TRACKING_URI") or "").strip()
+    fix = (f"or unset MLFLOW_TRACKING_URI: finsft then logs to a file store in the run folder, RUN/{MLFLOW_STORE}")
+    if not uri:
+        return (f"training.report_to mlflow: MLFLOW_TRACKING_URI is not set; MLflow's own default (sqlite:///mlflow.db "
+                f"in the current folder) needs the full mlflow package, so finsft logs to the file store "
+                f"{MLFLOW_STORE}/ in the run folder (see it with: mlflow ui --backend-store-uri RUN/{MLFLOW_STORE})")
+    scheme = urlparse(uri).scheme.split("+")[0].lower()
+    if len(scheme) == 1:
+        scheme = ""
+    if scheme in MLFLOW_DATABASES and importlib.util.find_spec("sqlalchemy") is None:
+        raise FinsftError(f"training.report_to mlflow: MLFLOW_TRACKING_URI={uri} is a database store, which the "
+                          "installed MLflow client cannot write (it has no SQLAlchemy: mlflow-skinny); pip install "
+                          f"mlflow (the full package), or set MLFLOW_TRACKING_URI to a file:/ folder or an http(s) "
+                          f"server, {fix}")
+    if scheme in ("", "file") or scheme in MLFLOW_DATABASES:
+        path = mlflow_store_path(uri)
+        folder = path if scheme in ("", "file") or path is None else path.parent
+        why = _writable_folder(folder.absolute()) if folder is not None else None
+        if why:
+            raise FinsftError(f"training.report_to mlflow: MLFLOW_TRACKING_URI={uri} cannot be written ({why}): set "
+                              f"it to a folder you can write (file:///path/to/mlruns), {fix}")
+        return None
+    plugins: list[str] = []
+    try:
+        from importlib.metadata import entry_points
+
+        plugins = [e.name for e in entry_points(group="mlflow.tracking_store")]
+    except Exception:  # broken metadata: no plugin schemes
+        plugins = []
+    if scheme in MLFLOW_REMOTE_SCHEMES or scheme in plugins:
+        return None
+    allowed = ", ".join([*MLFLOW_REMOTE_SCHEMES, "file", *MLFLOW_DATABASES, *plugins])
+    raise FinsftError(f"training.report_to mlflow: MLFLOW_TRACKING_URI={uri}: the scheme '{scheme}:' is not one MLflow "
+                      f"knows; allowed: {allowed} (a plain path is a file store), {fix}")
+
+
+def check_tensorboard_destination(environ: Any = None) -> None:
+    """TENSORBOARD_LOGGING_DIR, when set, is a folder that can be written (else the run folder's runs/ is used)."""
+    env = os.environ if environ is None else environ
+    where = (env.get("TENSORBOARD_LOGGING_DIR") or "").strip()
+    if where:
+        why = _writable_folder(Path(where).expanduser().absolute())
+        if why:
+            raise FinsftError(f"training.report_to tensorboard: TENSORBOARD_LOGGING_DIR={where} cannot be written "
+                              f"({why}): set it to a folder you can write, or unset it (events then go to the run "
+                              "folder's runs/)")
+
+
+def tracker_destination_problems(report_to: Any, log: Callable[[str], object] | None = None) -> list[str]:
+    """Each installed tracker's destination, checked before the model loads: one problem per tracker; notes
+    (finsft's default store) go to ``log``."""
+    problems: list[str] = []
+    if tracker_requested(report_to, "mlflow") and not missing_trackers(["mlflow"]):
+        try:
+            note = check_mlflow_destination()
+            if note and log:
+                log(note)
+        except FinsftError as exc:
+            problems.append(str(exc))
+    if tracker_requested(report_to, "tensorboard") and not missing_trackers(["tensorboard"]):
+        try:
+            check_tensorboard_destination()
+        except FinsftError as exc:
+            problems.append(str(exc))
+    return problems
+
+
 def local_or_hub(ref: str | None) -> str | None:
     """A path given on the command line is relative to the current folder; anything else is a hub id."""
     if ref and os.path.exists(os.path.expanduser(ref)):
@@ -146,6 +262,7 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
     if command == "train":
         with checked.check():
             check_trackers(recipe.training["report_to"])
+        checked.problems += tracker_destination_problems(recipe.training["report_to"], _log)
         if recipe.output["push_to_hub"]:
             with checked.check():  # a missing token fails now, not after training
                 check_can_push(default_repo_id(dict(recipe.output), recipe.name), "output.hub_model_id")

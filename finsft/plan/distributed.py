@@ -12,8 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finsft.errors import FinsftError
-
 # FSDP v1 sharding strategies by name and by accelerate's 1-based number.
 _FSDP_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
 
@@ -100,36 +98,19 @@ def parallelism_from_environment() -> Parallelism:
 
 
 def parallelism_from_accelerate_config(path: str | Path, num_processes: int | None = None) -> Parallelism:
-    """The engine an ``accelerate launch --config_file PATH [--num_processes N]`` run would use."""
-    import yaml
+    """The engine an ``accelerate launch --config_file PATH [--num_processes N]`` run would use; the file is
+    checked first (finsft.plan.accelerate_config: every key accelerate and DeepSpeed would refuse)."""
+    from finsft.plan.accelerate_config import distributed_type, read_accelerate_config
 
-    p = Path(path)
-    try:
-        config = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FinsftError(f"--accelerate-config {path}: cannot read it ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise FinsftError(f"--accelerate-config {path}: not valid YAML ({exc})") from None
-    if not isinstance(config, dict):
-        raise FinsftError(f"--accelerate-config {path}: expected a mapping of accelerate settings "
-                          "(as `accelerate config` writes it)")
+    config, deepspeed_file = read_accelerate_config(path, num_processes)
     processes = num_processes if num_processes is not None else _processes(config.get("num_processes", 1))
-    if processes < 1:
-        raise FinsftError(f"--num-processes must be at least 1, got {processes}")
-    raw = config.get("distributed_type", "NO")
-    kind = "NO" if raw is False or raw is None else str(raw).upper()  # YAML 1.1 reads an unquoted NO as false
+    kind = distributed_type(config)
     if kind == "FSDP":
         fsdp = config.get("fsdp_config") or {}
         return _fsdp(processes, str(fsdp.get("fsdp_version", 1)), fsdp.get("fsdp_sharding_strategy"),
                      fsdp.get("fsdp_reshard_after_forward"))
     if kind == "DEEPSPEED":
-        ds = config.get("deepspeed_config") or {}
-        if ds.get("deepspeed_config_file"):
-            raise FinsftError(f"--accelerate-config {path}: deepspeed_config_file is not read by finsft plan; give "
-                              "zero_stage in deepspeed_config instead (as recipes/accelerate/deepspeed_zero3.yaml)")
-        return _zero(processes, _stage(ds.get("zero_stage")))
-    if kind in ("NO", "MULTI_GPU", "MULTI_CPU", "MULTI_XPU", "MULTI_NPU", "MULTI_MLU", "MULTI_MUSA", "MULTI_SDAA",
-                "MULTI_HPU"):
-        return Parallelism("DDP", processes) if processes > 1 else SINGLE
-    raise FinsftError(f"--accelerate-config {path}: distributed_type '{config.get('distributed_type')}' is not "
-                      "planned by finsft; allowed: NO, MULTI_GPU, FSDP, DEEPSPEED")
+        if deepspeed_file is not None:  # the JSON deepspeed_config_file names: its stage (DeepSpeed's default 0)
+            return _zero(processes, _stage(deepspeed_file.get("zero_optimization", {}).get("stage", 0)))
+        return _zero(processes, _stage((config.get("deepspeed_config") or {}).get("zero_stage")))
+    return Parallelism("DDP", processes) if processes > 1 else SINGLE

@@ -65,10 +65,13 @@ def hardware_profile(name: str) -> Hardware:
                           f"Known: {', '.join(PROFILES)}; or give --gpu-memory GIB") from None
 
 
+MAX_GPU_GIB = 1024.0  # --gpu-memory's upper bound: 5x the largest GPU sold (192 GB); 1e308 GiB overflows the bytes
+
+
 def gpu_with_memory(gib: float) -> Hardware:
     """An Ampere-or-newer GPU with ``gib`` GiB (``--gpu-memory``)."""
-    if not math.isfinite(gib) or gib <= 0:
-        raise FinsftError(f"--gpu-memory must be a positive number of GiB, got {gib}")
+    if not math.isfinite(gib) or not 0 < gib <= MAX_GPU_GIB:
+        raise FinsftError(f"--gpu-memory must be a number of GiB above 0 and at most {MAX_GPU_GIB:g}, got {gib:g}")
     return _gpu(f"GPU with {gib:g} GiB", gib, (8, 0))
 
 

@@ -10,6 +10,7 @@ the text says what was trained on what, how, how well, and with which library ve
 from __future__ import annotations
 
 import hashlib
+import html
 import json
 import os
 import re
@@ -58,13 +59,48 @@ KNOWN_FILES: dict[str, tuple[str, str, str | None, str, str]] = {
     "fpb.jsonl": ("25e1577da06569e45fc3dbad995e86fa9fe558c200ae45e88b42eda6c1f2b403", "takala/financial_phrasebank",
                   "sentences_50agree", "train", "the whole sentences_50agree set"),
 }
-# An absolute path (or ~/...) in text: the card names files, never where they were on the training machine.
-_ABS_PATH = re.compile(r"(?<![\w.:/~-])~?/(?:[\w.@+-]+/)*([\w.@+-]+)/?")
+# An absolute path (or ~/...) in text: the card names files, never where they were on the training machine. A path
+# starts a text or follows a space, a quote, a backtick, a bracket, ``=`` or ``,``: never a word, a URL's ``:/``, the
+# ``<`` of a closing tag (``</details>``) or an escaped entity's ``;`` (``&lt;/script&gt;``).
+_ABS_PATH = re.compile(r"(?<![^\s\"'`(\[{=,])~?/(?:[\w.@+-]+/)*([\w.@+-]+)/?")
+# Characters that start a Markdown block (heading, thematic break, list, fence, table, quote) at a line's start.
+_BLOCK_START = re.compile(r"^(\s*\d*)([#=+*_`~|.)-])")
 
 
 def portable(text: str) -> str:
     """``text`` with every absolute path replaced by its last component (a file or folder name)."""
     return _ABS_PATH.sub(lambda m: m.group(1), text)
+
+
+def fence(body: str, info: str = "") -> list[str]:
+    """``body`` as a fenced code block whose fence is longer than any backtick run in it (CommonMark: a fence is
+    closed only by a fence at least as long), so no text inside can end the block."""
+    longest = max((len(run) for run in re.findall(r"`+", body)), default=0)
+    ticks = "`" * max(3, longest + 1)
+    return [ticks + info, body, ticks]
+
+
+def code_span(text: Any) -> str:
+    """``text`` as an inline code span that a backtick inside cannot end (one line; HTML is literal in a span)."""
+    value = " ".join(str(text).splitlines())
+    longest = max((len(run) for run in re.findall(r"`+", value)), default=0)
+    ticks = "`" * (longest + 1)
+    pad = " " if value.startswith("`") or value.endswith("`") or longest else ""
+    return f"{ticks}{pad}{value}{pad}{ticks}"
+
+
+def inline(text: Any, line_start: bool = False) -> str:
+    """Text from a recipe or data as Markdown inline text on one line: HTML escaped (no tag, no ``</details>``),
+    table pipes escaped; at a line's start (``line_start``) a block marker is escaped too (no heading, thematic
+    break, list, quote or fence)."""
+    value = html.escape(" ".join(str(text).splitlines()), quote=False).replace("|", "\\|")
+    return _BLOCK_START.sub(lambda m: m.group(1) + "\\" + m.group(2), value) if line_start else value
+
+
+def quote(text: Any) -> list[str]:
+    """Text from a recipe (a description) as a Markdown block quote, line by line: each line escaped by ``inline``,
+    so no line can end the quote, start a heading (``#``, or ``---``/``===`` under a line), a fence or HTML."""
+    return [f"> {inline(line, line_start=True)}".rstrip() for line in str(text).splitlines() or [""]]
 
 
 def prompt_example(formatter: Any, row: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -176,7 +212,7 @@ def _fmt(value: Any) -> str:
         return f"{value:.4f}"
     if value is None:
         return "-"
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    return inline(value)
 
 
 def _eval_results(report: Mapping[str, Any] | None, datasets: list[dict[str, Any]],
@@ -269,44 +305,45 @@ def _usage_lines(kind: str, repo_id: str | None, base: str | None, recipe: Mappi
     chat = bool(example.get("chat_template")) if example else bool(template.get("chat_template"))
     fields = dict(example.get("row") or {}) if example else {}
     if example:
-        lines += [f"The model was trained on prompts made by finsft's `{template.get('name')}` template"
+        lines += [f"The model was trained on prompts made by finsft's {code_span(template.get('name'))} template"
                   f"{' and the tokenizer chat template' if chat else ''}. For this training row:", "",
-                  "```json", json.dumps(fields, indent=2, ensure_ascii=False), "```", "",
-                  "the exact prompt is (the answer follows it):", "", "```text", str(example.get("prompt")), "```"]
+                  *fence(json.dumps(fields, indent=2, ensure_ascii=False), "json"), "",
+                  "the exact prompt is (the answer follows it):", "", *fence(str(example.get("prompt")), "text")]
         labels = _template_labels(recipe)
         if labels:
-            lines += ["", f"The answer is one of: {', '.join(f'`{x}`' for x in labels)}."]
+            lines += ["", f"The answer is one of: {', '.join(code_span(x) for x in labels)}."]
     else:
-        lines.append(f"Prompts follow finsft's `{template.get('name')}` template; use the same format at inference "
-                     "(the recipe below has it).")
-    lines += ["", "## How to use", "", "```python", "import torch"]
+        lines.append(f"Prompts follow finsft's {code_span(template.get('name'))} template; use the same format at "
+                     "inference (the recipe below has it).")
+    lines += ["", "## How to use", ""]
+    code = ["import torch"]
     if kind == "adapter":
-        lines += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        code += ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{base or "PATH/TO/BASE_MODEL"}")',
                   f'model = PeftModel.from_pretrained(base, "{here}")  # the LoRA adapter',
                   f'tokenizer = AutoTokenizer.from_pretrained("{here}")']
     else:
-        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+        code += ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
                   f'model = AutoModelForCausalLM.from_pretrained("{here}"{sub})',
                   f'tokenizer = AutoTokenizer.from_pretrained("{here}"{sub})']
-    lines.append("model.eval()")
+    code.append("model.eval()")
     prompt_fmt = _prompt_format(recipe)
     if example and prompt_fmt is not None and not isinstance(fields.get("messages"), list):
-        lines += ["", f"fields = {json.dumps(fields, ensure_ascii=False)}  # your text in the same fields",
+        code += ["", f"fields = {json.dumps(fields, ensure_ascii=False)}  # your text in the same fields",
                   f"text = {json.dumps(prompt_fmt, ensure_ascii=False)}.format(**fields)"]
         if chat:
             system = example.get("system")
             msgs = (f'[{{"role": "system", "content": {json.dumps(system, ensure_ascii=False)}}}, '
                     if system else "[") + '{"role": "user", "content": text}]'
-            lines.append(f"prompt = tokenizer.apply_chat_template({msgs}, tokenize=False, "
+            code.append(f"prompt = tokenizer.apply_chat_template({msgs}, tokenize=False, "
                          "add_generation_prompt=True)")
         else:
-            lines.append("prompt = text")
-        lines += [f"inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens={not chat})",
+            code.append("prompt = text")
+        code += [f"inputs = tokenizer(prompt, return_tensors=\"pt\", add_special_tokens={not chat})",
                   "with torch.no_grad():",
                   f"    out = model.generate(**inputs, max_new_tokens={_max_new_tokens(recipe)}, do_sample=False)",
                   'print(tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())']
-    lines.append("```")
+    lines += fence("\n".join(code), "python")
     if kind == "adapter":
         lines += ["", "With finsft and the recipe: `finsft eval RECIPE --adapter THIS_FOLDER` scores it as in the "
                       "evaluation below; `finsft predict RECIPE --adapter THIS_FOLDER --input \"...\"` answers one text."]
@@ -343,18 +380,24 @@ def _max_new_tokens(recipe: Mapping[str, Any]) -> int:
     return 8 if _template_labels(recipe) else 256
 
 
+def _hub_link(ref: str) -> str:
+    """A link to a hub data set; an id that is not ``owner/name`` of plain characters is shown as code."""
+    if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", ref):
+        return f"[{ref}](https://huggingface.co/datasets/{ref})"
+    return code_span(ref)
+
+
 def _data_lines(datasets: list[dict[str, Any]]) -> list[str]:
     """The training, validation and evaluation data with their fingerprints and licences."""
     lines: list[str] = []
     lines += ["", "## Data", "", "| role | data | split | rows | fingerprint | licence |", "|---|---|---|---:|---|---|"]
     for d in datasets:
         if d["hub"]:
-            ref = f"[{d['ref']}](https://huggingface.co/datasets/{d['ref']})"
+            ref = _hub_link(d["ref"])
         elif d["hub_id"]:
-            ref = (f"`{d['name']}`: {d['subset']} of [{d['hub_id']}](https://huggingface.co/datasets/{d['hub_id']})"
-                   " (recognised by its sha256)")
+            ref = f"{code_span(d['name'])}: {d['subset']} of {_hub_link(d['hub_id'])} (recognised by its sha256)"
         else:
-            ref = f"`{d['name']}` (local file)"
+            ref = f"{code_span(d['name'])} (local file)"
         licence = f"{d['license']} ({d['recognised']})" if d["license"] else UNKNOWN_LICENSE
         lines.append(f"| {d['role']} | {ref} | {_fmt(d['split'])} | {_fmt(d['rows'])} | {_fmt(d['fingerprint'])} | "
                      f"{licence} |")
@@ -384,9 +427,9 @@ def _evaluation_lines(report: Mapping[str, Any] | None) -> list[str]:
     lines: list[str] = []
     lines += ["", "## Evaluation", ""]
     if report and report.get("metrics"):
-        lines += [f"{report.get('rows')} rows of {report.get('data')} (rows fingerprint "
-                  f"`{report.get('rows_fingerprint')}`), scored with the `{report.get('settings', {}).get('scorer')}` "
-                  "scorer.", ""]
+        lines += [f"{_fmt(report.get('rows'))} rows of {_fmt(report.get('data'))} (rows fingerprint "
+                  f"{code_span(report.get('rows_fingerprint'))}), scored with the "
+                  f"{code_span(report.get('settings', {}).get('scorer'))} scorer.", ""]
         lines += _metrics_table(report)
     else:
         lines.append("The run did not evaluate the model (the recipe has no `evaluation` section, or evaluation was "
@@ -416,12 +459,12 @@ def _training_lines(manifest: Mapping[str, Any], recipe: Mapping[str, Any], meth
                   "|---|---|---|"]
         lines += [f"| {_fmt(c.get('setting'))} | {_fmt(c.get('value'))} | "
                   f"{'auto: ' if c.get('automatic') else ''}{_fmt(c.get('reason'))} |" for c in plan]
-    lines += ["", "<details><summary>The resolved recipe (recipe.json)</summary>", "", "```json",
-              json.dumps(dict(recipe), indent=2, ensure_ascii=False), "```", "", "</details>"]
+    lines += ["", "<details><summary>The resolved recipe (recipe.json)</summary>", "",
+              *fence(json.dumps(dict(recipe), indent=2, ensure_ascii=False), "json"), "", "</details>"]
     libs = manifest.get("libraries") or {}
     if libs:
         lines += ["", "## Library versions", "", "| library | version |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in libs.items()]
+        lines += [f"| {_fmt(k)} | {_fmt(v)} |" for k, v in libs.items()]
     return lines
 
 
@@ -439,9 +482,9 @@ def _limitations_lines(datasets: list[dict[str, Any]], base: str | None, base_re
         lines.append(f"- Trained on data under a non-commercial licence ({', '.join(d['license'] for d in nc)}): "
                      "check whether your use of this model is allowed.")
     lines += ["", "## Licences", "",
-              f"- base model {base or base_ref}: {base_licence or UNKNOWN_LICENSE}"]
+              f"- base model {inline(base or base_ref)}: {base_licence or UNKNOWN_LICENSE}"]
     for d in datasets:
-        lines.append(f"- {d['role']} data {d['name']}: "
+        lines.append(f"- {d['role']} data {inline(d['name'])}: "
                      f"{(d['license'] + ' (' + d['recognised'] + ')') if d['license'] else UNKNOWN_LICENSE}")
     lines += ["- this card's `license` field is the base model's licence; the data licences above may add terms.",
               "", "Card written by finsft from the run's recipe.json, manifest.json and eval.json."]
@@ -520,10 +563,11 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
     )
     what = {"adapter": f"a {method} adapter", "merged": f"a {method} adapter merged into its base model (a plain "
             "model folder)", "full": "a fully fine-tuned model"}[kind]
-    base_text = f"[{base}](https://huggingface.co/{base})" if base else f"`{base_ref}` (a local model: no hub id known)"
-    lines = [f"# {name}", "",
+    base_text = (f"[{inline(base)}](https://huggingface.co/{base})" if base and re.fullmatch(r"[\w.-]+(/[\w.-]+)?", base)
+                 else f"{code_span(base or base_ref)}{'' if base else ' (a local model: no hub id known)'}")
+    lines = [f"# {inline(name, line_start=True)}", "",
              f"This is {what} for {base_text}, trained by finsft with the recipe "
-             f"`{manifest.get('recipe') or recipe.get('name')}`."]
+             f"{code_span(manifest.get('recipe') or recipe.get('name'))}."]
     numbers = run_numbers(manifest)
     if numbers:
         lines += ["", numbers]
@@ -531,16 +575,18 @@ def card_text(folder: Path, manifest: Mapping[str, Any], recipe: Mapping[str, An
         changes = recipe_changes(recipe, manifest)
         if changes:
             lines += ["", "The recipe file's description is left out: this run changed its settings ("
-                      + "; ".join(f"`{c}`" for c in changes) + ")."]
+                      + "; ".join(code_span(c) for c in changes) + ")."]
         else:
-            lines += ["", f"> {recipe['description']}"
-                      + ("" if changes == [] else " (the recipe file's description; the run's own numbers are above)")]
+            lines += ["", *quote(recipe["description"])]
+            if changes is None:
+                lines += [">", "> (the recipe file's description; the run's own numbers are above)"]
     base_info = manifest.get("base_model") if isinstance(manifest.get("base_model"), Mapping) else None
     if base and is_local(base_ref):
         how = base_info.get("hub_id_reason") if base_info else "the manifest"
         gguf = recipe["model"].get("gguf_file")
-        lines += ["", f"The run loaded the base model from `{base_ref}`{f' (`{gguf}`, de-quantized)' if gguf else ''}; "
-                      f"its hub id {base} comes from {how}."]
+        lines += ["", f"The run loaded the base model from {code_span(base_ref)}"
+                      f"{f' ({code_span(gguf)}, de-quantized)' if gguf else ''}; its hub id {inline(base)} comes from "
+                      f"{inline(how)}."]
 
     lines += _usage_lines(kind, repo_id, base, recipe, manifest)
     lines += _data_lines(datasets) + _overlap_lines(manifest)

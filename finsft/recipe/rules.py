@@ -48,11 +48,11 @@ def data_format_of(raw: Mapping[str, Any], cfg: dict[str, Any], bad_sections: se
     sniffed = sniff_local(path) if isinstance(path, str) else None
     fmt = detect_format(*sniffed, columns) if sniffed else detect_format([], None, columns) if columns else None
     if fmt is None:
-        return None, [(where, unknown_format_message(f"data file '{path}'", sniffed[0]))] if sniffed else []
+        return None, [(where, unknown_format_message(f"data file '{path}'", *sniffed))] if sniffed else []
     cfg["template"]["name"] = fmt.template
     if not _explicit(raw, "data", "group_by"):
         data["group_by"] = fmt.group_by
-    return f"{fmt.name}, template '{fmt.template}': {fmt.reason}; the loss covers {fmt.loss}", []
+    return fmt.describe(), []
 
 
 def semantic_problems(raw: Mapping[str, Any], cfg: Mapping[str, Any], bad_sections: set[str]) -> Found:
@@ -379,8 +379,9 @@ def model_rules(model: Any) -> Found:
 def recipe_warnings(cfg: Mapping[str, Any]) -> Found:
     """Settings that are allowed but deserve a word before anything runs."""
     model = cfg.get("model")
+    out: Found = []
     if isinstance(model, dict) and model.get("trust_remote_code"):
-        return [(["model", "trust_remote_code"], f"trust_remote_code is true: loading "
-                 f"'{model.get('name_or_path')}' runs the Python code that ships with the model, with your "
-                 "permissions; keep it only for a model whose code you trust")]
-    return []
+        out.append((["model", "trust_remote_code"], f"trust_remote_code is true: loading "
+                    f"'{model.get('name_or_path')}' runs the Python code that ships with the model, with your "
+                    "permissions; keep it only for a model whose code you trust"))
+    return out

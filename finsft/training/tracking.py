@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from finsft.preflight import requested_trackers
+from finsft.preflight import MLFLOW_STORE, mlflow_store_path, requested_trackers
 
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
 
@@ -67,7 +68,43 @@ def add_training_callbacks(trainer: Any, recipe: Any) -> None:
             # TENSORBOARD_LOGGING_DIR, when set, wins (the callback read it when it was built).
             if type(cb).__name__ == "TensorBoardCallback" and getattr(cb, "logging_dir", "") is None:
                 cb.logging_dir = str(run_dir / TENSORBOARD_DIR)
+            if type(cb).__name__ == "MLflowCallback":
+                _mlflow_destination(cb, run_dir)
         trainer.add_callback(_recipe_callback(trainer, recipe.config))
+
+
+def _mlflow_destination(callback: Any, run_dir: Path) -> None:
+    """MLflow's store: MLFLOW_TRACKING_URI when set (the preflight checked it), else finsft's file store
+    ``RUN/mlruns``. The installed client (mlflow-skinny) has no database store, and MLflow 3 keeps its file store
+    behind MLFLOW_ALLOW_FILE_STORE: finsft switches it on for a file store (its own, or a file: URI the user set),
+    unless the user set it. The URI is set when the callback starts (transformers reads the variable only then, and
+    keeps a URI an earlier run of this process set: each run sets its own)."""
+    uri = (os.environ.get("MLFLOW_TRACKING_URI") or "").strip() or (run_dir / MLFLOW_STORE).absolute().as_uri()
+    if mlflow_store_path(uri) is not None and not uri.lower().startswith("sqlite"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    original = callback.setup
+
+    def setup(*args: Any, **kwargs: Any) -> Any:
+        callback._ml_flow.set_tracking_uri(uri)
+        return original(*args, **kwargs)
+
+    callback.setup = setup
+
+
+def move_mlflow_store(work: Path, final: Path) -> None:
+    """finsft's MLflow store in the run folder records absolute artifact locations (meta.yaml): point them at the
+    folder the run is published as (``work`` is renamed to ``final``)."""
+    store = work / MLFLOW_STORE
+    if not store.is_dir():
+        return
+    pairs = [(work.absolute().as_uri(), final.absolute().as_uri()), (str(work.absolute()), str(final.absolute()))]
+    for meta in store.rglob("meta.yaml"):
+        text = meta.read_text(encoding="utf-8")
+        new = text
+        for old, replacement in pairs:
+            new = new.replace(old + "/", replacement + "/")
+        if new != text:
+            meta.write_text(new, encoding="utf-8")
 
 
 def _dump(path: Path, data: Any) -> None:
@@ -96,3 +133,4 @@ def write_results(work: Path, final: Path, state: Any, train_metrics: dict[str, 
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             results[f"task_{key}"] = value
     _dump(work / "all_results.json", results)
+    move_mlflow_store(work, final)
