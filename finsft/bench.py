@@ -165,22 +165,24 @@ def synthetic_tokenizer(config: Any, texts: list[str], *, max_trained: int = 32_
 
 def baseline_plan(plan: Any) -> Any:
     """The notebook way on the same hardware: padded batches in random order, no packing, gradient checkpointing,
-    no Liger kernels; precision, attention, optimizer and everything else as the recipe's plan."""
+    no Liger kernels, the LM head as TRL projects it; precision, attention, optimizer and everything else as the
+    recipe's plan."""
     from finsft.plan import Choice
 
     why = "notebook-style baseline"
     changed = {"training.packing": False, "training.group_by_length": False,
-               "training.gradient_checkpointing": True, "training.use_liger_kernel": False}
+               "training.gradient_checkpointing": True, "training.use_liger_kernel": False,
+               "training.supervised_lm_head": None}
     choices = [Choice(c.setting, changed[c.setting], why, False) if c.setting in changed else c for c in plan.choices]
     return replace(plan, packing=False, group_by_length=False, gradient_checkpointing=True, use_liger_kernel=False,
-                   choices=choices)
+                   supervised_lm_head=None, choices=choices)
 
 
 def plan_settings(plan: Any) -> dict[str, Any]:
     return {"packing": plan.packing, "group_by_length": plan.group_by_length,
             "gradient_checkpointing": plan.gradient_checkpointing, "use_liger_kernel": plan.use_liger_kernel,
             "precision": plan.precision, "attn_implementation": plan.attn_implementation, "optim": plan.optim,
-            "tf32": plan.tf32}
+            "tf32": plan.tf32, "supervised_lm_head": plan.supervised_lm_head}
 
 
 def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
@@ -404,7 +406,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     args.save_strategy = "no"
     clock = _clock(warmup, steps)
     t3 = time.perf_counter()
-    trainer = build_trainer(run_recipe, model, args, data.tokenizer, data.rows)
+    trainer = build_trainer(run_recipe, model, args, data.tokenizer, data.rows,
+                            supervised_lm_head=plan.supervised_lm_head)
     setup_s = time.perf_counter() - t3
     trainer.add_callback(ProgressCallback(None, Console(quiet=True), live=False))
     trainer.add_callback(clock)

@@ -53,7 +53,8 @@ def test_baseline_is_the_notebook_way_with_everything_else_equal(make_recipe: An
         assert getattr(base, same) == getattr(plan, same)
     changed = {c.setting: c for c in base.choices if c.reason == "notebook-style baseline"}
     assert set(changed) == {"training.packing", "training.group_by_length", "training.gradient_checkpointing",
-                            "training.use_liger_kernel"}
+                            "training.use_liger_kernel", "training.supervised_lm_head"}
+    assert base.supervised_lm_head is None and plan.supervised_lm_head is True  # TRL's own choice in the baseline
     assert plan.packing is hw.is_gpu  # the recipe's own plan is untouched
     assert plan.gradient_checkpointing is False
 
