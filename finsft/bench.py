@@ -165,22 +165,113 @@ def synthetic_tokenizer(config: Any, texts: list[str], *, max_trained: int = 32_
 
 def baseline_plan(plan: Any) -> Any:
     """The notebook way on the same hardware: padded batches in random order, no packing, gradient checkpointing,
-    no Liger kernels; precision, attention, optimizer and everything else as the recipe's plan."""
+    no Liger kernels, the LM head as TRL projects it; precision, attention, optimizer and everything else as the
+    recipe's plan."""
     from finsft.plan import Choice
 
     why = "notebook-style baseline"
     changed = {"training.packing": False, "training.group_by_length": False,
-               "training.gradient_checkpointing": True, "training.use_liger_kernel": False}
+               "training.gradient_checkpointing": True, "training.use_liger_kernel": False,
+               "training.supervised_lm_head": None}
     choices = [Choice(c.setting, changed[c.setting], why, False) if c.setting in changed else c for c in plan.choices]
     return replace(plan, packing=False, group_by_length=False, gradient_checkpointing=True, use_liger_kernel=False,
-                   choices=choices)
+                   supervised_lm_head=None, choices=choices)
 
 
 def plan_settings(plan: Any) -> dict[str, Any]:
     return {"packing": plan.packing, "group_by_length": plan.group_by_length,
             "gradient_checkpointing": plan.gradient_checkpointing, "use_liger_kernel": plan.use_liger_kernel,
             "precision": plan.precision, "attn_implementation": plan.attn_implementation, "optim": plan.optim,
-            "tf32": plan.tf32}
+            "tf32": plan.tf32, "supervised_lm_head": plan.supervised_lm_head}
+
+
+# ------------------------------------------------------------------------------------- warm-up, cold start, MFU
+
+# "auto" warm-up: until the time per token of the last WARMUP_WINDOW steps is within WARMUP_TOLERANCE of their
+# median (the first step never counts: it pays for first-touch allocations and kernel selection), at most
+# WARMUP_CAP steps.
+WARMUP_WINDOW = 3
+WARMUP_TOLERANCE = 0.10
+WARMUP_CAP = 10
+
+
+def warmup_end(step_times: list[float], *, window: int = WARMUP_WINDOW, tolerance: float = WARMUP_TOLERANCE,
+               cap: int = WARMUP_CAP) -> tuple[int, bool] | None:
+    """When the warm-up of the steps timed so far ends: ``(warm-up steps, stable)`` or None (not yet).
+
+    ``step_times``: seconds of each step so far, in order (normalised per token when batches differ in size).
+    Stable when the last ``window`` steps, not counting the first step, are all within ``tolerance`` (relative) of
+    their median; otherwise the warm-up ends unstable at ``cap`` steps."""
+    n = len(step_times)
+    if n - 1 >= window:
+        last = step_times[-window:]
+        mid = sorted(last)[len(last) // 2]
+        if mid > 0 and all(abs(t - mid) <= tolerance * mid for t in last):
+            return n, True
+    if n >= cap:
+        return n, False
+    return None
+
+
+def cold_start_seconds(warmup_times: list[float], warmup_tokens: list[int], timed_seconds: float,
+                       timed_tokens: int) -> float:
+    """The seconds the warm-up steps took beyond what their tokens cost at the timed (warm) rate: kernel
+    compilation, first-touch allocations, cold caches. Never negative."""
+    if not warmup_times or timed_tokens <= 0:
+        return 0.0
+    warm = sum(warmup_tokens) * timed_seconds / timed_tokens
+    return max(0.0, sum(warmup_times) - warm)
+
+
+# Dense bf16/fp16 tensor peaks (TFLOPS, no sparsity) from the vendors' datasheets, matched against the device name
+# in order (the first match wins). T4 has no bf16: its fp16 peak. A10G: AWS publishes no datasheet; the figure is
+# the commonly reported one for the G5 instances.
+PEAK_TFLOPS_16BIT: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.4), ("H200", 989.4), ("H800", 989.4),
+    ("GH200", 989.4), ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.1), ("L40", 181.0),
+    ("L4", 121.0), ("A10G", 70.0), ("A10", 125.0), ("A6000", 154.8), ("RTX 4090", 165.2), ("RTX 3090", 71.0),
+    ("V100", 125.0), ("T4", 65.0),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s of one device for the training precision, where it comes from). None on CPUs (no honest peak
+    for a shared, frequency-scaling CPU core), for fp32 and for devices missing from the table."""
+    if precision not in ("bf16", "fp16"):
+        return None, f"no {precision} peak in finsft's table (bf16/fp16 tensor-core peaks only)"
+    for key, tflops in PEAK_TFLOPS_16BIT:
+        if key.lower() in device_name.lower():
+            return tflops * 1e12, f"{key} dense {precision} peak {tflops:g} TFLOPS"
+    return None, f"'{device_name}' is not in finsft's table of peaks"
+
+
+def training_flops_per_token(config: Any, seq_len: int, full_fine_tune: bool) -> int:
+    """Training FLOPs per token from the model's config (TRL's ``compute_flops_per_token``: matmuls, attention
+    scores at ``seq_len`` and the LM head, forward + backward = 3 x forward, i.e. ~6N). An adapter run computes no
+    gradients of the frozen base weights, so it counts 2 x forward (~4N), as the issue's MFU figures do."""
+    from trl.trainer.utils import compute_flops_per_token
+
+    full = int(compute_flops_per_token(config.get_text_config(), max(1, int(seq_len))))
+    return full if full_fine_tune else full * 2 // 3
+
+
+def mfu_percent(tokens_per_s: float, flops_per_token: int, peak: float | None) -> float | None:
+    """Model FLOPs utilisation of one device, in percent (TRL's ``compute_mfu``), or None without a peak."""
+    if peak is None or peak <= 0:
+        return None
+    from trl.trainer.utils import compute_mfu
+
+    return round(float(compute_mfu(flops_per_token, tokens_per_s, 1, peak)), 2)
+
+
+def compile_cache_env(environ: dict[str, str] | os._Environ[str]) -> dict[str, str]:
+    """TRITON_CACHE_DIR and TORCHINDUCTOR_CACHE_DIR under finsft's cache folder, unless the user set them: compiled
+    kernels then survive the process (the default Inductor cache is under /tmp), so a second run starts warm."""
+    from finsft.files import cache_dir
+
+    root = cache_dir() / "compile"
+    wanted = {"TRITON_CACHE_DIR": str(root / "triton"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor")}
+    return {k: v for k, v in wanted.items() if not environ.get(k)}
 
 
 def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
@@ -201,6 +292,11 @@ def timing_rows(train_ds: Any, recipe: Recipe, steps: int, warmup: int) -> Any:
     return train_ds.shuffle(seed=train["seed"]).select(range(n)).flatten_indices()
 
 
+def train_batch(recipe: Recipe) -> int:
+    """Rows per optimizer step of one process."""
+    return int(recipe.training["per_device_train_batch_size"] * recipe.training["gradient_accumulation_steps"])
+
+
 def _peak_memory() -> tuple[float, str]:
     import torch
 
@@ -212,7 +308,9 @@ def _peak_memory() -> tuple[float, str]:
     return rss / (2**30 if sys.platform == "darwin" else 2**20), "process peak RSS"
 
 
-def _clock(warmup: int, steps: int) -> Any:
+def _clock(warmup: int | None, steps: int) -> Any:
+    """The timing callback: ``warmup`` untimed steps (None: until the time per token is stable, see
+    :func:`warmup_end`), then ``steps`` timed steps, then it stops the training."""
     import torch
     from transformers import TrainerCallback
 
@@ -229,16 +327,41 @@ def _clock(warmup: int, steps: int) -> Any:
             self.n0 = self.n1 = 0
             self.loss: float | None = None
             self.losses: list[float] = []
+            self.train_begin = 0.0
+            self.warmup_steps: int | None = None
+            self.stable: bool | None = None  # None: a fixed warm-up
+            self.step_s: list[float] = []  # every step's seconds and tokens, in order
+            self.step_tokens: list[int] = []
+            self._last, self._last_n = 0.0, 0
+
+        def _start(self, state: Any, t: float) -> None:
+            self.t0, self.cpu0, self.n0 = t, time.process_time(), int(state.num_input_tokens_seen or 0)
+            self.warmup_steps = state.global_step
 
         def on_train_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            self.train_begin = self._last = now()
+            self._last_n = int(state.num_input_tokens_seen or 0)
             if warmup == 0:
-                self.t0, self.cpu0, self.n0 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
+                self._start(state, self._last)
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            if state.global_step == warmup and warmup:
-                self.t0, self.cpu0, self.n0 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
-            if state.global_step == warmup + steps:
-                self.t1, self.cpu1, self.n1 = now(), time.process_time(), int(state.num_input_tokens_seen or 0)
+            t, n = now(), int(state.num_input_tokens_seen or 0)
+            self.step_s.append(t - self._last)
+            self.step_tokens.append(n - self._last_n)
+            self._last, self._last_n = t, n
+            if self.warmup_steps is None:
+                if warmup is not None:
+                    if state.global_step == warmup:
+                        self._start(state, t)
+                else:
+                    per_token = [s / max(k, 1) for s, k in zip(self.step_s, self.step_tokens, strict=True)]
+                    end = warmup_end(per_token)
+                    if end is not None:
+                        self.stable = end[1]
+                        self._start(state, t)
+            elif state.global_step == self.warmup_steps + steps:
+                self.t1, self.cpu1, self.n1 = t, time.process_time(), n
+                control.should_training_stop = True
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None,
                    **kw: Any) -> None:
@@ -366,10 +489,12 @@ def prepare_bench_data(recipe: Recipe, source: Any, *, steps: int, warmup: int, 
                      prep_s, any("from cache" in m for m in messages))
 
 
-def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
+def measure(recipe: Recipe, which: str, *, steps: int, warmup: int | None, random_weights: bool, workdir: Path,
             shared: dict[str, Any], log: Callable[[str], None] = print) -> dict[str, Any]:
     """Build the trainer exactly as ``finsft train`` does (with the baseline's plan when ``which`` is "baseline"),
-    run ``warmup`` + ``steps`` optimizer steps and return the measurements. Runs in a worker process."""
+    run ``warmup`` (None: until stable, at most WARMUP_CAP) + ``steps`` optimizer steps and return the
+    measurements. Runs in a worker process."""
+    started = time.perf_counter()
     import torch
     from rich.console import Console
     from transformers import set_seed
@@ -391,11 +516,12 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     plan = plan_run(recipe, hw, model_shape(source, recipe.model["trust_remote_code"]))
     if which == "baseline":
         plan = baseline_plan(plan)
-    data = prepare_bench_data(recipe, source, steps=steps, warmup=warmup, random_weights=random_weights,
+    most_warmup = WARMUP_CAP if warmup is None else warmup
+    data = prepare_bench_data(recipe, source, steps=steps, warmup=most_warmup, random_weights=random_weights,
                               workdir=workdir, shared=shared, log=log)
     recipe = data.recipe
 
-    run_recipe = recipe.with_changes({"training": {"max_steps": warmup + steps, "eval_steps": None}})
+    run_recipe = recipe.with_changes({"training": {"max_steps": most_warmup + steps, "eval_steps": None}})
     set_seed(recipe.training["seed"])
     t2 = time.perf_counter()
     model = load_training_model(source, run_recipe, plan, random_weights=random_weights)
@@ -404,7 +530,8 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
     args.save_strategy = "no"
     clock = _clock(warmup, steps)
     t3 = time.perf_counter()
-    trainer = build_trainer(run_recipe, model, args, data.tokenizer, data.rows)
+    trainer = build_trainer(run_recipe, model, args, data.tokenizer, data.rows,
+                            supervised_lm_head=plan.supervised_lm_head)
     setup_s = time.perf_counter() - t3
     trainer.add_callback(ProgressCallback(None, Console(quiet=True), live=False))
     trainer.add_callback(clock)
@@ -413,7 +540,17 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         raise FinsftError("the timed steps did not run; the data may be too small for the requested steps")
     elapsed = clock.t1 - clock.t0
     tokens = clock.n1 - clock.n0
-    peak, memory_kind = _peak_memory()
+    n_warm = clock.warmup_steps or 0
+    cold_s = cold_start_seconds(clock.step_s[:n_warm], clock.step_tokens[:n_warm], elapsed, tokens)
+    config = getattr(model, "config", None)
+    rows_seen = max(1, steps * train_batch(recipe))
+    fpt = (training_flops_per_token(config, tokens / rows_seen, full_fine_tune=recipe.lora is None)
+           if config is not None else None)
+    peak, peak_note = peak_flops(hw.name, plan.precision) if hw.is_gpu else (
+        None, f"{hw.device.upper()}: no honest peak for a CPU core shared with other work (frequency scaling, "
+        "contention), so no MFU")
+    mfu = mfu_percent(tokens / elapsed, fpt, peak) if fpt is not None else None
+    peak_mem, memory_kind = _peak_memory()
     reserved = (round(torch.cuda.max_memory_reserved() / 2**30, 3)
                 if torch.cuda.is_available() and torch.cuda.is_initialized() else None)
     train, quant = recipe.training, recipe.quantization
@@ -425,7 +562,7 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         # CPU-second compare configurations more steadily than wall-clock tokens/s.
         "cpu_s_per_step": round((clock.cpu1 - clock.cpu0) / steps, 4),
         "tokens_per_cpu_s": round(tokens / max(clock.cpu1 - clock.cpu0, 1e-9), 2),
-        "peak_memory_gib": round(peak, 3),
+        "peak_memory_gib": round(peak_mem, 3),
         "memory_kind": memory_kind,
         "peak_reserved_gib": reserved,  # CUDA max reserved (the allocator's cache included); None on CPU
         "data_prep_s": round(data.prep_s, 2),
@@ -433,7 +570,15 @@ def measure(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weigh
         "model_load_s": round(load_s, 2),
         "trainer_setup_s": round(setup_s, 2),
         "timed_steps": steps,
-        "warmup_steps": warmup,
+        "warmup_steps": n_warm,
+        # None: a fixed --warmup; True/False: the step time per token settled / the warm-up hit WARMUP_CAP
+        "warmup_stable": clock.stable,
+        "startup_s": round(clock.train_begin - started, 2),  # worker imports, data, model load, trainer setup
+        "cold_start_s": round(cold_s, 2),  # the warm-up steps' time beyond the warm rate
+        "first_step_s": round(clock.step_s[0], 3) if clock.step_s else None,
+        "flops_per_token": fpt,
+        "mfu_percent": mfu,
+        "mfu_note": peak_note,
         "timed_tokens": tokens,
         "final_loss": clock.loss,
         "losses": clock.losses,  # every logged training loss (logging_steps apart)
@@ -470,7 +615,7 @@ def _worker_main(argv: list[str]) -> int:
     return 0
 
 
-def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int, random_weights: bool, workdir: Path,
+def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int | None, random_weights: bool, workdir: Path,
                shared: dict[str, Any], echo: Callable[[str], None]) -> dict[str, Any]:
     """Run :func:`measure` in a fresh Python process; returns its result and updates ``shared``."""
     spec = {"source": recipe.source, "raw": recipe.raw, "files": recipe.files, "which": which,
@@ -478,7 +623,7 @@ def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int, random_we
             "shared": shared}
     spec_path, out_path, log_path = (workdir / f"{which}.{ext}" for ext in ("spec.json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", **compile_cache_env(os.environ)}
     with open(log_path, "w", encoding="utf-8") as logf:
         proc = subprocess.Popen([sys.executable, "-m", "finsft.bench", "worker", str(spec_path), str(out_path)],
                                 stdout=logf, stderr=subprocess.STDOUT, env=env)
@@ -504,10 +649,10 @@ def run_worker(recipe: Recipe, which: str, *, steps: int, warmup: int, random_we
     return dict(answer["result"])
 
 
-def bench(recipe: Recipe, *, steps: int = 10, warmup: int = 2, random_weights: bool = False,
+def bench(recipe: Recipe, *, steps: int = 10, warmup: int | None = None, random_weights: bool = False,
           baseline: bool = True, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """``{"recipe": {...}, "baseline": {...} or None, "ratio": recipe/baseline tokens/s or None}``."""
-    if steps < 1 or warmup < 0:
+    if steps < 1 or (warmup is not None and warmup < 0):
         raise FinsftError(f"--steps must be at least 1 and --warmup at least 0 (got {steps} and {warmup})")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise FinsftError("finsft bench times one process: run it directly, not under accelerate launch/torchrun")
@@ -524,7 +669,9 @@ def bench(recipe: Recipe, *, steps: int = 10, warmup: int = 2, random_weights: b
     try:
         with tempfile.TemporaryDirectory(prefix="finsft-bench-") as tmp:
             for which in ("recipe", "baseline") if baseline else ("recipe",):
-                echo(f"timing the {which}: {warmup} warm-up + {steps} timed steps in a fresh process ...")
+                warm = (f"up to {WARMUP_CAP} warm-up steps (until the step time is stable)" if warmup is None
+                        else f"{warmup} warm-up")
+                echo(f"timing the {which}: {warm} + {steps} timed steps in a fresh process ...")
                 results[which] = run_worker(recipe, which, steps=steps, warmup=warmup,
                                             random_weights=random_weights, workdir=Path(tmp), shared=shared,
                                             echo=echo)
@@ -546,11 +693,18 @@ ROWS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("gradient checkpointing", lambda r: _yes(r["settings"]["gradient_checkpointing"])),
     ("Liger kernels", lambda r: _yes(r["settings"]["use_liger_kernel"])),
     ("precision / attention", lambda r: f"{r['settings']['precision']} / {r['settings']['attn_implementation']}"),
+    ("LM head positions", lambda r: {True: "supervised", False: "all", None: "TRL's choice"}[
+        r["settings"].get("supervised_lm_head")]),
     ("tokens/s (non-padding)", lambda r: f"{r['tokens_per_s']:,.1f}"),
     ("tokens per CPU-second", lambda r: f"{r['tokens_per_cpu_s']:,.1f}"),
     ("seconds/step", lambda r: f"{r['s_per_step']:.3f}"),
     ("peak memory", lambda r: f"{r['peak_memory_gib']:.2f} GiB"),
     ("data prep", lambda r: f"{r['data_prep_s']:.1f} s" + (" (cache)" if r["data_from_cache"] else "")),
+    ("warm-up steps", lambda r: f"{r['warmup_steps']}" + {None: "", True: " (stable)", False: " (cap, unstable)"}[
+        r.get("warmup_stable")]),
+    ("cold start (warm-up excess)", lambda r: f"{r['cold_start_s']:.1f} s"),
+    ("start-up (load, setup)", lambda r: f"{r['startup_s']:.1f} s"),
+    ("MFU", lambda r: "unknown" if r.get("mfu_percent") is None else f"{r['mfu_percent']:.1f}%"),
 )
 
 
@@ -582,7 +736,7 @@ def render(results: dict[str, Any], title: str) -> Any:
     return table
 
 
-def bench_command(recipe: Recipe, steps: int = 10, warmup: int = 2, random_weights: bool = False,
+def bench_command(recipe: Recipe, steps: int = 10, warmup: int | None = None, random_weights: bool = False,
                   fmt: str = "text", baseline: bool = True) -> dict[str, Any]:
     """``finsft bench``: print the table (text) or exactly ``{"recipe", "baseline", "ratio"}`` (json)."""
     from rich.console import Console
@@ -605,6 +759,13 @@ def bench_command(recipe: Recipe, steps: int = 10, warmup: int = 2, random_weigh
     out.print(f"tokens/s counts non-padding tokens of the {steps} timed steps; peak memory is the "
               f"{r['memory_kind']} of each configuration's own process. On a CPU shared with other jobs, tokens per "
               "CPU-second of the process is the steadier comparison.")
+    warm = (f"until the time per token is stable (within {WARMUP_TOLERANCE:.0%} over {WARMUP_WINDOW} steps), at "
+            f"most {WARMUP_CAP}" if warmup is None else str(warmup))
+    out.print(f"warm-up: {warm} steps; "
+              "cold start is the warm-up steps' time beyond the timed rate (compilation, first allocations). "
+              f"MFU: {r['flops_per_token'] or 0:,} training FLOPs per token "
+              f"({'6N' if recipe.lora is None else '4N, adapters'}, TRL's count from the model config); "
+              f"{r['mfu_note']}.")
     if results["ratio"] is not None:
         out.print(f"[bold]recipe / notebook baseline: {results['ratio']:.2f}x tokens/s[/]")
     return results

@@ -118,7 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time training steps of the recipe against the notebook-style baseline")
     _add_recipe(p)
     p.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
-    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps")
+    p.add_argument("--warmup", type=_warmup_steps, default=None, metavar="N|auto",
+                   help="untimed warm-up steps (default auto: until the time per token is stable, at most 10)")
     p.add_argument("--random-weights", action="store_true",
                    help="build the model from its config with random weights (no download)")
     p.add_argument("--format", choices=("text", "json"), default="text")
@@ -329,6 +330,19 @@ def cmd_push(args: argparse.Namespace) -> int:
 
     push_command(args.run, repo=args.repo, public=args.public)
     return EXIT_OK
+
+
+def _warmup_steps(text: str) -> int | None:
+    """--warmup: "auto" (None) or a count of at least 0."""
+    if text == "auto":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of steps (0, 1, 2, ...) or 'auto'")
+    return n
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -53,7 +53,8 @@ def test_baseline_is_the_notebook_way_with_everything_else_equal(make_recipe: An
         assert getattr(base, same) == getattr(plan, same)
     changed = {c.setting: c for c in base.choices if c.reason == "notebook-style baseline"}
     assert set(changed) == {"training.packing", "training.group_by_length", "training.gradient_checkpointing",
-                            "training.use_liger_kernel"}
+                            "training.use_liger_kernel", "training.supervised_lm_head"}
+    assert base.supervised_lm_head is None and plan.supervised_lm_head is True  # TRL's own choice in the baseline
     assert plan.packing is hw.is_gpu  # the recipe's own plan is untouched
     assert plan.gradient_checkpointing is False
 
@@ -154,14 +155,102 @@ def test_render_shows_both_configurations_and_the_ratio() -> None:
 
     def row(tps: float, ckpt: bool) -> dict[str, Any]:
         return {"tokens_per_s": tps, "s_per_step": 1000 / tps, "tokens_per_cpu_s": tps / 2, "peak_memory_gib": 1.5, "data_prep_s": 2.0,
-                "data_from_cache": not ckpt,
+                "data_from_cache": not ckpt, "warmup_steps": 4, "warmup_stable": not ckpt, "cold_start_s": 3.25,
+                "startup_s": 9.0, "mfu_percent": None if ckpt else 31.5,
                 "settings": {"packing": False, "group_by_length": not ckpt, "gradient_checkpointing": ckpt,
-                             "use_liger_kernel": False, "precision": "fp32", "attn_implementation": "sdpa"}}
+                             "use_liger_kernel": False, "precision": "fp32", "attn_implementation": "sdpa",
+                             "supervised_lm_head": None if ckpt else True}}
 
-    console = Console(width=100, record=True)
+    console = Console(width=140, record=True)
     console.print(render({"recipe": row(200.0, False), "baseline": row(100.0, True), "ratio": 2.0}, "t"))
     text = console.export_text()
     assert "2.00x" in text and "0.50x" in text and "notebook baseline" in text and "(cache)" in text
+    assert "4 (stable)" in text and "4 (cap, unstable)" in text and "3.2 s" in text
+    assert "31.5%" in text and "unknown" in text and "supervised" in text and "TRL's choice" in text
+
+
+# ----------------------------------------------------------------------------------- warm-up, cold start, MFU
+
+
+def test_warmup_ends_when_the_last_steps_agree_never_on_the_first_step() -> None:
+    from finsft.bench import warmup_end
+
+    assert warmup_end([]) is None
+    assert warmup_end([1.0, 1.0, 1.0]) is None  # the first step never counts: 2 of the 3 needed
+    assert warmup_end([9.0, 1.0, 1.0, 1.0]) == (4, True)
+    assert warmup_end([9.0, 3.0, 1.05, 1.0, 0.95]) == (5, True)  # within 10% of the median 1.0
+    assert warmup_end([9.0, 1.2, 1.0, 1.0]) is None  # 20% off the median
+    assert warmup_end([9.0, 1.2, 1.0, 1.0], tolerance=0.25) == (4, True)
+    assert warmup_end([9.0, 1.0, 1.0], window=2) == (3, True)
+    assert warmup_end([9.0, 2.0, 1.0, 2.0, 1.0], window=2) is None
+    # never stable: the cap ends the warm-up, flagged unstable
+    noisy = [5.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0]
+    assert all(warmup_end(noisy[:n]) is None for n in range(1, 10))
+    assert warmup_end(noisy) == (10, False)
+    assert warmup_end(noisy[:3], cap=3) == (3, False)
+    assert warmup_end([0.0, 0.0, 0.0, 0.0], cap=5) is None  # a zero median is no evidence
+
+
+def test_cold_start_is_the_warmup_time_beyond_the_warm_rate() -> None:
+    from finsft.bench import cold_start_seconds
+
+    # timed: 100 tokens in 10 s (0.1 s/token); warm-up: 50 + 50 tokens in 30 + 6 s -> 36 - 10 = 26 s extra
+    assert cold_start_seconds([30.0, 6.0], [50, 50], 10.0, 100) == pytest.approx(26.0)
+    assert cold_start_seconds([4.0], [50], 10.0, 100) == 0.0  # faster than the timed rate: never negative
+    assert cold_start_seconds([], [], 10.0, 100) == 0.0
+    assert cold_start_seconds([3.0], [10], 10.0, 0) == 0.0
+
+
+def test_mfu_arithmetic_and_the_device_peaks() -> None:
+    from transformers import LlamaConfig
+
+    from finsft.bench import mfu_percent, peak_flops, training_flops_per_token
+
+    cfg = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2)
+    layer = 2 * 64 * (4 * 16 + 2 * 2 * 16) + 2 * 4 * 16 * 64 + 2 * 2 * 4 * 16 * 100 + 2 * 3 * 64 * 256
+    forward = 2 * layer + 2 * 1000 * 64  # two layers and the LM head, at 100 tokens of context
+    assert training_flops_per_token(cfg, 100, full_fine_tune=True) == 3 * forward  # ~6N
+    assert training_flops_per_token(cfg, 100, full_fine_tune=False) == 2 * forward  # ~4N: no weight gradients
+    # 1,000 tokens/s x 1e6 FLOPs/token on a 1e12 FLOP/s device = 0.1%
+    assert mfu_percent(1000.0, 10**6, 1e12) == pytest.approx(0.1)
+    assert mfu_percent(1000.0, 10**9, None) is None
+    assert peak_flops("NVIDIA H100 80GB HBM3", "bf16")[0] == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA H100 PCIe", "bf16")[0] == pytest.approx(756e12)
+    assert peak_flops("NVIDIA H200", "bf16")[0] == pytest.approx(989.4e12)
+    assert peak_flops("NVIDIA A100-SXM4-80GB", "bf16")[0] == pytest.approx(312e12)
+    assert peak_flops("NVIDIA L4", "bf16")[0] == pytest.approx(121e12)
+    assert peak_flops("NVIDIA L40S", "bf16")[0] == pytest.approx(362.1e12)
+    assert peak_flops("Tesla T4", "fp16")[0] == pytest.approx(65e12)
+    assert peak_flops("NVIDIA A10G", "bf16")[0] == pytest.approx(70e12)
+    assert peak_flops("NVIDIA GeForce RTX 4090", "bf16")[0] == pytest.approx(165.2e12)
+    assert peak_flops("NVIDIA H100 80GB HBM3", "fp32")[0] is None
+    none, why = peak_flops("Some Future GPU", "bf16")
+    assert none is None and "not in finsft's table" in why
+
+
+def test_compile_caches_live_under_finsfts_cache_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch,
+                                                                          tmp_path: Path) -> None:
+    from finsft.bench import compile_cache_env
+
+    monkeypatch.setenv("FINSFT_CACHE", str(tmp_path / "cache"))
+    env = compile_cache_env({})
+    assert env == {"TRITON_CACHE_DIR": str(tmp_path / "cache" / "compile" / "triton"),
+                   "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "compile" / "inductor")}
+    assert compile_cache_env({"TRITON_CACHE_DIR": "/mine"}) == {
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache" / "compile" / "inductor")}
+    assert compile_cache_env({"TRITON_CACHE_DIR": "/a", "TORCHINDUCTOR_CACHE_DIR": "/b"}) == {}
+
+
+def test_warmup_option_is_a_count_or_auto() -> None:
+    import argparse
+
+    from finsft.cli import _warmup_steps
+
+    assert _warmup_steps("auto") is None and _warmup_steps("0") == 0 and _warmup_steps("3") == 3
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(argparse.ArgumentTypeError, match="auto"):
+            _warmup_steps(bad)
 
 
 # --------------------------------------------------------------------------------------------- the command
@@ -190,9 +279,13 @@ def test_bench_json_on_the_tiny_model(make_recipe: Any, tmp_path: Path) -> None:
         assert res["timed_steps"] == 3 and res["timed_tokens"] > 0
         assert res["memory_kind"] == "process peak RSS" and res["data_prep_s"] >= 0
         assert res["tokenizer"] == "the model's"
+        assert res["warmup_steps"] == 1 and res["warmup_stable"] is None  # a fixed --warmup
+        assert res["cold_start_s"] >= 0 and res["startup_s"] > 0 and res["first_step_s"] > 0
+        assert res["mfu_percent"] is None and "CPU" in res["mfu_note"] and res["flops_per_token"] > 0
     assert out["ratio"] == pytest.approx(r["tokens_per_s"] / b["tokens_per_s"], abs=1e-3)
     assert r["settings"]["group_by_length"] and not r["settings"]["gradient_checkpointing"]
     assert b["settings"]["gradient_checkpointing"] and not b["settings"]["group_by_length"]
+    assert r["settings"]["supervised_lm_head"] is True and b["settings"]["supervised_lm_head"] is None
     assert not r["data_from_cache"] and b["data_from_cache"]  # the baseline reuses the prepared data
     assert not Path(recipe["output"]["dir"]).exists()  # nothing written to the output folder
     assert "timing the baseline" in proc.stderr
@@ -207,9 +300,10 @@ def test_bench_random_weights_from_a_config_folder_4bit_offline_data(make_recipe
     path = make_recipe(model={"name_or_path": str(folder)}, quantization={"load_in_4bit": True},
                        data={"path": "FinGPT/fingpt-sentiment-train", "max_samples": 64},
                        template={"name": "fingpt_sentiment", "labels": "fingpt9"})
-    proc = run_cli("bench", str(path), "--steps", "2", "--warmup", "1", "--random-weights", "--no-baseline")
+    proc = run_cli("bench", str(path), "--steps", "2", "--warmup", "auto", "--random-weights", "--no-baseline")
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
+    assert "until the time per token is stable" in text and "warm-up steps" in text and "MFU" in text
     assert "random weights" in text and "4-bit quantized" in text and "tokenizer: synthetic" in text
     assert "synthetic rows" in text and "is not available" in text
     assert "recipe (finsft)" in text and "notebook baseline" not in text

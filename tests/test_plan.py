@@ -65,11 +65,15 @@ def test_cpu_plan_is_fp32_unpacked_grouped_without_checkpointing(recipe: Any) ->
     assert plan.attn_implementation == "sdpa"
     assert plan.optim == "adamw_torch"
     assert plan.compute_dtype is None and plan.quant_storage is None
+    # TRL's fused LM head projects every position off Triton devices: finsft projects the supervised ones only
+    assert plan.supervised_lm_head is True
+    assert "only the supervised" in plan.choice("training.supervised_lm_head").reason
     # every auto setting is explained
     assert all(c.automatic and c.reason for c in plan.choices)
     assert {c.setting for c in plan.choices} >= {
         "training.precision", "model.dtype", "training.packing", "training.group_by_length",
-        "training.gradient_checkpointing", "training.use_liger_kernel", "training.tf32", "training.optim"}
+        "training.gradient_checkpointing", "training.use_liger_kernel", "training.tf32", "training.optim",
+        "training.supervised_lm_head"}
 
 
 def test_gpu_plan_uses_bf16_packing_and_liger_and_leaves_tf32_to_the_libraries(recipe: Any) -> None:
@@ -127,11 +131,12 @@ def test_pinned_values_win_and_are_reported_as_pinned(recipe: Any) -> None:
     r = recipe(model={"dtype": "float32", "attn_implementation": "eager"},
                training={"precision": "fp32", "packing": False, "group_by_length": False,
                          "gradient_checkpointing": True, "use_liger_kernel": False, "tf32": False,
-                         "optim": "adafactor"})
+                         "optim": "adafactor", "supervised_lm_head": False})
     plan = plan_run(r, H100, HUGE)
     assert (plan.precision, plan.dtype, plan.attn_implementation) == ("fp32", "float32", "eager")
     assert (plan.packing, plan.group_by_length, plan.gradient_checkpointing) == (False, False, True)
     assert (plan.use_liger_kernel, plan.tf32, plan.optim) == (False, False, "adafactor")
+    assert plan.supervised_lm_head is False
     assert plan.choices and all(not c.automatic and c.reason == "pinned by the recipe" for c in plan.choices)
     # and on CPU a pinned packing=true is honoured too
     cpu = plan_run(recipe(training={"packing": True}), CPU, SMALL)

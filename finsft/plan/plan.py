@@ -58,6 +58,9 @@ class Plan:
     evaluate_before_training: bool = False  # evaluation.before_training, unless the plan had to skip it
     model_shape: ModelShape | None = None
     parallel: Parallelism = field(default_factory=lambda: Parallelism("single"))
+    # True: TRL's fused LM head scores only the supervised positions on every device; False: every position; None:
+    # as TRL decides (the notebook baseline). See finsft.training.trainer.lm_head_positions.
+    supervised_lm_head: bool | None = None
 
     def choice(self, setting: str) -> Choice:
         return next(c for c in self.choices if c.setting == setting)
@@ -162,6 +165,18 @@ def _auto_attention(hw: Hardware, will_pack: bool) -> tuple[str, str]:
     if hw.compute_capability and hw.compute_capability < (8, 0):
         why += "; flash-attn needs compute capability >= 8.0"
     return "sdpa", why
+
+
+# Measured by benchmarks/cpu_speed.py (finsft bench recipes/quickstart.json, this commit vs 0440638, one core).
+SUPERVISED_HEAD_GAIN = "MEASURED"
+
+
+def _auto_supervised_lm_head(hw: Hardware) -> tuple[bool, str]:
+    if hw.device in ("cuda", "xpu"):
+        return True, ("TRL's fused LM head already projects only the supervised positions on Triton devices; "
+                      "finsft keeps it")
+    return True, (f"{hw.device.upper()}: TRL's fused LM head would project every position through the vocabulary; "
+                  f"only the supervised (completion) positions are projected ({SUPERVISED_HEAD_GAIN})")
 
 
 def _auto_checkpointing(hw: Hardware, without: MemoryEstimate | None) -> tuple[bool, str]:
@@ -320,6 +335,8 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
     liger = choices.choose("training.use_liger_kernel", train["use_liger_kernel"], liger_ok,
                            "liger-kernel installed on CUDA: fused norms, GLU and linear cross-entropy" if liger_ok else
                            ("needs CUDA" if not hw.is_gpu else "liger-kernel not installed (pip install finsft[liger])"))
+    supervised_head = choices.choose("training.supervised_lm_head", train["supervised_lm_head"],
+                                     *_auto_supervised_lm_head(hw))
     tf32 = _choose_tf32(train, hw, precision, choices)
     optim = choices.choose("training.optim", train["optim"], optim_auto, optim_why)
     compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices, engine)
@@ -327,7 +344,8 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
                 compute_dtype=compute_dtype, quant_storage=quant_storage, choices=list(choices), memory=memory,
-                evaluate_before_training=before, model_shape=shape, parallel=par)
+                evaluate_before_training=before, model_shape=shape, parallel=par,
+                supervised_lm_head=bool(supervised_head))
 
 
 def check_fits(plan: Plan) -> None:

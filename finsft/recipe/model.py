@@ -99,6 +99,7 @@ class TrainingSection(TypedDict):
     gradient_checkpointing: bool | str
     precision: str
     use_liger_kernel: bool | str
+    supervised_lm_head: bool | str
     tf32: bool | str
     logging_steps: int
     eval_steps: int | None

@@ -387,7 +387,7 @@ class TrainingRun:
         set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
                                      task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
-                                     if rows else None)
+                                     if rows else None, supervised_lm_head=self.plan.supervised_lm_head)
         self.trainer.add_callback(self.progress)
         self.trainer.defer_tracker_end = True  # the scores after training reach the trackers before their run ends
         for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers

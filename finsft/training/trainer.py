@@ -10,13 +10,21 @@ finsft's trainer is SFTTrainer with three additions, all through the Trainer's o
   once the trackers have started), after at the final step; the trackers' end of run (``on_train_end``) waits
   for them (``end_tracking``);
 * no model card stub: finsft writes the card of every output folder (TRL's ``checkpoints/README.md`` and PEFT's
-  ``checkpoint-*/README.md`` are not written or are removed).
+  ``checkpoint-*/README.md`` are not written or are removed);
+* the LM head where the plan says (``supervised_lm_head``): TRL 1.16's fused LM head (``add_fused_lm_head``) projects
+  only the positions whose next-token label is not -100 on Triton devices (CUDA, XPU) and every position elsewhere
+  (to keep tile shapes fixed for compilers such as Neuron's). On the CPU that is waste (eager kernels, no
+  recompilation): a sentiment answer is 1-2 supervised tokens of ~60, and every position goes forward and backward
+  through SmolLM2's 49,152-word head. With ``supervised_lm_head=True`` the same fused head scores only the supervised
+  positions on every device; the loss, its reduction (``num_items_in_batch``) and TRL's ``entropy`` and
+  ``mean_token_accuracy`` are unchanged, since TRL computes them on the supervised positions only either way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +45,42 @@ def score_keys(phase: str, metrics: Mapping[str, Any], set_name: str | None = No
     prefix = f"eval_{set_name}_{phase}_" if set_name else f"eval_{phase}_"
     return {prefix + k: float(v) for k, v in summary(metrics).items()
             if k != "n" and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+@contextlib.contextmanager
+def lm_head_positions(supervised_only: bool | None) -> Iterator[None]:
+    """Inside: TRL's fused LM head scores only the supervised positions (True), every position (False), or as TRL
+    decides for the device (None: supervised positions on Triton devices only).
+
+    TRL's fused forward decides per call with ``trl.trainer.utils._use_triton(device)`` (only that decision: the
+    kernels' own choice between Triton and torch tiles reads ``trl.kernels.chunked_logprob._use_triton``, which is
+    left alone). The decision is made in the forward pass; the backward reuses what the forward saved."""
+    if supervised_only is None:
+        yield
+        return
+    import trl.trainer.utils as trl_utils
+
+    original = trl_utils._use_triton
+    trl_utils._use_triton = lambda device: supervised_only
+    try:
+        yield
+    finally:
+        trl_utils._use_triton = original
+
+
+def check_lm_head_hook() -> None:
+    """FinsftError when the installed TRL has no fused LM head whose positions finsft can choose (TRL < 1.16)."""
+    import trl.trainer.utils as trl_utils
+
+    from finsft.errors import FinsftError
+
+    if not (callable(getattr(trl_utils, "_use_triton", None)) and callable(getattr(trl_utils, "add_fused_lm_head",
+                                                                                   None))):
+        import trl
+
+        raise FinsftError(f"training.supervised_lm_head needs TRL's fused LM head (trl >= 1.16; installed "
+                          f"{trl.__version__}): upgrade TRL (pip install -U trl), or pin "
+                          "training.supervised_lm_head=false")
 
 
 @functools.cache
@@ -70,9 +114,14 @@ def trainer_class() -> type:
     class FinsftTrainer(SFTTrainer):
         task_metric: TaskMetric | None = None
 
-        def __init__(self, *args: Any, task_metric: TaskMetric | None = None, **kwargs: Any):
+        def __init__(self, *args: Any, task_metric: TaskMetric | None = None,
+                     supervised_lm_head: bool | None = None, **kwargs: Any):
+            if supervised_lm_head:
+                check_lm_head_hook()
             super().__init__(*args, **kwargs)
             self.task_metric = task_metric
+            # True: the fused LM head scores only supervised positions on every device (see lm_head_positions)
+            self.supervised_lm_head = supervised_lm_head
             self.scores_before: dict[str, float] = {}
             # True: the trackers' on_train_end waits for end_tracking (the caller logs scores after training)
             self.defer_tracker_end = False
@@ -88,6 +137,12 @@ def trainer_class() -> type:
                 output.metrics.update({f"{metric_key_prefix}_{k}": round(float(v), 6)
                                        for k, v in self.task_metric(self.model).items()})
             return output
+
+        def compute_loss(self, model: Any, inputs: Any, return_outputs: bool = False,
+                         num_items_in_batch: Any = None) -> Any:
+            with lm_head_positions(self.supervised_lm_head):
+                return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                            num_items_in_batch=num_items_in_batch)
 
         def create_model_card(self, *args: Any, **kwargs: Any) -> None:
             """finsft writes the model card of every output folder; TRL's draft ("fine-tuned version of None")
@@ -127,14 +182,16 @@ def trainer_class() -> type:
 
 
 def build_trainer(recipe: Recipe, model: Any, args: Any, tokenizer: Any, train_ds: Any, val_ds: Any = None,
-                  callbacks: Sequence[Any] = (), task_metric: TaskMetric | None = None) -> Any:
+                  callbacks: Sequence[Any] = (), task_metric: TaskMetric | None = None,
+                  supervised_lm_head: bool | None = None) -> Any:
     """finsft's SFTTrainer (the recipe's LoRA), without TRL's console printer. ``callbacks`` run before finsft's
-    own; ``task_metric`` scores the model at each evaluation (its numbers join eval_loss)."""
+    own; ``task_metric`` scores the model at each evaluation (its numbers join eval_loss); ``supervised_lm_head``:
+    the plan's choice (:func:`lm_head_positions`; None leaves it to TRL)."""
     from transformers.trainer_callback import PrinterCallback
 
     trainer = trainer_class()(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                               processing_class=tokenizer, peft_config=get_peft_config(recipe),
-                              task_metric=task_metric)
+                              task_metric=task_metric, supervised_lm_head=supervised_lm_head)
     trainer.remove_callback(PrinterCallback)
     for callback in callbacks:
         trainer.add_callback(callback)
