@@ -558,6 +558,101 @@ def run_section(files: Sequence[str], modelfile: str, name: str, template: Any) 
              "", "With llama.cpp:", "", "```bash",
              f"llama-cli -m {first} -no-cnv --temp 0 -n 8 -p {json.dumps(prompt)}" if prompt else
              f"llama-cli -m {first} -cnv", "```", "",
-             "Score it with finsft: a recipe whose `model` is "
-             f'`{{"name_or_path": "THIS_FOLDER", "gguf_file": "{first}"}}`, then `finsft eval RECIPE`.', ""]
+             "(`ollama create` reads the Modelfile's `FROM` relative to the Modelfile.) Score it with finsft: "
+             f'set the recipe\'s `model.name_or_path` to the path of `{first}`, then `finsft eval RECIPE`.', ""]
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ the command's part
+
+
+def light_check(recipe: Any) -> None:
+    """Before anything is loaded (no torch): the recipe's model is an architecture finsft exports, where that can be
+    read from files alone (a GGUF's header, a local folder's config.json). A hub model is checked from its config
+    before any weights load."""
+    from finsft.models import _package_dir, gguf_metadata
+    from finsft.recipe import PACKAGE_PREFIX
+
+    m = recipe.model
+    ref: str = m["name_or_path"]
+    folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+    if m.get("gguf_file"):
+        path = os.path.join(folder, m["gguf_file"])
+        arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
+        if arch is not None and arch not in set(SUPPORTED_ARCHITECTURES.values()):
+            raise ExportError(f"model.gguf_file {m['gguf_file']}: architecture {arch} cannot be exported to GGUF by "
+                              f"finsft; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    elif os.path.isfile(os.path.join(folder, "config.json")):
+        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+        check_architecture(config, os.path.join(folder, "config.json"))
+
+
+def source_gguf_path(recipe: Any) -> str | None:
+    """The GGUF file the recipe's base model comes from, if any (its tokenizer keys are copied when they fit)."""
+    from finsft.models import _package_dir
+    from finsft.recipe import PACKAGE_PREFIX
+
+    m = recipe.model
+    if not m.get("gguf_file"):
+        return None
+    ref: str = m["name_or_path"]
+    folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+    return os.path.join(folder, m["gguf_file"])
+
+
+def _write_text(path: Path, text: str) -> None:
+    """A new text file, written aside and renamed into place; an existing file is never replaced."""
+    if path.exists() or path.is_symlink():
+        raise ExportError(f"{path} exists; finsft does not replace it")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def ollama_name(name: str) -> str:
+    cleaned = "".join(c if c.isalnum() or c in "-_." else "-" for c in name.lower()).strip("-.")
+    return cleaned or "finsft-model"
+
+
+GGUF_FOLDER = "gguf"
+
+
+def write_exports(folder: Path, out_dir: Path, types: Sequence[str], *, tokenizer: Any, template: Any,
+                  name: str, source_gguf: str | None = None,
+                  log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Every file the export adds to ``out_dir`` (a folder finsft made), in its own ``gguf/`` subfolder (so that a
+    program given that folder sees the GGUF's tokenizer, not the merged folder's tokenizer.json): one GGUF per
+    type, an Ollama Modelfile per GGUF (``Modelfile`` for the first type, ``Modelfile.TYPE`` for the others),
+    ``finsft_gguf.json`` (what was written and why); and a section of the model card (``out_dir/README.md``)
+    saying how to run them. All writes of the export go through here."""
+    target_dir = out_dir / GGUF_FOLDER
+    if target_dir.is_symlink() or (target_dir.exists() and any(target_dir.iterdir())):
+        raise ExportError(f"{target_dir} exists and is not empty; finsft never replaces a folder")
+    target_dir.mkdir(parents=True, exist_ok=True)
+    reports, files, modelfiles = [], [], []
+    eos = getattr(tokenizer, "eos_token", None)
+    for i, qtype in enumerate(types):
+        target = target_dir / gguf_file_name(qtype)
+        log(f"writing {target} ({qtype}) ...")
+        report = export_gguf(folder, target, qtype, tokenizer=tokenizer, source_gguf=source_gguf, name=name,
+                             log=log)
+        modelfile = MODELFILE if i == 0 else f"{MODELFILE}.{qtype}"
+        _write_text(target_dir / modelfile, render_modelfile(template, target.name, eos))
+        reports.append({**report.as_dict(), "modelfile": modelfile})
+        files.append(f"{GGUF_FOLDER}/{target.name}")
+        modelfiles.append(f"{GGUF_FOLDER}/{modelfile}")
+        log(f"  {target.name}: {report.bytes / 2**20:.1f} MiB, {report.tensors} tensors "
+            f"({', '.join(f'{n} {t}' for t, n in sorted(report.types.items()))}); tokenizer {report.tokenizer}")
+    summary = {"gguf": reports, "template": template.name, "ollama_name": ollama_name(name)}
+    _write_text(target_dir / "finsft_gguf.json", json.dumps(summary, indent=2) + "\n")
+    card = out_dir / "README.md"
+    section = run_section(files, modelfiles[0], ollama_name(name), template)
+    if card.is_file():  # the card finsft wrote for this folder
+        with open(card, "a", encoding="utf-8") as f:
+            f.write(section)
+    else:
+        _write_text(card, "# " + name + "\n" + section)
+    return summary

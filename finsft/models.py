@@ -196,17 +196,20 @@ def resolve_model(recipe: Recipe, log: Any = print, *, random_weights: bool = Fa
     whose config finsft ships resolves to that config file (nothing is downloaded)."""
     m = recipe.model
     ref: str = m["name_or_path"]
+    gguf_file = m["gguf_file"]
+    if not gguf_file and ref.lower().endswith(".gguf") and os.path.isfile(ref):
+        ref, gguf_file = os.path.dirname(ref), os.path.basename(ref)  # a path to a GGUF file (finsft merge --gguf)
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
     is_local = ref.startswith(PACKAGE_PREFIX) or os.path.isdir(folder)
-    if m["gguf_file"]:
-        gguf = os.path.join(folder, m["gguf_file"])
+    if gguf_file:
+        gguf = os.path.join(folder, gguf_file)
         if not os.path.exists(gguf):
-            raise ModelLoadError(f"GGUF file '{m['gguf_file']}' not found in '{folder}'")
+            raise ModelLoadError(f"GGUF file '{gguf_file}' not found in '{folder}'")
         target = _gguf_cache(gguf)
         if not (target / "config.json").exists():
-            _convert_gguf(folder, m["gguf_file"], target, log)
+            _convert_gguf(folder, gguf_file, target, log)
         hub_id, reason = gguf_hub_id(gguf)
-        return ModelSource(str(target), True, f"{ref} / {m['gguf_file']} (cached at {target})", hub_id, reason)
+        return ModelSource(str(target), True, f"{ref} / {gguf_file} (cached at {target})", hub_id, reason)
     if os.path.isabs(ref) and not is_local:
         raise ModelLoadError(f"local model folder '{ref}' does not exist")
     shipped = shipped_config(ref) if random_weights and not is_local else None
