@@ -169,9 +169,9 @@ class TokenizerMeta:
         self.values.append((key, value, vtype, sub))
 
 
-def tokenizer_from_gguf(gguf_path: str | Path, tokenizer: Any) -> TokenizerMeta | None:
+def tokenizer_from_gguf(gguf_path: str | Path, tokenizer: Any, n_vocab: int) -> TokenizerMeta | None:
     """The tokenizer keys of the GGUF file the base model came from, when its vocabulary is ``tokenizer``'s
-    (token for token); None when it differs (the Hugging Face tokenizer is then exported instead)."""
+    (token for token) and the model's size; None otherwise (the Hugging Face tokenizer is then exported)."""
     from gguf import GGUFReader, GGUFValueType
 
     reader = GGUFReader(str(gguf_path))
@@ -179,7 +179,7 @@ def tokenizer_from_gguf(gguf_path: str | Path, tokenizer: Any) -> TokenizerMeta 
     if tokens is None:
         return None
     gguf_tokens = tokens.contents()
-    if gguf_tokens != tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
+    if len(gguf_tokens) != n_vocab or gguf_tokens != tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))):
         return None
     meta = TokenizerMeta(source=f"copied from {Path(gguf_path).name} (the GGUF the base model came from: the same "
                                 f"{len(gguf_tokens):,} tokens)")
@@ -410,7 +410,7 @@ def export_gguf(folder: str | Path, out_file: str | Path, qtype: str, *, tokeniz
     meta: TokenizerMeta | None = None
     if tokenizer is not None:
         if source_gguf is not None:
-            meta = tokenizer_from_gguf(source_gguf, tokenizer)
+            meta = tokenizer_from_gguf(source_gguf, tokenizer, config["vocab_size"])
             if meta is None:
                 notes.append(f"tokenizer: the vocabulary differs from {Path(source_gguf).name}'s: built from the "
                              "Hugging Face tokenizer instead")
@@ -570,18 +570,17 @@ def light_check(recipe: Any) -> None:
     """Before anything is loaded (no torch): the recipe's model is an architecture finsft exports, where that can be
     read from files alone (a GGUF's header, a local folder's config.json). A hub model is checked from its config
     before any weights load."""
-    from finsft.models import _package_dir, gguf_metadata
+    from finsft.models import _package_dir, gguf_metadata, gguf_reference
     from finsft.recipe import PACKAGE_PREFIX
 
-    m = recipe.model
-    ref: str = m["name_or_path"]
+    ref, gguf_file = gguf_reference(recipe.model)
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
-    if m.get("gguf_file"):
-        path = os.path.join(folder, m["gguf_file"])
+    if gguf_file:
+        path = os.path.join(folder, gguf_file)
         arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
         if arch is not None and arch not in set(SUPPORTED_ARCHITECTURES.values()):
-            raise ExportError(f"model.gguf_file {m['gguf_file']}: architecture {arch} cannot be exported to GGUF by "
-                              f"finsft; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+            raise ExportError(f"model {gguf_file}: architecture {arch} cannot be exported to GGUF by finsft; "
+                              f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     elif os.path.isfile(os.path.join(folder, "config.json")):
         config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
         check_architecture(config, os.path.join(folder, "config.json"))
@@ -589,15 +588,14 @@ def light_check(recipe: Any) -> None:
 
 def source_gguf_path(recipe: Any) -> str | None:
     """The GGUF file the recipe's base model comes from, if any (its tokenizer keys are copied when they fit)."""
-    from finsft.models import _package_dir
+    from finsft.models import _package_dir, gguf_reference
     from finsft.recipe import PACKAGE_PREFIX
 
-    m = recipe.model
-    if not m.get("gguf_file"):
+    ref, gguf_file = gguf_reference(recipe.model)
+    if not gguf_file:
         return None
-    ref: str = m["name_or_path"]
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
-    return os.path.join(folder, m["gguf_file"])
+    return os.path.join(folder, gguf_file)
 
 
 def _write_text(path: Path, text: str) -> None:
