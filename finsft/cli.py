@@ -12,7 +12,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from finsft import __version__
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_recipe(p)
     p.add_argument("--adapter", required=True, help="trained run folder or adapter folder")
     p.add_argument("--out", required=True, help="folder for the merged model")
+    p.add_argument("--gguf", metavar="TYPES", help="also export GGUF files for llama.cpp/Ollama, with a Modelfile: "
+                   "comma-separated types from f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0 (e.g. q8_0,q4_1)")
 
     p = sub.add_parser("plan", help="every resolved choice with its reason and the memory estimate (no GPU, no "
                                     "weights)")
@@ -307,12 +309,18 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    preflight(recipe, "merge", adapter=args.adapter,
-              extra=[lambda: check_out(Path(args.out).expanduser().absolute())])
+    extra: list[Callable[[], object]] = [lambda: check_out(Path(args.out).expanduser().absolute())]
+    if args.gguf is not None:
+        from finsft.gguf_export import light_check, parse_types
+
+        extra += [lambda: parse_types(args.gguf), lambda: light_check(recipe)]
+    preflight(recipe, "merge", adapter=args.adapter, extra=extra)
     _quiet_libraries()
     from finsft.commands.merge import merge_command
+    from finsft.gguf_export import parse_types
 
-    merge_command(recipe, adapter=args.adapter, out=args.out)
+    merge_command(recipe, adapter=args.adapter, out=args.out,
+                  gguf=parse_types(args.gguf) if args.gguf is not None else None)
     return EXIT_OK
 
 

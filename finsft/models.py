@@ -191,22 +191,32 @@ def shipped_models() -> list[str]:
     return sorted(p.stem.replace("--", "/") for p in MODEL_CONFIGS.glob("*.json"))
 
 
+def gguf_reference(model: Any) -> tuple[str, str | None]:
+    """``(name_or_path, gguf_file)`` of a recipe's model section; a name_or_path that is a path to a .gguf file
+    (what ``finsft merge --gguf`` writes) is split into its folder and file name."""
+    ref: str = model["name_or_path"]
+    gguf_file: str | None = model.get("gguf_file")
+    if not gguf_file and ref.lower().endswith(".gguf") and os.path.isfile(ref):
+        return os.path.dirname(ref), os.path.basename(ref)
+    return ref, gguf_file
+
+
 def resolve_model(recipe: Recipe, log: Any = print, *, random_weights: bool = False) -> ModelSource:
     """The folder or hub id to load, converting (and caching) a GGUF file first. With ``random_weights`` a hub id
     whose config finsft ships resolves to that config file (nothing is downloaded)."""
     m = recipe.model
-    ref: str = m["name_or_path"]
+    ref, gguf_file = gguf_reference(m)
     folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
     is_local = ref.startswith(PACKAGE_PREFIX) or os.path.isdir(folder)
-    if m["gguf_file"]:
-        gguf = os.path.join(folder, m["gguf_file"])
+    if gguf_file:
+        gguf = os.path.join(folder, gguf_file)
         if not os.path.exists(gguf):
-            raise ModelLoadError(f"GGUF file '{m['gguf_file']}' not found in '{folder}'")
+            raise ModelLoadError(f"GGUF file '{gguf_file}' not found in '{folder}'")
         target = _gguf_cache(gguf)
         if not (target / "config.json").exists():
-            _convert_gguf(folder, m["gguf_file"], target, log)
+            _convert_gguf(folder, gguf_file, target, log)
         hub_id, reason = gguf_hub_id(gguf)
-        return ModelSource(str(target), True, f"{ref} / {m['gguf_file']} (cached at {target})", hub_id, reason)
+        return ModelSource(str(target), True, f"{ref} / {gguf_file} (cached at {target})", hub_id, reason)
     if os.path.isabs(ref) and not is_local:
         raise ModelLoadError(f"local model folder '{ref}' does not exist")
     shipped = shipped_config(ref) if random_weights and not is_local else None

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import math
 from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.gguf_export import (
+    check_architecture,
+    check_disk,
+    estimate_bytes,
+    source_gguf_path,
+    weight_shapes,
+    write_exports,
+)
 from finsft.merge import check_out, dtype_name, merge_and_save
 from finsft.models import (
+    ModelSource,
     adapter_tokenizer_source,
     apply_adapter,
     check_adapter,
@@ -20,18 +31,32 @@ from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
 from finsft.progress import console
 from finsft.publish import read_run, write_model_card
 from finsft.recipe import Recipe
+from finsft.templates import template_from_recipe
 
 
-def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
+def merge_command(recipe: Recipe, *, adapter: str, out: str, gguf: list[str] | None = None) -> dict[str, Any]:
+    """Merge the adapter into the recipe's base and save the folder; with ``gguf`` (types such as q8_0), also
+    export it to GGUF with an Ollama Modelfile. A full fine-tuned model (a run with ``lora: null``) is exported
+    directly: there is nothing to merge."""
     con = console()
     out_dir = Path(out).expanduser().absolute()
     check_out(out_dir)
     path = check_adapter(adapter)
     assert path is not None
-    if not (path / "adapter_config.json").exists():
+    full = not (path / "adapter_config.json").exists()
+    if full and not gguf:
         raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "
-                          "already loads with from_pretrained")
+                          "already loads with from_pretrained (add --gguf TYPE to export it to GGUF)")
     source = resolve_model(recipe, log=con.print)
+    if gguf:
+        _check_export(out_dir, path if full else Path(source.path), source, gguf, merged=not full,
+                      trust_remote_code=recipe.model["trust_remote_code"])
+    if full:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tokenizer = load_tokenizer(ModelSource(str(path), True, str(path)), recipe)
+        return write_exports(path, out_dir, gguf or [], tokenizer=tokenizer, name=recipe.name,
+                             template=template_from_recipe(recipe.template), source_gguf=source_gguf_path(recipe),
+                             log=con.print)
     plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
     dtype = torch_dtype(plan.compute_dtype or plan.dtype)
     kwargs = get_model_kwargs(recipe, plan)
@@ -43,7 +68,33 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
     report = merge_and_save(peft_model, tokenizer, out_dir, dtype=dtype, log=con.print,
                             load_quantized=lambda: load_model(source, kwargs))
     write_merged_card(out_dir, path, recipe, source, con.print)
+    if gguf:
+        report["gguf"] = write_exports(out_dir, out_dir, gguf, tokenizer=tokenizer, name=recipe.name,
+                                       template=template_from_recipe(recipe.template),
+                                       source_gguf=source_gguf_path(recipe), log=con.print)["gguf"]
     return report
+
+
+def _check_export(out_dir: Path, weights: Path, source: ModelSource, types: list[str], *, merged: bool,
+                  trust_remote_code: bool) -> None:
+    """Before any weights load: the architecture exports, and the disk holds the merged folder (when there is
+    one) and every GGUF file."""
+    config_path = weights / "config.json"
+    if config_path.is_file():
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        where = str(config_path)
+    else:  # a hub id: its config (cached by transformers)
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code).to_dict()
+        where = source.description
+    check_architecture(config, where)
+    sizes = {t: estimate_bytes(config, t) for t in types}
+    needed = sum(sizes.values())
+    if merged:  # the merged folder in float32 at most (the estimate errs high for 16-bit merges)
+        needed += int(sum(math.prod(s) for s in weight_shapes(config).values()) * 4)
+    check_disk(out_dir, needed, "the merged model and " + ", ".join(f"{t} (~{n / 2**20:,.0f} MiB)"
+                                                                  for t, n in sizes.items()))
 
 
 def write_merged_card(out_dir: Path, adapter: Path, recipe: Recipe, source: Any, log: Any) -> None:

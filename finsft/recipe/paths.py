@@ -23,7 +23,7 @@ def is_local_path(value: str, base_dir: str) -> bool:
     neither: the schema reports it (it must not resolve to the folder itself)."""
     if not value.strip() or value.startswith(PACKAGE_PREFIX):
         return False
-    if value.startswith((".", "/", "~")) or value.lower().endswith(DATA_SUFFIXES):
+    if value.startswith((".", "/", "~")) or value.lower().endswith((*DATA_SUFFIXES, ".gguf")):
         return True
     return os.path.exists(os.path.join(base_dir, value))
 
