@@ -243,8 +243,6 @@ class TrainingRun:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
         self.template: Template = self.checked.template or template_from_recipe(recipe.template)
-        if recipe.data_format:
-            out.print(f"data format: {recipe.data_format}")
         self._check_metric_packages()
         # The leak guard's evaluation inputs, gathered by the preflight before torch loaded.
         assert self.checked.exclude is not None
