@@ -334,3 +334,34 @@ def test_surface_fault(results: dict[str, Any], case: Case) -> None:
     assert [m for m in r["heavy"] if m in HEAVY] == [], f"{r['heavy']} imported before the error was raised:\n{shown}"
     assert r["unchanged"], f"the user's files changed:\n{shown}"
     assert not (runs / "out").exists() and not (runs / "out.partial").exists(), "a refused run made its folder"
+
+
+# --------------------------------------------------------------------- MLflow's default store, a real run
+
+
+@pytest.mark.slow
+def test_mlflow_without_a_tracking_uri_logs_to_the_run_folder(make_recipe: Any, monkeypatch: pytest.MonkeyPatch,
+                                                              tmp_path: Path) -> None:
+    """report_to mlflow with no MLFLOW_TRACKING_URI (the common start): finsft's file store RUN/mlruns, readable by
+    MLflow's client at the published folder (the artifact locations point at RUN, not RUN.partial)."""
+    pytest.importorskip("mlflow", reason="pip install mlflow-skinny (part of the dev extra)")
+    from mlflow.tracking import MlflowClient
+
+    from finsft.recipe import load_recipe
+    from finsft.training import train
+
+    for var in ("MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.setenv(var, "x")  # recorded, so that the end of the test restores the variable as it was
+        monkeypatch.delenv(var)
+    monkeypatch.chdir(tmp_path)
+    out = train(load_recipe(str(make_recipe(training={"report_to": ["mlflow"], "max_steps": 2, "warmup_steps": 0}))))
+    store = out / "mlruns"
+    assert store.is_dir() and not (tmp_path / "mlruns").exists() and not (tmp_path / "mlflow.db").exists()
+    client = MlflowClient(tracking_uri=store.as_uri())
+    (experiment,) = [e for e in client.search_experiments() if client.search_runs([e.experiment_id])]
+    (ml_run,) = client.search_runs([experiment.experiment_id])
+    assert ml_run.info.status == "FINISHED" and ml_run.info.run_name == "tiny"
+    assert [m.step for m in client.get_metric_history(ml_run.info.run_id, "loss")] == [1, 2]
+    assert ml_run.info.artifact_uri.startswith(out.as_uri() + "/mlruns/")
+    assert "finsft_recipe.json" in [a.path for a in client.list_artifacts(ml_run.info.run_id)]
+    assert ".partial" not in "".join(p.read_text() for p in store.rglob("meta.yaml"))

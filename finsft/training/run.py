@@ -515,6 +515,8 @@ class TrainingRun:
                 with self.phase("merging"):
                     merge_into(self.trainer.model, self.tokenizer, work / "merged")
         manifest = self.manifest()
+        if self.trainer is not None:  # the trackers' runs end before the work folder is published (renamed): an
+            self.trainer.end_tracking()  # MLflow store in the run folder must not move under an open run
         with self.phase("writing the manifest"):
             # trainer_state.json and *_results.json at the top, as Hugging Face scripts write them
             write_results(work, self.dirs.final, self.trainer.state,
