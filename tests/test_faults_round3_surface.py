@@ -365,3 +365,48 @@ def test_mlflow_without_a_tracking_uri_logs_to_the_run_folder(make_recipe: Any, 
     assert ml_run.info.artifact_uri.startswith(out.as_uri() + "/mlruns/")
     assert "finsft_recipe.json" in [a.path for a in client.list_artifacts(ml_run.info.run_id)]
     assert ".partial" not in "".join(p.read_text() for p in store.rglob("meta.yaml"))
+
+
+# ---------------------------------------------------------------------------------------- small, in process
+
+
+def test_accelerate_names_match_the_installed_accelerate() -> None:
+    """finsft's lists (no accelerate import on the plan path) are the installed accelerate's."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.utils import DistributedType
+
+    from finsft.plan.accelerate_config import CONFIG_KEYS, DISTRIBUTED_TYPES
+
+    assert set(CONFIG_KEYS) == set(ClusterConfig.__dataclass_fields__)
+    assert set(DISTRIBUTED_TYPES) == {t.value for t in DistributedType}
+
+
+def test_accelerate_config_checks_accept_what_accelerate_writes() -> None:
+    import yaml
+
+    from finsft.plan.accelerate_config import check_accelerate_config
+
+    shipped = Path(__file__).resolve().parent.parent / "recipes" / "accelerate"
+    for path in sorted(shipped.glob("*.yaml")):
+        assert check_accelerate_config(yaml.safe_load(path.read_text())) == [], path.name
+    assert check_accelerate_config({"distributed_type": False, "num_processes": "2"}) == []  # YAML's NO; digits
+    assert check_accelerate_config({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": True}})
+
+
+def test_push_leaves_finsfts_mlflow_store_local(tmp_path: Path) -> None:
+    from finsft.publish.hub import _ignored
+
+    meta = tmp_path / "mlruns" / "0" / "abc" / "meta.yaml"
+    assert _ignored(meta, tmp_path) and not _ignored(tmp_path / "eval.json", tmp_path)
+
+
+def test_mlflow_destination_checks_without_mlflow_imported(tmp_path: Path) -> None:
+    from finsft.errors import FinsftError
+    from finsft.preflight import check_mlflow_destination
+
+    assert "RUN/mlruns" in str(check_mlflow_destination({}))
+    for ok in (tmp_path.as_uri() + "/new/mlruns", str(tmp_path / "plain"), "https://mlflow.example.com",
+               "databricks"):
+        assert check_mlflow_destination({"MLFLOW_TRACKING_URI": ok}) is None, ok
+    with pytest.raises(FinsftError, match="scheme 'gopher:'"):
+        check_mlflow_destination({"MLFLOW_TRACKING_URI": "gopher://x"})
