@@ -109,7 +109,8 @@ def accelerate_texts(draw: Any) -> str:
         return draw(st.text(max_size=40))
     config = copy.deepcopy(ACCELERATE_BASE)
     for _ in range(draw(st.integers(0, 3))):
-        section = draw(st.sampled_from([config, config["deepspeed_config"], config["fsdp_config"]]))
+        section = draw(st.sampled_from([config] + [config[k] for k in ("deepspeed_config", "fsdp_config")
+                                                   if isinstance(config.get(k), dict)]))
         key = draw(st.sampled_from([*sorted(section), "zero_stage", "fsdp_version", "bogus_key",
                                     "deepspeed_config_file"]))
         section[key] = draw(st.sampled_from(ACCEL_VALUES))
