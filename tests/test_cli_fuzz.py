@@ -262,3 +262,47 @@ def test_card_structure_survives_any_text(tmp_path_factory: pytest.TempPathFacto
     parsed = _structure(ModelCard(markdown).text)
     assert parsed.errors == [] and parsed.stack == [] and parsed.scripts == 0, (description, row, label)
     assert parsed.headings == _clean_headings(folder), (description, row, label)
+
+
+def _main(argv: list[str], folder: Path) -> tuple[int | None, str]:
+    """cli.main in ``folder`` with the heavy-import sentinel: (exit code or None when it got past the preflight,
+    output)."""
+    sink = io.StringIO()
+    cwd = os.getcwd()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_quiet_libraries", _heavy)
+        os.chdir(folder)
+        try:
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                return cli.main(argv), sink.getvalue()
+        except _Heavy:
+            return None, sink.getvalue()
+        finally:
+            os.chdir(cwd)
+
+
+@settings(max_examples=int(os.environ.get("FINSFT_FUZZ_EXAMPLES", "150")) // 2, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(accelerate=accelerate_texts(), rows=format_rows(), csv_file=st.booleans(),
+       processes=st.sampled_from([[], ["--num-processes", "0"], ["--num-processes", "3"]]))
+def test_accelerate_configs_and_format_rows_through_the_cli(tmp_path_factory: pytest.TempPathFactory,
+                                                            accelerate: str, rows: tuple[str, str], csv_file: bool,
+                                                            processes: list[str]) -> None:
+    """Every drawn accelerate config through `finsft plan --accelerate-config`, every drawn data layout through
+    `finsft train` of a recipe without a template (TRL's rules): an exit code and a message, never a traceback."""
+    folder = tmp_path_factory.mktemp("surface-fuzz")
+    _data_files(folder)  # ok.jsonl: the recipe is valid, so plan reads the accelerate config
+    recipe = {k: v for k, v in BASE.items() if k != "template"}
+    (folder / "auto.json").write_text(json.dumps(recipe), encoding="utf-8")
+    (folder / "acc.yaml").write_text(accelerate, encoding="utf-8")
+    (folder / "ds.json").write_text(json.dumps({"zero_optimization": {"stage": 3}}), encoding="utf-8")
+    data = folder / ("fmt.csv" if csv_file else "fmt.jsonl")
+    data.write_text(rows[1] if csv_file else rows[0], encoding="utf-8")
+    for argv in (["plan", "auto.json", "--hardware", "h100-80gb", "--accelerate-config", "acc.yaml", *processes],
+                 ["train", "auto.json", f"data.path={data.name}"]):
+        code, output = _main(argv, folder)
+        assert "Traceback" not in output, (argv, accelerate, rows, output[-2000:])
+        assert code is None or code in (0, 1, 2), (argv, code, output[-2000:])
+        if code:
+            assert output.strip(), (argv, "an exit code without a message")
+        event(f"{argv[0]}: exit {code}" + (f" ({output.split(':', 2)[1].strip()[:30]})" if code else ""))
