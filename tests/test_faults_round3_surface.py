@@ -110,7 +110,8 @@ def _recipe(description: str, row_text: str) -> dict[str, Any]:
 
 
 def _manifest(row_text: str) -> dict[str, Any]:
-    return {"recipe": "hostile", "data": {"fingerprint": "ab", "train_rows": 10},
+    return {"recipe": "hostile", "data": {"fingerprint": "ab", "train_rows": 10, "eval_overlap": {
+                "checked": {row_text: 3}, "overlapping": 1, "by_set": {row_text: 1}, "drop": True, "dropped": 1}},
             "train": {"global_step": 3, "effective_batch": 2},
             "example": {"row": {"instruction": "Classify.", "input": row_text},
                         "prompt": f"Instruction: Classify.\nInput: {row_text}\nAnswer:", "chat_template": False,
