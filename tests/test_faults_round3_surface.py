@@ -411,3 +411,26 @@ def test_mlflow_destination_checks_without_mlflow_imported(tmp_path: Path) -> No
         assert check_mlflow_destination({"MLFLOW_TRACKING_URI": ok}) is None, ok
     with pytest.raises(FinsftError, match="scheme 'gopher:'"):
         check_mlflow_destination({"MLFLOW_TRACKING_URI": "gopher://x"})
+
+
+def test_empty_targets_are_left_out_of_the_rows_trained_and_scored(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """The preflight's rows are the rows trained on: the empty completions are gone (counted on stderr), and an
+    evaluation set's empty references are not scored either."""
+    from finsft.preflight import preflight
+    from finsft.recipe import load_recipe
+
+    data, heldout = tmp_path / "pc.jsonl", tmp_path / "heldout.jsonl"
+    _jsonl(data, [{**r, "completion": "" if i in (2, 5) else r["completion"]} for i, r in enumerate(PC)])
+    _jsonl(heldout, [{"prompt": f"Other {i}:", "completion": " " if i == 0 else " ok"} for i in range(4)])
+    recipe = {"name": "pc", "model": {"name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"},
+              "lora": {"r": 4, "lora_alpha": 8}, "data": {"path": str(data), "validation_size": 0},
+              "evaluation": {"path": str(heldout), "scorer": "generate"}, "output": {"dir": str(tmp_path / "out")}}
+    (tmp_path / "r.json").write_text(json.dumps(recipe), encoding="utf-8")
+    checked = preflight(load_recipe(str(tmp_path / "r.json")), "train")
+    assert checked.splits is not None and len(checked.splits.train) == 6
+    assert all(c.strip() for c in checked.splits.train["completion"])
+    assert checked.main_set is not None and len(checked.main_set.rows) == 3
+    err = capsys.readouterr().err
+    assert "2 of 8 rows have an empty 'completion' (first: line 3, line 6)" in err
+    assert "1 of 4 rows have an empty 'completion'" in err
