@@ -294,31 +294,41 @@ def _write_surface_files(user: Path, model: Path) -> None:
     (user / "r_auto.json").write_text(json.dumps(recipe, indent=2), encoding="utf-8")
 
 
+# The preflight driver, with each case's environment set around it (set, or removed when empty), so that every case
+# runs in ONE process: the variables are read when the checks run, not at import.
+assert "\nfor name, args in cases:\n" in DRIVER and " == before}\n" in DRIVER
+ENV_DRIVER = DRIVER.replace("\nfor name, args in cases:\n", """
+import os
+for name, args, env in cases:
+    saved = {k: os.environ.get(k) for k in env}
+    for k, v in env.items():
+        os.environ.pop(k, None) if v == "" else os.environ.__setitem__(k, v)
+""").replace(" == before}\n", """ == before}
+    for k, v in saved.items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+""")
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> dict[str, Any]:
-    """Every case run by the driver of test_faults_preflight.py: one process per distinct environment."""
+    """Every case run by the driver of test_faults_preflight.py in one fresh process, each in its environment."""
     root = tmp_path_factory.mktemp("surface")
     user, runs = root / "user", root / "runs"
     user.mkdir()
     runs.mkdir()
     _write_surface_files(user, tiny_model)
     driver = root / "driver.py"
-    driver.write_text(DRIVER, encoding="utf-8")
-    groups: dict[str, list[Case]] = {}
-    for c in CLI_CASES:
-        groups.setdefault(json.dumps(c.env, sort_keys=True), []).append(c)
-    out: dict[str, Any] = {"user": user, "runs": runs}
-    for env_key, cases in groups.items():
-        spec = root / f"cases-{len(out)}.json"
-        spec.write_text(json.dumps([[c.id, [_fill(a, user, runs) for a in c.args]] for c in cases]))
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1",
-               **{k: _fill(v, user, runs) for k, v in json.loads(env_key).items()}}
-        env.pop("MLFLOW_TRACKING_URI", None) if json.loads(env_key).get("MLFLOW_TRACKING_URI") == "" else None
-        proc = subprocess.run([sys.executable, str(driver), str(spec), str(user), str(Path(__file__).parent)],
-                              cwd=root, capture_output=True, text=True, env=env, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
-        out.update(json.loads(proc.stdout.strip().splitlines()[-1]))
-    return out
+    driver.write_text(ENV_DRIVER, encoding="utf-8")
+    spec = root / "cases.json"
+    spec.write_text(json.dumps([[c.id, [_fill(a, user, runs) for a in c.args],
+                                 {k: _fill(v, user, runs) for k, v in c.env.items()}] for c in CLI_CASES]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1", "HF_HUB_OFFLINE": "1"}
+    for var in ("MLFLOW_TRACKING_URI", "TENSORBOARD_LOGGING_DIR"):  # only the cases that set them have them
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, str(driver), str(spec), str(user), str(Path(__file__).parent)],
+                          cwd=root, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return {"user": user, "runs": runs, **json.loads(proc.stdout.strip().splitlines()[-1])}
 
 
 @pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
