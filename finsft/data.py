@@ -188,12 +188,12 @@ def to_template_rows(ds: Any, template: Template, columns: Mapping[str, str], so
 
 
 def note(text: str) -> None:
-    """A word about the data (rows dropped, an ambiguous layout) on the console, from the first rank only; light
-    (rich, no transformers): the preflight prints it before any heavy import."""
+    """A word about the data (rows dropped, one class) on stderr (a command's JSON output on stdout stays JSON),
+    from the first rank only; light (rich, no transformers): the preflight prints it before any heavy import."""
     from rich.console import Console
 
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0"), stderr=False).print(
+    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0"), stderr=True).print(
         text, markup=False)
 
 

@@ -259,6 +259,8 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
     with checked.check():
         checked.template = resolve_data_format(recipe) or template_from_recipe(recipe.template)
     template = checked.template
+    if command == "train" and recipe.data_format:  # the format TRL's rules chose, and its warning, before the data
+        _log(f"data format: {recipe.data_format}", markup=False)
     if command == "train":
         with checked.check():
             check_trackers(recipe.training["report_to"])
@@ -294,12 +296,12 @@ def preflight(recipe: Recipe, command: str, *, data: str | None = None, split: s
     return checked
 
 
-def _log(text: str) -> None:
+def _log(text: str, markup: bool = True) -> None:
     """The preflight's notes (finsft.progress imports transformers): rich, quiet on every rank but the first."""
     from rich.console import Console
 
     rank = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))
-    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0")).print(text)
+    Console(highlight=False, soft_wrap=True, quiet=rank not in ("", "0")).print(text, markup=markup)
 
 
 def _evaluation_sets(checked: Checked, recipe: Recipe, template: Template) -> None:

@@ -410,11 +410,11 @@ def _overlap_lines(manifest: Mapping[str, Any]) -> list[str]:
     overlap = data.get("eval_overlap") if isinstance(data, Mapping) else None
     if not isinstance(overlap, Mapping) or not overlap.get("checked"):
         return []
-    sets = ", ".join(f"{name} ({n:,} rows)" for name, n in overlap["checked"].items())
+    sets = ", ".join(f"{inline(name)} ({n:,} rows)" for name, n in overlap["checked"].items())
     found = overlap.get("overlapping", 0)
     if not found:
         return ["", f"No training input appears in the evaluation data (compared with: {sets})."]
-    by_set = ", ".join(f"{name}: {n:,}" for name, n in (overlap.get("by_set") or {}).items())
+    by_set = ", ".join(f"{inline(name)}: {n:,}" for name, n in (overlap.get("by_set") or {}).items())
     if overlap.get("drop"):
         return ["", f"{overlap.get('dropped', 0):,} training rows whose input appears in the evaluation data were "
                     f"left out of training (by set: {by_set}; compared with: {sets})."]
@@ -445,7 +445,7 @@ def _training_lines(manifest: Mapping[str, Any], recipe: Mapping[str, Any], meth
     t = recipe.get("training", {})
     lines += ["", "## Training", "",
               f"- method: {method}" + (f" (r={lora.get('r')}, alpha={lora.get('lora_alpha')}, dropout="
-                                       f"{lora.get('lora_dropout')}, target modules {lora.get('target_modules')})"
+                                       f"{lora.get('lora_dropout')}, target modules {inline(lora.get('target_modules'))})"
                                        if lora else ""),
               f"- steps: {_fmt(train.get('global_step'))}, effective batch {_fmt(train.get('effective_batch'))}, "
               f"learning rate {t.get('learning_rate')} ({t.get('lr_scheduler_type')}), max length "

@@ -3,7 +3,8 @@
 What goes up: the adapter (or fully fine-tuned model) and tokenizer at the top of the repository, the model card
 (README.md), eval.json, recipe.json, manifest.json, loss.png, and ``merged/`` when the run saved a merged model
 (load it with ``subfolder="merged"``). What stays: ``checkpoints/`` (resume state, often larger than the adapter),
-``predictions.jsonl`` (rows of your evaluation data) and finsft's marker file.
+``predictions.jsonl`` (rows of your evaluation data), finsft's marker file and ``mlruns/`` (finsft's default
+MLflow store: its meta.yaml files hold this machine's absolute paths).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 from finsft.errors import FinsftError
 from finsft.publish.card import CARD, is_finsft_card, read_run, write_model_card
 
-IGNORE = ["checkpoints/*", "predictions.jsonl", "*/predictions.jsonl", ".finsft", "*.tmp"]
+IGNORE = ["checkpoints/*", "predictions.jsonl", "*/predictions.jsonl", ".finsft", "*.tmp", "mlruns/*"]
 _NAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,94}[A-Za-z0-9])?$")
 
 

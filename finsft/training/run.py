@@ -243,8 +243,6 @@ class TrainingRun:
             out.print(f"[bold yellow]warning:[/] model.trust_remote_code is true: the Python code shipped with "
                       f"'{recipe['model']['name_or_path']}' will run on this machine with your permissions")
         self.template: Template = self.checked.template or template_from_recipe(recipe.template)
-        if recipe.data_format:
-            out.print(f"data format: {recipe.data_format}")
         self._check_metric_packages()
         # The leak guard's evaluation inputs, gathered by the preflight before torch loaded.
         assert self.checked.exclude is not None
@@ -517,6 +515,8 @@ class TrainingRun:
                 with self.phase("merging"):
                     merge_into(self.trainer.model, self.tokenizer, work / "merged")
         manifest = self.manifest()
+        if self.trainer is not None:  # the trackers' runs end before the work folder is published (renamed): an
+            self.trainer.end_tracking()  # MLflow store in the run folder must not move under an open run
         with self.phase("writing the manifest"):
             # trainer_state.json and *_results.json at the top, as Hugging Face scripts write them
             write_results(work, self.dirs.final, self.trainer.state,
