@@ -149,19 +149,67 @@ def _auto_packing(recipe: Recipe, hw: Hardware) -> tuple[bool, str]:
     return True, "GPU: padding-free best-fit-decreasing packing removes padding work"
 
 
-def _auto_attention(hw: Hardware, will_pack: bool) -> tuple[str, str]:
-    if hw.is_gpu and hw.flash_attn:
-        return "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel keeps packed "
-                                     "examples apart without a mask (fastest, least memory)")
+# GPUs whose Triton kernels may use >= ~160 KiB of shared memory per block (A100, Jetson Orin, H100/H200,
+# B200/B300). FlexAttention's backward at head_dim > 128 needs ~112-128 KiB (torch's default tile): it fails to
+# compile ("out of resource: shared memory") on the ~99 KiB parts (sm_8.6/8.9: RTX 30xx/40xx, A10G, L4, L40;
+# sm_12.x) and on Turing/Volta. pytorch/pytorch#133254 (fits on H100), #180278 (sm_8.6), #198224 (sm_12.x).
+LARGE_SHARED_MEMORY_CC = ((8, 0), (8, 7), (9, 0), (10, 0), (10, 3))
+FLEX_SMALL_HEAD_DIM = 128  # head dims up to this fit FlexAttention's backward on every Ampere-or-newer GPU
+
+
+def _flex_fits(hw: Hardware, shape: ModelShape | None) -> tuple[bool, str]:
+    """(FlexAttention can train here, why not)."""
+    cc = hw.compute_capability
+    if not hw.flex_attn:
+        return False, "FlexAttention needs torch's CUDA build with Triton (not found)"
+    if (cc is None and not hw.bf16) or (cc is not None and cc < (8, 0)):
+        return False, "FlexAttention's Triton kernels need compute capability >= 8.0"
+    if cc in LARGE_SHARED_MEMORY_CC:
+        return True, ""
+    gpu = f"compute capability {cc[0]}.{cc[1]}" if cc else "compute capability unknown"
+    if shape is None:
+        return False, (f"the model's head_dim is unknown and FlexAttention's backward at head_dim > "
+                       f"{FLEX_SMALL_HEAD_DIM} may not fit this GPU's shared memory ({gpu})")
+    if shape.head_dim > FLEX_SMALL_HEAD_DIM:
+        return False, (f"FlexAttention's backward at head_dim {shape.head_dim} > {FLEX_SMALL_HEAD_DIM} needs more "
+                       f"than the ~99 KiB of shared memory per block of GPUs other than A100/H100/B200 ({gpu}; "
+                       "pytorch#180278)")
+    return True, ""
+
+
+def _auto_attention(hw: Hardware, will_pack: bool, precision: str = "bf16",
+                    shape: ModelShape | None = None) -> tuple[str, str]:
+    """(attn_implementation, reason) for "auto". Packed (padding-free) rows need attention that keeps the
+    examples apart without work across them: flash-attn's variable-length kernel (no mask at all), else
+    FlexAttention (transformers turns the packed position_ids into a BlockMask; the blocks between examples are
+    skipped), else SDPA under a dense block-diagonal [T, T] mask over the whole packed row (attention over all
+    T^2 pairs: ~ the number of examples per row times the work, and no flash kernel)."""
     if not hw.is_gpu:
-        return "sdpa", "PyTorch scaled-dot-product attention (CPU)"
-    why = ("PyTorch SDPA" + (": packed examples are kept apart by a block-diagonal mask built from position_ids "
-                             "(SDPA's memory-efficient kernel; k/v expanded to all heads). flash-attn's varlen kernel "
-                             "would need no mask (pip install flash-attn on Ampere or newer); flex_attention would "
-                             "need torch.compile" if will_pack else " (flash/memory-efficient kernels)"))
-    if hw.compute_capability and hw.compute_capability < (8, 0):
-        why += "; flash-attn needs compute capability >= 8.0"
-    return "sdpa", why
+        return "sdpa", ("PyTorch SDPA (CPU): FlexAttention has no backward on the CPU (torch 2.13)"
+                        + ("; packed rows run under a dense block-diagonal mask" if will_pack else ""))
+    cc = hw.compute_capability
+    half = precision in ("bf16", "fp16")
+    if hw.flash_attn and half and (cc is None or cc >= (8, 0)):
+        return "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel keeps packed "
+                                     "examples apart without a mask (fastest, least memory)" if will_pack else
+                                     "flash-attn is installed and imports (fastest, least memory)")
+    if not will_pack:
+        why = "PyTorch SDPA: rows are padded, not packed (SDPA's flash/memory-efficient kernels)"
+        return "sdpa", why
+    no_flash = ("flash-attn is not installed (pip install flash-attn, Ampere or newer, for its variable-length "
+                "kernel)" if not hw.flash_attn else f"flash-attn needs bf16/fp16 (the plan computes in {precision})")
+    flex_ok, flex_why = _flex_fits(hw, shape)
+    if flex_ok and half:
+        return "flex_attention", (
+            "FlexAttention (PyTorch's own): transformers turns the packed position_ids into a block mask, so the "
+            "kernel skips the blocks between examples, where SDPA computes every pair of the packed row under a "
+            "dense mask; transformers compiles only this kernel (Triton, once per run), not the model; "
+            + no_flash)
+    if not half:
+        flex_why = f"FlexAttention and flash-attn are chosen for bf16/fp16 runs (the plan computes in {precision})"
+    return "sdpa", ("PyTorch SDPA: packed examples are kept apart by a dense block-diagonal mask built from "
+                    "position_ids (SDPA's memory-efficient kernel; k/v expanded to all heads); " + no_flash + "; "
+                    + flex_why)
 
 
 def _auto_checkpointing(hw: Hardware, without: MemoryEstimate | None) -> tuple[bool, str]:
@@ -289,7 +337,8 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
 
     auto_pack, pack_why = _auto_packing(recipe, hw)
     will_pack = auto_pack if train["packing"] == "auto" else bool(train["packing"])
-    attn = choices.choose("model.attn_implementation", model["attn_implementation"], *_auto_attention(hw, will_pack))
+    attn = choices.choose("model.attn_implementation", model["attn_implementation"],
+                          *_auto_attention(hw, will_pack, precision, shape))
     packing = choices.choose("training.packing", train["packing"], auto_pack, pack_why)
     grouped = choices.choose("training.group_by_length", train["group_by_length"], not packing,
                              "length-grouped batches cut padding" if not packing else "packing already removes padding")

@@ -46,6 +46,7 @@ from finsft.models import (
     model_shape,
     portable_adapter,
     resolve_model,
+    scoring_attention,
 )
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
 from finsft.preflight import Checked, preflight
@@ -358,7 +359,7 @@ class TrainingRun:
             self.out.print(f"evaluation before training skipped: {self.plan.choice('evaluation.before_training').reason}")
             return
         for i, s in enumerate(self.sets):
-            with self.phase("evaluation of the base model"):
+            with self.phase("evaluation of the base model"), scoring_attention(self.model, self.plan):
                 res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
                             "evaluating the base model" + (f" on '{s.name}'" if i else ""))
             self.set_base[s.name] = res.metrics
@@ -470,7 +471,7 @@ class TrainingRun:
             return
         for i, s in enumerate(self.sets):
             t0 = time.perf_counter()
-            with self.phase("evaluation of the trained model"):
+            with self.phase("evaluation of the trained model"), scoring_attention(self.trainer.model, self.plan):
                 res = score(self.trainer.model, s.formatter, s.rows.rows, s.settings, self.out,
                             "evaluating the trained model" + (f" on '{s.name}'" if i else ""))
             base = self.set_base.get(s.name)
