@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -319,11 +320,13 @@ def _choose_evaluation_before(recipe: Recipe, choices: _Choices, engine: str | N
     return before
 
 
-def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parallel: Parallelism | None = None) -> Plan:
+def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parallel: Parallelism | None = None,
+             environ: Mapping[str, str] | None = None) -> Plan:
     """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
     :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
     estimate. ``parallel``: the engine and process count (default: what the launcher set up in this process's
-    environment); the memory estimate is per GPU. Raises FinsftError for a pinned setting the model or the engine
+    environment); the memory estimate is per GPU. ``environ`` (default: this process's): the CUDA allocator
+    variable the user may have set (finsft.allocator). Raises FinsftError for a pinned setting the model or the engine
     cannot train with (fp16 on Gemma, a paged 8-bit optimizer under FSDP)."""
     train, model = recipe.training, recipe.model
     shape = _shape(model_shape)
@@ -372,6 +375,10 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
     tf32 = _choose_tf32(train, hw, precision, choices)
     optim = choices.choose("training.optim", train["optim"], optim_auto, optim_why)
     compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices, engine)
+    if hw.is_gpu:
+        from finsft.allocator import VARIABLE, allocator_choice
+
+        choices.append(Choice(f"env.{VARIABLE}", *allocator_choice(environ)))
     before = _choose_evaluation_before(recipe, choices, engine)
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,
