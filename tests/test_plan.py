@@ -63,7 +63,7 @@ def test_cpu_plan_is_fp32_unpacked_grouped_without_checkpointing(recipe: Any) ->
     assert plan.gradient_checkpointing is False
     assert plan.use_liger_kernel is False and plan.tf32 is None  # never set off CUDA
     assert plan.attn_implementation == "sdpa"
-    assert plan.optim == "adamw_torch"
+    assert plan.optim == "adamw_torch_fused"  # torch fuses AdamW on the CPU too (tests/test_optimizer.py)
     assert plan.compute_dtype is None and plan.quant_storage is None
     # every auto setting is explained
     assert all(c.automatic and c.reason for c in plan.choices)
@@ -243,7 +243,7 @@ def test_sft_config_on_cpu(recipe: Any, tmp_path: Any) -> None:
     assert cfg.learning_rate == 1e-3 and cfg.warmup_steps == 5 and cfg.weight_decay == 0.01
     assert val(cfg.lr_scheduler_type) == "linear"
     assert cfg.max_length == 128
-    assert val(cfg.optim) == "adamw_torch"
+    assert val(cfg.optim) == "adamw_torch_fused"
     assert cfg.save_steps == 7 and val(cfg.save_strategy) == "steps"
     assert cfg.seed == 3 and cfg.data_seed == 3
     assert val(cfg.eval_strategy) == "no"

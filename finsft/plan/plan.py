@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -20,6 +20,7 @@ from finsft.plan.memory import (
     MemorySettings,
     ModelShape,
     estimate_memory,
+    fit_limit,
     fitting_overrides,
 )
 from finsft.recipe import Recipe
@@ -229,19 +230,52 @@ def _unshardable_optimizer(optim: str) -> bool:
     return "8bit" in optim or optim.startswith("paged_")
 
 
-def _auto_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+# "auto" optimizer on a GPU: fused AdamW while its state is at most this share of the memory a step may use
+# (finsft.plan.memory.fit_limit). bitsandbytes' 8-bit state saves 3/4 of it: below 5% that is under 4% of the
+# memory, for paging and 8-bit (de)quantization in every step (Gemma-2B QLoRA: 0.15 GiB of bf16 AdamW state).
+OPTIMIZER_STATE_SHARE = 0.05
+FUSED = "adamw_torch_fused"
+PAGED_8BIT = "paged_adamw_8bit"
+# torch >= 2.4 fuses AdamW on the CPU too: 48 vs 127 ms per step for SmolLM2-135M's 4.9M LoRA parameters (r16, all
+# 7 projections), the same weights to 4e-9 after 23 steps (torch 2.13, one shared core, 2026-12-05).
+CPU_FUSED_REASON = ("fused AdamW, also on the CPU (torch >= 2.4): 48 vs 127 ms per optimizer step for 4.9M LoRA "
+                    "parameters, same updates")
+
+
+def _auto_optimizer(recipe: Recipe, hw: Hardware, engine: str | None,
+                    estimate: Callable[[str], MemoryEstimate | None] | None = None) -> tuple[str, str]:
+    """(optimizer, reason) for "auto", by what the optimizer costs. ``estimate(optim)``: the plan's memory estimate
+    of a step with that optimizer (None when the model's shape is unknown)."""
     if not hw.is_gpu:
-        return "adamw_torch", "plain AdamW on CPU"
+        return FUSED, CPU_FUSED_REASON
     if engine:
-        return "adamw_torch_fused", (f"fused AdamW: {engine} shards its state; bitsandbytes' paged 8-bit state "
-                                     "cannot be gathered by FSDP (bitsandbytes#89)")
-    if recipe.quantization:
-        return "paged_adamw_8bit", ("quantized model on CUDA: paged 8-bit AdamW, as QLoRA (8-bit state, paged to "
-                                    "CPU memory under spikes)")
-    return "adamw_torch_fused", "fused AdamW on CUDA"
+        return FUSED, (f"fused AdamW: {engine} shards its state; bitsandbytes' paged 8-bit state "
+                       "cannot be gathered by FSDP (bitsandbytes#89)")
+    what = "adapters'" if recipe.lora else "full fine-tune's"
+    fused = estimate(FUSED) if estimate is not None else None
+    if fused is None or not hw.memory_bytes:
+        if recipe.quantization or not recipe.lora:
+            return PAGED_8BIT, ("model size unknown: paged 8-bit AdamW (8-bit state, paged to CPU memory under "
+                                "spikes), the safe side for QLoRA and full fine-tuning")
+        return FUSED, "fused AdamW on CUDA (model size unknown; LoRA adapters keep a small state)"
+    usable = fit_limit(hw.memory_bytes)
+    state = fused.optimizer
+    paged = estimate(PAGED_8BIT) if estimate is not None else None
+    state_8bit = paged.optimizer if paged is not None else state // 4
+    share = state / usable
+    numbers = f"AdamW state of the {what} {state / GiB:.2f} GiB = {share:.1%} of the {usable / GiB:.1f} GiB a step may use"
+    if share > OPTIMIZER_STATE_SHARE:
+        return PAGED_8BIT, (f"{numbers} (> {OPTIMIZER_STATE_SHARE:.0%}): paged 8-bit AdamW keeps it in "
+                            f"{state_8bit / GiB:.2f} GiB, paged to CPU memory under spikes")
+    if fused.peak > usable and paged is not None and paged.peak <= usable:
+        return PAGED_8BIT, (f"memory is short: with fused AdamW the step needs {fused.peak / GiB:.1f} GiB > "
+                            f"{usable / GiB:.1f} GiB; paged 8-bit AdamW fits ({paged.peak / GiB:.1f} GiB)")
+    return FUSED, (f"{numbers} (<= {OPTIMIZER_STATE_SHARE:.0%}): fused AdamW, one kernel per step; 8-bit state "
+                   f"would save {(state - state_8bit) / GiB:.2f} GiB for paging and (de)quantization every step")
 
 
-def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None,
+                      estimate: Callable[[str], MemoryEstimate | None] | None = None) -> tuple[str, str]:
     """(optimizer, reason) for "auto"; a pinned bitsandbytes 8-bit/paged optimizer under FSDP/ZeRO-3 is refused."""
     pinned = str(recipe.training["optim"])
     if pinned != "auto" and engine and _unshardable_optimizer(pinned):
@@ -250,7 +284,9 @@ def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple
             f"{engine} cannot shard or gather (the run would fail at its first checkpoint, bitsandbytes#89). Use "
             f"\"auto\" (fused AdamW under {engine}), \"adamw_torch_fused\" or \"adamw_torch\": "
             "training.optim=auto")
-    return _auto_optimizer(recipe, hw, engine)
+    if pinned != "auto":  # the plan reports it as pinned; no estimate needed
+        return pinned, "pinned by the recipe"
+    return _auto_optimizer(recipe, hw, engine, estimate)
 
 
 def _choose_tf32(train: Any, hw: Hardware, precision: str, choices: _Choices) -> bool | None:
@@ -348,8 +384,20 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
 
     liger_ok = hw.is_gpu and hw.liger
     will_liger = liger_ok if train["use_liger_kernel"] == "auto" else bool(train["use_liger_kernel"])
-    optim_auto, optim_why = _choose_optimizer(recipe, hw, engine)
-    will_optim = optim_auto if train["optim"] == "auto" else train["optim"]
+
+    def estimate_with(optim: str) -> MemoryEstimate | None:
+        """The step's estimate with ``optim``, under the recipe's checkpointing (on where "auto" could turn it
+        on: the optimizer is chosen for the run that fits)."""
+        if shape is None:
+            return None
+        ckpt_pin = train["gradient_checkpointing"]
+        return estimate_memory(shape, memory_settings(
+            recipe, precision=precision, gradient_checkpointing=True if ckpt_pin == "auto" else bool(ckpt_pin),
+            packing=packing, attn_implementation=attn, use_liger_kernel=will_liger, optim=optim, parallel=par),
+            hw.memory_bytes)
+
+    optim_auto, optim_why = _choose_optimizer(recipe, hw, engine, estimate_with)
+    will_optim = optim_auto
 
     # The memory estimate without checkpointing decides "auto" checkpointing; the one with the plan's setting is
     # what the run needs.
