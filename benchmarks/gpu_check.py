@@ -417,7 +417,8 @@ def worker_prepare(name: str, tiny: bool, work: str, steps: int, warmup: int, ro
             "parameters": parameters, "plan_choices": choices}
 
 
-def worker_attention(impl: str, rows: int = 8, length: int = 4096) -> dict[str, Any]:
+def worker_attention(impl: str, rows: int = 8, length: int = 4096, device: str = "cuda",
+                     dtype: str = "bfloat16") -> dict[str, Any]:
     """On the GPU, FlexAttention's gradients (which the CPU cannot compute): a 2-layer model with Gemma-2B's
     attention (8 heads, 1 KV head, head_dim 256, bf16) on one packed row of ``rows`` examples (TRL's padding-free
     collator), ``impl`` against each example run alone under SDPA; the packed SDPA row is the bf16 noise reference.
@@ -426,21 +427,23 @@ def worker_attention(impl: str, rows: int = 8, length: int = 4096) -> dict[str, 
     from transformers import AutoConfig, AutoModelForCausalLM
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return {"skipped": "no CUDA device"}
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     cfg = json.loads((ROOT / "finsft/model_configs/google--gemma-2b.json").read_text())
     cfg.update(num_hidden_layers=2, vocab_size=4096)
     config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
     torch.manual_seed(0)
     models = {}
     for name in ("sdpa", impl):
-        with torch.device("cuda"):
-            models[name] = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation=name)
+        with torch.device(device):
+            models[name] = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype),
+                                                            attn_implementation=name)
     models[impl].load_state_dict(models["sdpa"].state_dict())
     cuts = sorted(torch.randperm(length - 1)[: rows - 1].add(1).tolist())
     lengths = [b - a for a, b in zip([0, *cuts], [*cuts, length], strict=True)]
     examples = [torch.randint(3, 4096, (n,)).tolist() for n in lengths]
-    batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in DataCollatorForLanguageModeling(
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in DataCollatorForLanguageModeling(
         pad_token_id=0, padding_free=True)([{"input_ids": e} for e in examples]).items()}
     predicted = sum(n - 1 for n in lengths)
 
@@ -450,7 +453,7 @@ def worker_attention(impl: str, rows: int = 8, length: int = 4096) -> dict[str, 
             model(**batch, use_cache=False).loss.backward()
         else:
             for e in examples:
-                ids = torch.tensor([e], device="cuda")
+                ids = torch.tensor([e], device=device)
                 (model(input_ids=ids, labels=ids, use_cache=False).loss * (len(e) - 1) / predicted).backward()
         return torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
 
@@ -460,11 +463,11 @@ def worker_attention(impl: str, rows: int = 8, length: int = 4096) -> dict[str, 
     def timed(model: Any) -> float:
         for _ in range(2):
             model(**batch, use_cache=False).loss.backward()
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         for _ in range(5):
             model(**batch, use_cache=False).loss.backward()
-        torch.cuda.synchronize()
+        sync()
         return round((time.perf_counter() - t0) / 5 * 1000, 2)
 
     ms = {name: timed(models[name]) for name in ("sdpa", impl)}

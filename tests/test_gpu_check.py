@@ -82,8 +82,9 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
 @pytest.mark.slow
 def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "400", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+    # 2 pairs here to keep the test's time modest (a CPU process costs ~20-45 s); the GPU check runs 3
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "420", "--repeats", "2", "--out",
+                           str(out), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -103,8 +104,8 @@ def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     prep = stages["gemma: prepare"]["details"]
     assert prep["tokenizer_tokens"] >= 100 and prep["estimated_peak_gib"] > 0
     cmp = stages["gemma: finsft vs expert"]["details"]
-    assert [r["order"] for r in cmp["repeats"]] == [["finsft", "expert"], ["expert", "finsft"], ["finsft", "expert"]]
-    assert len(cmp["finsft_over_expert"]) == 3 and cmp["median_finsft_over_expert"] > 0
+    assert [r["order"] for r in cmp["repeats"]] == [["finsft", "expert"], ["expert", "finsft"]]
+    assert len(cmp["finsft_over_expert"]) == 2 and cmp["median_finsft_over_expert"] > 0
     assert cmp["median_finsft_tokens_per_s"] > 0 and cmp["mfu_finsft"] is None  # no GPU peak to divide by
     # the optimizer stage swaps finsft's choice (fused AdamW, also on the CPU) into the expert's script
     opt = stages["gemma: optimizer choice"]["details"]
