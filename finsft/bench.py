@@ -165,15 +165,19 @@ def synthetic_tokenizer(config: Any, texts: list[str], *, max_trained: int = 32_
 
 def baseline_plan(plan: Any) -> Any:
     """The notebook way on the same hardware: padded batches in random order, no packing, gradient checkpointing,
-    no Liger kernels; precision, attention, optimizer and everything else as the recipe's plan."""
+    no Liger kernels; precision, optimizer and everything else as the recipe's plan, and its attention unless that
+    was FlexAttention chosen for packed rows (padded rows get SDPA, as the plan gives unpacked runs)."""
     from finsft.plan import Choice
+    from finsft.plan.configs import inference_attention
 
     why = "notebook-style baseline"
+    attn = inference_attention(plan)
     changed = {"training.packing": False, "training.group_by_length": False,
-               "training.gradient_checkpointing": True, "training.use_liger_kernel": False}
+               "training.gradient_checkpointing": True, "training.use_liger_kernel": False,
+               **({"model.attn_implementation": attn} if attn != plan.attn_implementation else {})}
     choices = [Choice(c.setting, changed[c.setting], why, False) if c.setting in changed else c for c in plan.choices]
     return replace(plan, packing=False, group_by_length=False, gradient_checkpointing=True, use_liger_kernel=False,
-                   choices=choices)
+                   attn_implementation=attn, choices=choices)
 
 
 def plan_settings(plan: Any) -> dict[str, Any]:

@@ -83,7 +83,7 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
 def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
     # 2 pairs here to keep the test's time modest (a CPU process costs ~20-45 s); the GPU check runs 3
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "420", "--repeats", "2", "--out",
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "540", "--repeats", "2", "--out",
                            str(out), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
@@ -92,12 +92,13 @@ def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     status = {name: s["status"] for name, s in stages.items()}
     assert data["finished"] and data["result"] == "PASS" and not data["skipped_by_deadline"]
     assert status["preflight"] == status["gemma: prepare"] == status["gemma: finsft vs expert"] == "PASS"
-    assert status["gemma: warm-up"] == status["gemma: optimizer choice"] == "PASS"
-    assert status["gemma: train + evaluate"] == "PASS"
-    # the CPU plan keeps SDPA (FlexAttention has no backward there): no attention choice to time
-    for skipped in ("gemma: memory vs plan", "gemma: attention choice", "gemma: FSDP-QLoRA checkpoint"):
+    assert status["gemma: optimizer choice"] == status["gemma: train + evaluate"] == "PASS"
+    # the CPU plan keeps SDPA (FlexAttention has no backward there): no attention choice to time; no Triton
+    # kernels to warm up either (on the GPU that stage runs before anything is timed)
+    for skipped in ("gemma: warm-up", "gemma: memory vs plan", "gemma: attention choice",
+                    "gemma: FSDP-QLoRA checkpoint"):
         assert status[skipped] == "SKIP" and stages[skipped]["details"]["reason"]
-    names = [s["name"] for s in data["stages"]]  # the untimed warm-up before anything is timed
+    names = [s["name"] for s in data["stages"]]
     assert names.index("gemma: warm-up") < names.index("gemma: finsft vs expert")
     pre = stages["preflight"]["details"]
     assert not pre["missing"] and {"trl", "peft", "bitsandbytes", "datasets", "rouge-score"} <= set(pre["versions"])
