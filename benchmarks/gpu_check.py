@@ -33,7 +33,7 @@ none failed but the deadline skipped a stage. The offline variables are set for 
 
 usage: python benchmarks/gpu_check.py [--deadline 500] [--out gpu_check.json] [--steps 10] [--repeats 3]
        python benchmarks/gpu_check.py --models mistral    # the second model, in a call of its own
-       python benchmarks/gpu_check.py --tiny --deadline 240    # CPU: the same stages on a tiny Gemma
+       python benchmarks/gpu_check.py --tiny --deadline 540    # CPU: the same stages on a tiny Gemma
 """
 
 from __future__ import annotations
