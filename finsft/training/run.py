@@ -387,13 +387,25 @@ class TrainingRun:
         rows = task_rows(self.recipe, self.formatter, self.splits.validation) if args.eval_strategy != "no" else []
         set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
-                                     task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
+                                     task_metric=self._scored(task_metric(self.formatter, rows,
+                                                                          args.per_device_eval_batch_size))
                                      if rows else None)
         self.trainer.add_callback(self.progress)
         self.trainer.defer_tracker_end = True  # the scores after training reach the trackers before their run ends
         for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers
             self.trainer.scores_before.update(score_keys("before", base, name if i else None))
         return self.trainer
+
+    def _scored(self, metric: Any) -> Any:
+        """The in-training task metric under the plan's inference attention (padded scoring rows: SDPA where the
+        plan chose FlexAttention for packed training rows)."""
+        plan = self.plan
+
+        def scored(model: Any) -> Any:
+            with scoring_attention(model, plan):
+                return metric(model)
+
+        return scored
 
     def train(self) -> None:
         with self.phase("training"):
