@@ -76,7 +76,9 @@ REQUIRED = (("torch", "torch", "training"), ("transformers", "transformers", "mo
 OPTIONAL = (("sklearn", "scikit-learn", "classification metrics (not used by this check)"),
             ("matplotlib", "matplotlib", "loss.png / confusion.png (skipped with a note when missing)"),
             ("gguf", "gguf", "GGUF model files"),
-            ("liger_kernel", "liger-kernel", "Liger kernels (finsft and the expert use them when installed)"))
+            ("liger_kernel", "liger-kernel", "Liger kernels (finsft and the expert use them when installed)"),
+            ("triton", "triton", "FlexAttention's kernels (finsft's attention for packed rows without flash-attn)"),
+            ("flash_attn", "flash-attn", "variable-length attention (finsft's first choice for packed rows)"))
 # imports that load the code paths the stages run (a version mismatch shows here, in seconds)
 ENTRY_POINTS = ("from trl import SFTConfig, SFTTrainer", "from peft import LoraConfig, get_peft_model",
                 "from transformers import BitsAndBytesConfig, AutoModelForCausalLM",
