@@ -165,17 +165,21 @@ def synthetic_tokenizer(config: Any, texts: list[str], *, max_trained: int = 32_
 
 def baseline_plan(plan: Any) -> Any:
     """The notebook way on the same hardware: padded batches in random order, no packing, gradient checkpointing,
-    no Liger kernels, the LM head as TRL projects it; precision, attention, optimizer and everything else as the
-    recipe's plan."""
+    no Liger kernels, the LM head as TRL projects it; precision, optimizer and everything else as the recipe's plan,
+    and its attention unless that was FlexAttention chosen for packed rows (padded rows get SDPA, as the plan gives
+    unpacked runs)."""
     from finsft.plan import Choice
+    from finsft.plan.configs import inference_attention
 
     why = "notebook-style baseline"
+    attn = inference_attention(plan)
     changed = {"training.packing": False, "training.group_by_length": False,
                "training.gradient_checkpointing": True, "training.use_liger_kernel": False,
-               "training.supervised_lm_head": None}
+               "training.supervised_lm_head": None,
+               **({"model.attn_implementation": attn} if attn != plan.attn_implementation else {})}
     choices = [Choice(c.setting, changed[c.setting], why, False) if c.setting in changed else c for c in plan.choices]
     return replace(plan, packing=False, group_by_length=False, gradient_checkpointing=True, use_liger_kernel=False,
-                   supervised_lm_head=None, choices=choices)
+                   supervised_lm_head=None, attn_implementation=attn, choices=choices)
 
 
 def plan_settings(plan: Any) -> dict[str, Any]:

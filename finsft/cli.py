@@ -19,6 +19,8 @@ from finsft import __version__
 from finsft.errors import FinsftError, RecipeError
 
 EXIT_OK, EXIT_INVALID, EXIT_USAGE = 0, 1, 2
+# Commands that may run on a CUDA GPU: finsft configures PyTorch's allocator before they import torch
+CUDA_COMMANDS = ("train", "eval", "predict", "merge", "bench")
 COMMANDS = ("validate", "schema", "show", "templates", "train", "eval", "predict", "merge", "bench", "plan", "push")
 
 
@@ -399,6 +401,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    if args.command in CUDA_COMMANDS:
+        # Before anything imports torch: the caching allocator reads its configuration when CUDA initialises.
+        from finsft.allocator import configure_allocator
+
+        configure_allocator()
     try:
         code = HANDLERS[args.command](args)
         sys.stdout.flush()  # a closed pipe (`finsft schema | head -1`) raises here, inside the try

@@ -14,7 +14,8 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -347,6 +348,26 @@ def load_training_model(source: ModelSource, recipe: Recipe, plan: Plan, *, rand
     return model
 
 
+@contextmanager
+def scoring_attention(model: Any, plan: Plan) -> Iterator[None]:
+    """Score (or generate with) the training model under the plan's inference attention
+    (:func:`finsft.plan.configs.inference_attention`: SDPA where the plan chose FlexAttention for packed rows),
+    and give the model its training attention back afterwards."""
+    from finsft.plan.configs import inference_attention
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    before = getattr(getattr(base, "config", None), "_attn_implementation", None)
+    wanted = inference_attention(plan)
+    switch = before is not None and before != wanted and hasattr(base, "set_attn_implementation")
+    if switch:
+        base.set_attn_implementation(wanted)
+    try:
+        yield
+    finally:
+        if switch:
+            base.set_attn_implementation(before)
+
+
 def keep_4bit_layout_trainable(model: Any) -> int:
     """Stop bitsandbytes from repacking 4-bit weights for its CPU inference kernel in a model that will be trained.
 
@@ -452,7 +473,7 @@ def load_for_inference(recipe: Recipe, adapter: str | None, log: Callable[[str],
     path = check_adapter(adapter)
     source = resolve_model(recipe, log=log)
     plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
-    kwargs = get_model_kwargs(recipe, plan)
+    kwargs = get_model_kwargs(recipe, plan, inference=True)
     full = path is not None and not (path / "adapter_config.json").exists()
     weights = ModelSource(str(path), True, str(path)) if full and path is not None else source
     tokenizer = load_tokenizer(adapter_tokenizer_source(path, source), recipe)

@@ -49,11 +49,15 @@ def test_baseline_is_the_notebook_way_with_everything_else_equal(make_recipe: An
     base = baseline_plan(plan)
     assert (base.packing, base.group_by_length, base.gradient_checkpointing, base.use_liger_kernel) == (
         False, False, True, False)
-    for same in ("precision", "dtype", "attn_implementation", "optim", "tf32", "hardware"):
+    for same in ("precision", "dtype", "optim", "tf32", "hardware"):
         assert getattr(base, same) == getattr(plan, same)
+    # FlexAttention is the plan's choice for packed rows; the padded baseline runs SDPA, as unpacked plans do
+    assert (plan.attn_implementation, base.attn_implementation) == (
+        ("flex_attention", "sdpa") if hw.is_gpu else ("sdpa", "sdpa"))
     changed = {c.setting: c for c in base.choices if c.reason == "notebook-style baseline"}
     assert set(changed) == {"training.packing", "training.group_by_length", "training.gradient_checkpointing",
-                            "training.use_liger_kernel", "training.supervised_lm_head"}
+                            "training.use_liger_kernel", "training.supervised_lm_head",
+                            *(["model.attn_implementation"] if hw.is_gpu else [])}
     assert base.supervised_lm_head is None and plan.supervised_lm_head is True  # TRL's own choice in the baseline
     assert plan.packing is hw.is_gpu  # the recipe's own plan is untouched
     assert plan.gradient_checkpointing is False

@@ -82,8 +82,9 @@ def test_a_command_past_its_timeout_is_killed_with_its_whole_process_group(tmp_p
 @pytest.mark.slow
 def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     out = tmp_path / "check.json"
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "300", "--out", str(out),
-                           "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
+    # 2 pairs here to keep the test's time modest (a CPU process costs ~20-45 s); the GPU check runs 3
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--deadline", "540", "--repeats", "2", "--out",
+                           str(out), "--work", str(tmp_path / "work")], cwd=ROOT, capture_output=True, text=True,
                           timeout=600, env=env())
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -91,9 +92,14 @@ def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     status = {name: s["status"] for name, s in stages.items()}
     assert data["finished"] and data["result"] == "PASS" and not data["skipped_by_deadline"]
     assert status["preflight"] == status["gemma: prepare"] == status["gemma: finsft vs expert"] == "PASS"
-    assert status["gemma: train + evaluate"] == "PASS"
-    for skipped in ("gemma: memory vs plan", "mistral: prepare", "gemma: FSDP-QLoRA checkpoint"):
+    assert status["gemma: optimizer choice"] == status["gemma: train + evaluate"] == "PASS"
+    # the CPU plan keeps SDPA (FlexAttention has no backward there): no attention choice to time; no Triton
+    # kernels to warm up either (on the GPU that stage runs before anything is timed)
+    for skipped in ("gemma: warm-up", "gemma: memory vs plan", "gemma: attention choice",
+                    "gemma: FSDP-QLoRA checkpoint"):
         assert status[skipped] == "SKIP" and stages[skipped]["details"]["reason"]
+    names = [s["name"] for s in data["stages"]]
+    assert names.index("gemma: warm-up") < names.index("gemma: finsft vs expert")
     pre = stages["preflight"]["details"]
     assert not pre["missing"] and {"trl", "peft", "bitsandbytes", "datasets", "rouge-score"} <= set(pre["versions"])
     prep = stages["gemma: prepare"]["details"]
@@ -101,6 +107,10 @@ def test_gpu_check_tiny_passes_every_stage(tmp_path: Path) -> None:
     cmp = stages["gemma: finsft vs expert"]["details"]
     assert [r["order"] for r in cmp["repeats"]] == [["finsft", "expert"], ["expert", "finsft"]]
     assert len(cmp["finsft_over_expert"]) == 2 and cmp["median_finsft_over_expert"] > 0
+    assert cmp["median_finsft_tokens_per_s"] > 0 and cmp["mfu_finsft"] is None  # no GPU peak to divide by
+    # the optimizer stage swaps finsft's choice (fused AdamW, also on the CPU) into the expert's script
+    opt = stages["gemma: optimizer choice"]["details"]
+    assert (opt["finsft"], opt["expert"]) == ("adamw_torch_fused", "adamw_torch") and opt["ratio"] > 0
     # the same rows in the same order: both sides log the same first loss
     first = {side: cmp["repeats"][0][side]["losses"][0] for side in ("finsft", "expert")}
     assert first["finsft"] == pytest.approx(first["expert"], rel=1e-3)
@@ -143,6 +153,40 @@ def test_a_check_killed_mid_way_keeps_the_finished_stages(tmp_path: Path) -> Non
     while not gone(running["pid"]) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert gone(running["pid"]), "the stage's process group outlived the check"
+
+
+def test_mfu_counts_4n_flops_per_token_over_the_bf16_peak() -> None:
+    gc = gpu_check()
+    # Gemma-2B (2.5e9 parameters) at 15,009 tokens/s on an H100 SXM: 4 x 2.5e9 x 15,009 / 989e12 = 15%
+    assert gc.mfu(15009, 2_506_172_416, "NVIDIA H100 80GB HBM3") == pytest.approx(0.152, abs=0.001)
+    assert gc.peak_tflops("NVIDIA H100 PCIe") == 756.0 and gc.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert gc.mfu(15009, 2_506_172_416, None) is None and gc.mfu(15009, None, "NVIDIA A100") is None
+
+
+def test_the_expert_keeps_its_own_choices_unless_a_stage_swaps_one(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+
+    gc = gpu_check()
+    recipe = tmp_path / "r.json"
+    recipe.write_text(json.dumps({"extends": "recipes/gemma_qlora.json", "training": {}}))
+    prep = {"recipe": str(recipe), "model_dir": "m", "timed_rows": "rows.jsonl", "random_weights": False,
+            "settings": {"precision": "bf16", "attn_implementation": "flex_attention", "optim": "adamw_torch_fused",
+                         "packing": True, "group_by_length": False, "gradient_checkpointing": False,
+                         "use_liger_kernel": True}}
+    args = argparse.Namespace(steps=10, warmup=3, logging_steps=5, tiny=False)
+
+    def flag(cmd: list[str], name: str) -> str:
+        return cmd[cmd.index(name) + 1]
+
+    own = gc.expert_cmd(prep, args, quantized=True)
+    assert (flag(own, "--attn"), flag(own, "--optim")) == ("sdpa", "paged_adamw_8bit")
+    assert "--packing" in own and "--liger" in own and "--gradient-checkpointing" not in own
+    swapped = gc.expert_cmd(prep, args, quantized=True, attn="flex_attention")
+    assert (flag(swapped, "--attn"), flag(swapped, "--optim")) == ("flex_attention", "paged_adamw_8bit")
+    # the hand-written script runs without an allocator setting, whatever the check inherited
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    assert not set(gc.ALLOCATOR_VARIABLES) & set(gc.expert_env())
 
 
 def test_the_preflight_names_what_is_missing_with_the_pip_line(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,7 +59,7 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str, gguf: list[str] | N
                              log=con.print)
     plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
     dtype = torch_dtype(plan.compute_dtype or plan.dtype)
-    kwargs = get_model_kwargs(recipe, plan)
+    kwargs = get_model_kwargs(recipe, plan, inference=True)
     tokenizer = load_tokenizer(adapter_tokenizer_source(path, source), recipe)
     peft_model = apply_adapter(load_model(source, kwargs), path, source, con.print)
     con.print(f"merging {path} into {source.description}"

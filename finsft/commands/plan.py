@@ -81,7 +81,7 @@ def plan_dict(plan: Plan, shape_source: str) -> dict[str, Any]:
     mem = plan.memory
     return {
         "hardware": {"name": hw.name, "device": hw.device, "memory_bytes": hw.memory_bytes, "bf16": hw.bf16,
-                     "tf32": hw.tf32, "flash_attn": hw.flash_attn, "liger": hw.liger,
+                     "tf32": hw.tf32, "flash_attn": hw.flash_attn, "flex_attn": hw.flex_attn, "liger": hw.liger,
                      "compute_capability": list(hw.compute_capability) if hw.compute_capability else None},
         "model": {"shape": None if plan.model_shape is None else vars(plan.model_shape), "source": shape_source},
         "choices": {c.setting: {"value": c.value, "reason": c.reason, "automatic": c.automatic}

@@ -81,14 +81,25 @@ def get_peft_config(recipe: Recipe) -> Any:
     )
 
 
-def get_model_kwargs(recipe: Recipe, plan: Plan) -> dict[str, Any]:
-    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained``."""
+def inference_attention(plan: Plan) -> str:
+    """The attention for scoring and generating: the plan's, except that an automatic FlexAttention (chosen for
+    packed training rows) becomes SDPA. Inference batches are padded, not packed, and FlexAttention would compile
+    its kernel again for the shapes of every generation step."""
+    if plan.attn_implementation == "flex_attention" and any(
+            c.setting == "model.attn_implementation" and c.automatic for c in plan.choices):
+        return "sdpa"
+    return plan.attn_implementation
+
+
+def get_model_kwargs(recipe: Recipe, plan: Plan, *, inference: bool = False) -> dict[str, Any]:
+    """Keyword arguments for ``AutoModelForCausalLM.from_pretrained`` (``inference``: for eval, predict and
+    merge, with :func:`inference_attention`)."""
     model = recipe.model
     kwargs: dict[str, Any] = {
         "revision": model["revision"],
         "trust_remote_code": model["trust_remote_code"],
         "dtype": torch_dtype(plan.dtype),
-        "attn_implementation": plan.attn_implementation,
+        "attn_implementation": inference_attention(plan) if inference else plan.attn_implementation,
     }
     quant = get_quantization_config(recipe, plan)
     if quant is not None:

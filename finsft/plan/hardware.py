@@ -26,6 +26,9 @@ class Hardware:
     liger: bool  # liger-kernel installed
     world_size: int = 1
     compute_capability: tuple[int, int] | None = None
+    # torch's FlexAttention can run here: a CUDA build of torch with Triton (PyTorch's Linux CUDA wheels ship it).
+    # transformers compiles only the attention kernel with it, not the model.
+    flex_attn: bool = True
 
     @property
     def is_gpu(self) -> bool:
@@ -35,12 +38,12 @@ class Hardware:
 def _gpu(name: str, gib: float, cc: tuple[int, int]) -> Hardware:
     ampere = cc >= (8, 0)
     return Hardware(device="cuda", name=name, bf16=ampere, tf32=ampere, memory_bytes=int(gib * GiB),
-                    flash_attn=False, liger=False, compute_capability=cc)
+                    flash_attn=False, liger=False, compute_capability=cc, flex_attn=True)
 
 
 # Memory as torch.cuda.get_device_properties().total_memory reports it (a little under the marketed GB). The
 # profiles describe a plain `pip install finsft`: no flash-attn, no liger-kernel (the attention and Liger
-# choices say what installing them changes).
+# choices say what installing them changes); FlexAttention comes with torch's CUDA wheels (Triton).
 PROFILES: dict[str, Hardware] = {
     "t4-16gb": _gpu("NVIDIA Tesla T4", 14.7, (7, 5)),
     "v100-16gb": _gpu("NVIDIA Tesla V100-SXM2-16GB", 15.8, (7, 0)),
@@ -91,6 +94,16 @@ def flash_attn_usable() -> bool:
     return True
 
 
+def flex_attention_usable() -> bool:
+    """torch's FlexAttention on CUDA: transformers compiles the kernel with Triton (bundled with PyTorch's CUDA
+    wheels on Linux; a build without it cannot compile the kernel)."""
+    try:
+        from transformers.utils import is_torch_flex_attn_available
+    except ImportError:
+        return False
+    return is_torch_flex_attn_available() and importlib.util.find_spec("triton") is not None
+
+
 def detect_hardware() -> Hardware:
     import torch
 
@@ -107,8 +120,9 @@ def detect_hardware() -> Hardware:
             memory_bytes=int(props.total_memory),
             flash_attn=cc >= (8, 0) and flash_attn_usable(),
             liger=importlib.util.find_spec("liger_kernel") is not None, world_size=world, compute_capability=cc,
+            flex_attn=flex_attention_usable(),
         )
     import platform
 
     return Hardware(device="cpu", name=platform.processor() or platform.machine(), bf16=False, tf32=False,
-                    memory_bytes=None, flash_attn=False, liger=False, world_size=world)
+                    memory_bytes=None, flash_attn=False, liger=False, world_size=world, flex_attn=False)

@@ -11,7 +11,8 @@ position_ids of a padding-free batch (TRL flattens the batch into one row of T =
 builds one boolean [1, 1, T, T] mask for the model; every layer's ``scaled_dot_product_attention`` converts it to
 an additive mask in the activation dtype and saves that copy for backward (measured with
 ``saved_tensors_hooks``: one [T, T] bf16 tensor per layer). Gemma-2B at 8 x 512: 18 x 2 x 4096^2 bytes = 0.56
-GiB; at 8 x 2048: 9 GiB. flash-attn's variable-length kernel needs no mask.
+GiB; at 8 x 2048: 9 GiB. flash-attn's variable-length kernel needs no mask; FlexAttention's BlockMask holds a few
+int32 per 128 x 128 tile (kilobytes), and both take grouped k/v as they are.
 
 The per-layer activation formula counts the tensors each op saves (calibrated op by op against
 ``torch.autograd.graph.saved_tensors_hooks`` on real layer shapes: :mod:`finsft.plan.calibrate`,
@@ -20,7 +21,7 @@ autocast, 4 in fp32), ``r`` the LoRA rank and ``d`` the input width of a LoRA-ta
 
 - each RMSNorm: its input in fp32, 4h (Liger's norm: the input itself, b*h)
 - each LoRA projection: dropout mask d (1 byte, when dropout > 0) + lora_A input b*d + lora_A output b*r
-- attention (SDPA / flash): q, k, v, output in b bytes + fp32 log-sum-exp per head; SDPA with a mask (packed
+- attention (SDPA / flash / flex): q, k, v, output in b bytes + fp32 log-sum-exp per head; SDPA with a mask (packed
   batches) expands k and v to all heads first
 - MLP: activation input, activation output and up output, 3*b*i (Liger's fused GLU: 2*b*i); 4 bytes instead
   of b when ``prepare_model_for_kbit_training`` upcast the norms (their fp32 outputs run the MLP in fp32)
@@ -215,8 +216,8 @@ def fit_limit(device_bytes: int) -> int:
 def attention_mask_bytes(shape: ModelShape, s: MemorySettings) -> int:
     """The packed block mask of padding-free SDPA (see the module docstring): the boolean mask once, and one
     additive copy per layer saved for backward (one layer's under gradient checkpointing). None without packing
-    or with flash-attn."""
-    if not s.packing or s.attn_implementation.startswith(("flash", "kernels-community/flash")):
+    or with flash-attn or FlexAttention."""
+    if not s.packing or s.attn_implementation.startswith(("flash", "kernels-community/flash", "flex")):
         return 0
     t = s.batch * s.max_length
     saved_layers = 1 if s.gradient_checkpointing else shape.layers

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -19,6 +20,7 @@ from finsft.plan.memory import (
     MemorySettings,
     ModelShape,
     estimate_memory,
+    fit_limit,
     fitting_overrides,
 )
 from finsft.recipe import Recipe
@@ -152,19 +154,67 @@ def _auto_packing(recipe: Recipe, hw: Hardware) -> tuple[bool, str]:
     return True, "GPU: padding-free best-fit-decreasing packing removes padding work"
 
 
-def _auto_attention(hw: Hardware, will_pack: bool) -> tuple[str, str]:
-    if hw.is_gpu and hw.flash_attn:
-        return "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel keeps packed "
-                                     "examples apart without a mask (fastest, least memory)")
+# GPUs whose Triton kernels may use >= ~160 KiB of shared memory per block (A100, Jetson Orin, H100/H200,
+# B200/B300). FlexAttention's backward at head_dim > 128 needs ~112-128 KiB (torch's default tile): it fails to
+# compile ("out of resource: shared memory") on the ~99 KiB parts (sm_8.6/8.9: RTX 30xx/40xx, A10G, L4, L40;
+# sm_12.x) and on Turing/Volta. pytorch/pytorch#133254 (fits on H100), #180278 (sm_8.6), #198224 (sm_12.x).
+LARGE_SHARED_MEMORY_CC = ((8, 0), (8, 7), (9, 0), (10, 0), (10, 3))
+FLEX_SMALL_HEAD_DIM = 128  # head dims up to this fit FlexAttention's backward on every Ampere-or-newer GPU
+
+
+def _flex_fits(hw: Hardware, shape: ModelShape | None) -> tuple[bool, str]:
+    """(FlexAttention can train here, why not)."""
+    cc = hw.compute_capability
+    if not hw.flex_attn:
+        return False, "FlexAttention needs torch's CUDA build with Triton (not found)"
+    if (cc is None and not hw.bf16) or (cc is not None and cc < (8, 0)):
+        return False, "FlexAttention's Triton kernels need compute capability >= 8.0"
+    if cc in LARGE_SHARED_MEMORY_CC:
+        return True, ""
+    gpu = f"compute capability {cc[0]}.{cc[1]}" if cc else "compute capability unknown"
+    if shape is None:
+        return False, (f"the model's head_dim is unknown and FlexAttention's backward at head_dim > "
+                       f"{FLEX_SMALL_HEAD_DIM} may not fit this GPU's shared memory ({gpu})")
+    if shape.head_dim > FLEX_SMALL_HEAD_DIM:
+        return False, (f"FlexAttention's backward at head_dim {shape.head_dim} > {FLEX_SMALL_HEAD_DIM} needs more "
+                       f"than the ~99 KiB of shared memory per block of GPUs other than A100/H100/B200 ({gpu}; "
+                       "pytorch#180278)")
+    return True, ""
+
+
+def _auto_attention(hw: Hardware, will_pack: bool, precision: str = "bf16",
+                    shape: ModelShape | None = None) -> tuple[str, str]:
+    """(attn_implementation, reason) for "auto". Packed (padding-free) rows need attention that keeps the
+    examples apart without work across them: flash-attn's variable-length kernel (no mask at all), else
+    FlexAttention (transformers turns the packed position_ids into a BlockMask; the blocks between examples are
+    skipped), else SDPA under a dense block-diagonal [T, T] mask over the whole packed row (attention over all
+    T^2 pairs: ~ the number of examples per row times the work, and no flash kernel)."""
     if not hw.is_gpu:
-        return "sdpa", "PyTorch scaled-dot-product attention (CPU)"
-    why = ("PyTorch SDPA" + (": packed examples are kept apart by a block-diagonal mask built from position_ids "
-                             "(SDPA's memory-efficient kernel; k/v expanded to all heads). flash-attn's varlen kernel "
-                             "would need no mask (pip install flash-attn on Ampere or newer); flex_attention would "
-                             "need torch.compile" if will_pack else " (flash/memory-efficient kernels)"))
-    if hw.compute_capability and hw.compute_capability < (8, 0):
-        why += "; flash-attn needs compute capability >= 8.0"
-    return "sdpa", why
+        return "sdpa", ("PyTorch SDPA (CPU): FlexAttention has no backward on the CPU (torch 2.13)"
+                        + ("; packed rows run under a dense block-diagonal mask" if will_pack else ""))
+    cc = hw.compute_capability
+    half = precision in ("bf16", "fp16")
+    if hw.flash_attn and half and (cc is None or cc >= (8, 0)):
+        return "flash_attention_2", ("flash-attn is installed and imports: its variable-length kernel keeps packed "
+                                     "examples apart without a mask (fastest, least memory)" if will_pack else
+                                     "flash-attn is installed and imports (fastest, least memory)")
+    if not will_pack:
+        why = "PyTorch SDPA: rows are padded, not packed (SDPA's flash/memory-efficient kernels)"
+        return "sdpa", why
+    no_flash = ("flash-attn is not installed (pip install flash-attn, Ampere or newer, for its variable-length "
+                "kernel)" if not hw.flash_attn else f"flash-attn needs bf16/fp16 (the plan computes in {precision})")
+    flex_ok, flex_why = _flex_fits(hw, shape)
+    if flex_ok and half:
+        return "flex_attention", (
+            "FlexAttention (PyTorch's own): transformers turns the packed position_ids into a block mask, so the "
+            "kernel skips the blocks between examples, where SDPA computes every pair of the packed row under a "
+            "dense mask; transformers compiles only this kernel (Triton, once per run), not the model; "
+            + no_flash)
+    if not half:
+        flex_why = f"FlexAttention and flash-attn are chosen for bf16/fp16 runs (the plan computes in {precision})"
+    return "sdpa", ("PyTorch SDPA: packed examples are kept apart by a dense block-diagonal mask built from "
+                    "position_ids (SDPA's memory-efficient kernel; k/v expanded to all heads); " + no_flash + "; "
+                    + flex_why)
 
 
 # Measured by benchmarks/cpu_speed.py (finsft bench recipes/quickstart.json, this commit vs 0440638, one core).
@@ -195,19 +245,52 @@ def _unshardable_optimizer(optim: str) -> bool:
     return "8bit" in optim or optim.startswith("paged_")
 
 
-def _auto_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+# "auto" optimizer on a GPU: fused AdamW while its state is at most this share of the memory a step may use
+# (finsft.plan.memory.fit_limit). bitsandbytes' 8-bit state saves 3/4 of it: below 5% that is under 4% of the
+# memory, for paging and 8-bit (de)quantization in every step (Gemma-2B QLoRA: 0.15 GiB of bf16 AdamW state).
+OPTIMIZER_STATE_SHARE = 0.05
+FUSED = "adamw_torch_fused"
+PAGED_8BIT = "paged_adamw_8bit"
+# torch >= 2.4 fuses AdamW on the CPU too: 48 vs 127 ms per step for SmolLM2-135M's 4.9M LoRA parameters (r16, all
+# 7 projections), the same weights to 4e-9 after 23 steps (torch 2.13, one shared core, 2026-12-05).
+CPU_FUSED_REASON = ("fused AdamW, also on the CPU (torch >= 2.4): 48 vs 127 ms per optimizer step for 4.9M LoRA "
+                    "parameters, same updates")
+
+
+def _auto_optimizer(recipe: Recipe, hw: Hardware, engine: str | None,
+                    estimate: Callable[[str], MemoryEstimate | None] | None = None) -> tuple[str, str]:
+    """(optimizer, reason) for "auto", by what the optimizer costs. ``estimate(optim)``: the plan's memory estimate
+    of a step with that optimizer (None when the model's shape is unknown)."""
     if not hw.is_gpu:
-        return "adamw_torch", "plain AdamW on CPU"
+        return FUSED, CPU_FUSED_REASON
     if engine:
-        return "adamw_torch_fused", (f"fused AdamW: {engine} shards its state; bitsandbytes' paged 8-bit state "
-                                     "cannot be gathered by FSDP (bitsandbytes#89)")
-    if recipe.quantization:
-        return "paged_adamw_8bit", ("quantized model on CUDA: paged 8-bit AdamW, as QLoRA (8-bit state, paged to "
-                                    "CPU memory under spikes)")
-    return "adamw_torch_fused", "fused AdamW on CUDA"
+        return FUSED, (f"fused AdamW: {engine} shards its state; bitsandbytes' paged 8-bit state "
+                       "cannot be gathered by FSDP (bitsandbytes#89)")
+    what = "adapters'" if recipe.lora else "full fine-tune's"
+    fused = estimate(FUSED) if estimate is not None else None
+    if fused is None or not hw.memory_bytes:
+        if recipe.quantization or not recipe.lora:
+            return PAGED_8BIT, ("model size unknown: paged 8-bit AdamW (8-bit state, paged to CPU memory under "
+                                "spikes), the safe side for QLoRA and full fine-tuning")
+        return FUSED, "fused AdamW on CUDA (model size unknown; LoRA adapters keep a small state)"
+    usable = fit_limit(hw.memory_bytes)
+    state = fused.optimizer
+    paged = estimate(PAGED_8BIT) if estimate is not None else None
+    state_8bit = paged.optimizer if paged is not None else state // 4
+    share = state / usable
+    numbers = f"AdamW state of the {what} {state / GiB:.2f} GiB = {share:.1%} of the {usable / GiB:.1f} GiB a step may use"
+    if share > OPTIMIZER_STATE_SHARE:
+        return PAGED_8BIT, (f"{numbers} (> {OPTIMIZER_STATE_SHARE:.0%}): paged 8-bit AdamW keeps it in "
+                            f"{state_8bit / GiB:.2f} GiB, paged to CPU memory under spikes")
+    if fused.peak > usable and paged is not None and paged.peak <= usable:
+        return PAGED_8BIT, (f"memory is short: with fused AdamW the step needs {fused.peak / GiB:.1f} GiB > "
+                            f"{usable / GiB:.1f} GiB; paged 8-bit AdamW fits ({paged.peak / GiB:.1f} GiB)")
+    return FUSED, (f"{numbers} (<= {OPTIMIZER_STATE_SHARE:.0%}): fused AdamW, one kernel per step; 8-bit state "
+                   f"would save {(state - state_8bit) / GiB:.2f} GiB for paging and (de)quantization every step")
 
 
-def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple[str, str]:
+def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None,
+                      estimate: Callable[[str], MemoryEstimate | None] | None = None) -> tuple[str, str]:
     """(optimizer, reason) for "auto"; a pinned bitsandbytes 8-bit/paged optimizer under FSDP/ZeRO-3 is refused."""
     pinned = str(recipe.training["optim"])
     if pinned != "auto" and engine and _unshardable_optimizer(pinned):
@@ -216,7 +299,9 @@ def _choose_optimizer(recipe: Recipe, hw: Hardware, engine: str | None) -> tuple
             f"{engine} cannot shard or gather (the run would fail at its first checkpoint, bitsandbytes#89). Use "
             f"\"auto\" (fused AdamW under {engine}), \"adamw_torch_fused\" or \"adamw_torch\": "
             "training.optim=auto")
-    return _auto_optimizer(recipe, hw, engine)
+    if pinned != "auto":  # the plan reports it as pinned; no estimate needed
+        return pinned, "pinned by the recipe"
+    return _auto_optimizer(recipe, hw, engine, estimate)
 
 
 def _choose_tf32(train: Any, hw: Hardware, precision: str, choices: _Choices) -> bool | None:
@@ -286,11 +371,13 @@ def _choose_evaluation_before(recipe: Recipe, choices: _Choices, engine: str | N
     return before
 
 
-def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parallel: Parallelism | None = None) -> Plan:
+def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parallel: Parallelism | None = None,
+             environ: Mapping[str, str] | None = None) -> Plan:
     """Resolve every "auto" setting. ``model_shape``: a :class:`ModelShape` (see
     :func:`finsft.plan.memory.read_model_shape`), or the older (parameters, hidden size, layers), for the memory
     estimate. ``parallel``: the engine and process count (default: what the launcher set up in this process's
-    environment); the memory estimate is per GPU. Raises FinsftError for a pinned setting the model or the engine
+    environment); the memory estimate is per GPU. ``environ`` (default: this process's): the CUDA allocator
+    variable the user may have set (finsft.allocator). Raises FinsftError for a pinned setting the model or the engine
     cannot train with (fp16 on Gemma, a paged 8-bit optimizer under FSDP)."""
     train, model = recipe.training, recipe.model
     shape = _shape(model_shape)
@@ -304,15 +391,28 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
 
     auto_pack, pack_why = _auto_packing(recipe, hw)
     will_pack = auto_pack if train["packing"] == "auto" else bool(train["packing"])
-    attn = choices.choose("model.attn_implementation", model["attn_implementation"], *_auto_attention(hw, will_pack))
+    attn = choices.choose("model.attn_implementation", model["attn_implementation"],
+                          *_auto_attention(hw, will_pack, precision, shape))
     packing = choices.choose("training.packing", train["packing"], auto_pack, pack_why)
     grouped = choices.choose("training.group_by_length", train["group_by_length"], not packing,
                              "length-grouped batches cut padding" if not packing else "packing already removes padding")
 
     liger_ok = hw.is_gpu and hw.liger
     will_liger = liger_ok if train["use_liger_kernel"] == "auto" else bool(train["use_liger_kernel"])
-    optim_auto, optim_why = _choose_optimizer(recipe, hw, engine)
-    will_optim = optim_auto if train["optim"] == "auto" else train["optim"]
+
+    def estimate_with(optim: str) -> MemoryEstimate | None:
+        """The step's estimate with ``optim``, under the recipe's checkpointing (on where "auto" could turn it
+        on: the optimizer is chosen for the run that fits)."""
+        if shape is None:
+            return None
+        ckpt_pin = train["gradient_checkpointing"]
+        return estimate_memory(shape, memory_settings(
+            recipe, precision=precision, gradient_checkpointing=True if ckpt_pin == "auto" else bool(ckpt_pin),
+            packing=packing, attn_implementation=attn, use_liger_kernel=will_liger, optim=optim, parallel=par),
+            hw.memory_bytes)
+
+    optim_auto, optim_why = _choose_optimizer(recipe, hw, engine, estimate_with)
+    will_optim = optim_auto
 
     # The memory estimate without checkpointing decides "auto" checkpointing; the one with the plan's setting is
     # what the run needs.
@@ -340,6 +440,10 @@ def plan_run(recipe: Recipe, hw: Hardware, model_shape: ShapeLike = None, parall
     tf32 = _choose_tf32(train, hw, precision, choices)
     optim = choices.choose("training.optim", train["optim"], optim_auto, optim_why)
     compute_dtype, quant_storage = _choose_quantization(recipe, dtype, choices, engine)
+    if hw.is_gpu:
+        from finsft.allocator import VARIABLE, allocator_choice
+
+        choices.append(Choice(f"env.{VARIABLE}", *allocator_choice(environ)))
     before = _choose_evaluation_before(recipe, choices, engine)
     return Plan(hardware=hw, dtype=dtype, precision=precision, attn_implementation=attn, packing=packing,
                 group_by_length=grouped, gradient_checkpointing=ckpt, use_liger_kernel=liger, tf32=tf32, optim=optim,

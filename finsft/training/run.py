@@ -46,6 +46,7 @@ from finsft.models import (
     model_shape,
     portable_adapter,
     resolve_model,
+    scoring_attention,
 )
 from finsft.plan import Plan, check_fits, detect_hardware, get_sft_config, plan_run, sharding_engine
 from finsft.preflight import Checked, preflight
@@ -356,7 +357,7 @@ class TrainingRun:
             self.out.print(f"evaluation before training skipped: {self.plan.choice('evaluation.before_training').reason}")
             return
         for i, s in enumerate(self.sets):
-            with self.phase("evaluation of the base model"):
+            with self.phase("evaluation of the base model"), scoring_attention(self.model, self.plan):
                 res = score(self.model, s.formatter, s.rows.rows, s.settings, self.out,
                             "evaluating the base model" + (f" on '{s.name}'" if i else ""))
             self.set_base[s.name] = res.metrics
@@ -384,13 +385,25 @@ class TrainingRun:
         rows = task_rows(self.recipe, self.formatter, self.splits.validation) if args.eval_strategy != "no" else []
         set_seed(self.recipe.training["seed"])
         self.trainer = build_trainer(self.recipe, self.model, args, self.tokenizer, self.train_ds, self.val_ds,
-                                     task_metric=task_metric(self.formatter, rows, args.per_device_eval_batch_size)
+                                     task_metric=self._scored(task_metric(self.formatter, rows,
+                                                                          args.per_device_eval_batch_size))
                                      if rows else None, supervised_lm_head=self.plan.supervised_lm_head)
         self.trainer.add_callback(self.progress)
         self.trainer.defer_tracker_end = True  # the scores after training reach the trackers before their run ends
         for i, (name, base) in enumerate(self.set_base.items()):  # logged at step 0 to the trackers
             self.trainer.scores_before.update(score_keys("before", base, name if i else None))
         return self.trainer
+
+    def _scored(self, metric: Any) -> Any:
+        """The in-training task metric under the plan's inference attention (padded scoring rows: SDPA where the
+        plan chose FlexAttention for packed training rows)."""
+        plan = self.plan
+
+        def scored(model: Any) -> Any:
+            with scoring_attention(model, plan):
+                return metric(model)
+
+        return scored
 
     def train(self) -> None:
         with self.phase("training"):
@@ -468,7 +481,7 @@ class TrainingRun:
             return
         for i, s in enumerate(self.sets):
             t0 = time.perf_counter()
-            with self.phase("evaluation of the trained model"):
+            with self.phase("evaluation of the trained model"), scoring_attention(self.trainer.model, self.plan):
                 res = score(self.trainer.model, s.formatter, s.rows.rows, s.settings, self.out,
                             "evaluating the trained model" + (f" on '{s.name}'" if i else ""))
             base = self.set_base.get(s.name)
