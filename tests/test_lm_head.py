@@ -140,3 +140,15 @@ def test_the_choice_is_scoped_to_the_trainer_and_restored() -> None:
         assert trl_utils._use_triton(cpu) is False
         raise RuntimeError
     assert trl_utils._use_triton is original
+
+
+def test_a_trl_without_the_fused_head_hook_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    import trl.trainer.utils as trl_utils
+
+    from finsft.errors import FinsftError
+    from finsft.training.trainer import check_lm_head_hook
+
+    check_lm_head_hook()  # the installed TRL has it
+    monkeypatch.delattr(trl_utils, "_use_triton")
+    with pytest.raises(FinsftError, match=r"trl >= 1\.16.*supervised_lm_head=false"):
+        check_lm_head_hook()

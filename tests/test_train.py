@@ -110,12 +110,14 @@ def test_lora_run_writes_the_output_folder_contract(make_recipe: Any, trainers: 
     assert len(manifest["data"]["fingerprint"]) == 16 and manifest["data"]["train_rows"] == 32
     assert manifest["train"]["global_step"] == 2 and manifest["train"]["train_loss"] > 0
     assert 0 < manifest["wall_seconds"] < 600
-    assert {p["setting"] for p in manifest["plan"]} >= {"training.precision", "training.packing"}
+    assert {p["setting"] for p in manifest["plan"]} >= {"training.precision", "training.packing",
+                                                         "training.supervised_lm_head"}
     adapter_cfg = json.loads((out / "adapter_config.json").read_text())
     assert adapter_cfg["r"] == 4 and adapter_cfg["lora_alpha"] == 8
 
     # save -> reload -> the same logits; training changed the model; generate produces tokens
     [trainer] = trainers
+    assert trainer.supervised_lm_head is True  # the plan's choice reached the trainer (CPU: supervised positions)
     trained = logits(trainer.model, tokenizer)
     reloaded = PeftModel.from_pretrained(base_model(tiny_model), out)
     assert torch.allclose(logits(reloaded, tokenizer), trained, atol=1e-5)

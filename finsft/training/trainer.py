@@ -1,6 +1,6 @@
 """TRL's SFTTrainer as finsft builds it (also used by ``finsft bench``).
 
-finsft's trainer is SFTTrainer with three additions, all through the Trainer's own hooks:
+finsft's trainer is SFTTrainer with four additions, all through the Trainer's own hooks:
 
 * the task metric (accuracy and F1 of a classification template) is computed inside each evaluation
   (``evaluation_loop``), so it is part of the metrics dict that ``Trainer.log`` hands to every ``report_to``
@@ -16,7 +16,8 @@ finsft's trainer is SFTTrainer with three additions, all through the Trainer's o
   (to keep tile shapes fixed for compilers such as Neuron's). On the CPU that is waste (eager kernels, no
   recompilation): a sentiment answer is 1-2 supervised tokens of ~60, and every position goes forward and backward
   through SmolLM2's 49,152-word head. With ``supervised_lm_head=True`` the same fused head scores only the supervised
-  positions on every device; the loss, its reduction (``num_items_in_batch``) and TRL's ``entropy`` and
+  positions on every device (``compute_loss`` swaps TRL's per-call decision, ``trl.trainer.utils._use_triton``, for
+  its duration: see :func:`lm_head_positions`); the loss, its reduction (``num_items_in_batch``) and TRL's ``entropy`` and
   ``mean_token_accuracy`` are unchanged, since TRL computes them on the supervised positions only either way.
 """
 
