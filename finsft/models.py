@@ -366,20 +366,43 @@ class Loaded:
     adapter: str | None
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+RUN_FOLDER_HOLDS = ("a finsft run folder holds the LoRA adapter (adapter_config.json + adapter_model.safetensors) or "
+                    "the full model (config.json + model.safetensors), its tokenizer, recipe.json and manifest.json")
+
+
+def _has_model_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.gguf"))
+
+
 def check_adapter(adapter: str | None) -> Path | None:
-    """The adapter (or fully fine-tuned model) folder, checked before anything heavy is loaded."""
+    """The adapter (or fully fine-tuned model) folder, checked before anything heavy is loaded: a folder (through
+    the reading gate) with an adapter config and its weights, or a model config and its weights."""
     if adapter is None:
         return None
+    from finsft.files import UnreadableFile, check_readable
+
     path = Path(adapter).expanduser().absolute()
-    if not path.is_dir():
+    try:
+        check_readable(path, "adapter folder", folder=True)
+    except UnreadableFile as exc:
         hint = ""
         partial = path.with_name(path.name + ".partial")
         if partial.is_dir():
             hint = f" ({partial} holds an unfinished run: finish it with finsft train --resume)"
-        raise ModelLoadError(f"adapter folder '{adapter}' does not exist{hint}")
-    if not (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        raise ModelLoadError(f"adapter folder '{adapter}' {exc.reason}{hint}; pass the output folder of a finished "
+                             "finsft train run") from None
+    lora, model = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
+    if not lora and not model:
         raise ModelLoadError(f"'{adapter}' holds neither a LoRA adapter (adapter_config.json) nor a model (config.json); "
-                          "pass the output folder of a finished finsft train run")
+                             f"pass the output folder of a finished finsft train run ({RUN_FOLDER_HOLDS})")
+    if lora and not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ModelLoadError(f"'{adapter}' has adapter_config.json but not the adapter's weights "
+                             f"(adapter_model.safetensors): {RUN_FOLDER_HOLDS}. Was the file deleted or not copied? "
+                             "Pass a complete run folder, or train again")
+    if not lora and not _has_model_weights(path):
+        raise ModelLoadError(f"'{adapter}' has config.json but no model weights (model.safetensors): "
+                             f"{RUN_FOLDER_HOLDS}. Pass a complete run folder, or train again")
     return path
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import run_lock
 from finsft.merge import check_out, dtype_name, merge_and_save
 from finsft.models import (
     adapter_tokenizer_source,
@@ -20,6 +21,7 @@ from finsft.plan import detect_hardware, get_model_kwargs, plan_run, torch_dtype
 from finsft.progress import console
 from finsft.publish import read_run, write_model_card
 from finsft.recipe import Recipe
+from finsft.training.output import made_by_finsft
 
 
 def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
@@ -31,6 +33,13 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str) -> dict[str, Any]:
     if not (path / "adapter_config.json").exists():
         raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "
                           "already loads with from_pretrained")
+    if not made_by_finsft(path):
+        return _merge(recipe, path, out_dir, con)
+    with run_lock(path, "finsft merge"):  # a training of that folder (--overwrite) must not replace the adapter now
+        return _merge(recipe, path, out_dir, con)
+
+
+def _merge(recipe: Recipe, path: Path, out_dir: Path, con: Any) -> dict[str, Any]:
     source = resolve_model(recipe, log=con.print)
     plan = plan_run(recipe, detect_hardware(), model_shape(source, recipe.model["trust_remote_code"]))
     dtype = torch_dtype(plan.compute_dtype or plan.dtype)
