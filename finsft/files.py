@@ -81,7 +81,7 @@ class UnreadableFile(FinsftError):
     expected, too large, not UTF-8...). ``reason`` is the part after the path; ``cause`` the OSError or
     UnicodeDecodeError behind it, if any."""
 
-    def __init__(self, what: str, path: str | Path, reason: str, fix: str = "", *,
+    def __init__(self, what: str, path: str | os.PathLike[str], reason: str, fix: str = "", *,
                  cause: BaseException | None = None, kind_problem: str | None = None):
         self.what, self.path, self.reason, self.fix = what, str(path), reason, fix
         self.cause, self.kind_problem = cause, kind_problem
@@ -92,7 +92,7 @@ def _mib(n: int) -> str:
     return f"{n // 2**20} MiB" if n >= 2**20 else f"{n:,} bytes"
 
 
-def check_readable(path: str | Path, what: str = "file", *, folder: bool = False, limit: int | None = None,
+def check_readable(path: str | os.PathLike[str], what: str = "file", *, folder: bool = False, limit: int | None = None,
                    limit_note: str = "") -> Path:
     """THE reading gate: ``path`` exists and is a regular file (``folder``: a folder) of at most ``limit`` bytes.
     A symbolic link is followed to its target, which must be of the right kind too. Nothing is opened, so a FIFO
@@ -125,7 +125,7 @@ def check_readable(path: str | Path, what: str = "file", *, folder: bool = False
 
 
 @contextmanager
-def _read_errors(path: str | Path, what: str) -> Iterator[None]:
+def _read_errors(path: str | os.PathLike[str], what: str) -> Iterator[None]:
     try:
         yield
     except UnreadableFile:
@@ -134,7 +134,7 @@ def _read_errors(path: str | Path, what: str) -> Iterator[None]:
         raise UnreadableFile(what, path, f"cannot be read: {exc.strerror or exc}", cause=exc) from None
 
 
-def open_readable(path: str | Path, what: str = "file", *, limit: int | None = None) -> IO[bytes]:
+def open_readable(path: str | os.PathLike[str], what: str = "file", *, limit: int | None = None) -> IO[bytes]:
     """The file opened for reading in binary mode, after the gate's checks (the caller closes it)."""
     check_readable(path, what, limit=limit)
     with _read_errors(path, what):
@@ -338,6 +338,30 @@ def write_jsonl(path: Path, records: Iterable[dict[str, Any]], *, replace: bool 
     """One JSON object per line through the gate."""
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
     return write_file(path, text, replace=replace, kept=kept, then=then)
+
+
+def append_jsonl(path: Path, record: dict[str, Any], *, kept: str = "the lines before it are kept",
+                 then: str = "") -> None:
+    """One JSON line appended to a log finsft keeps in a folder it made (metrics.jsonl): appending is what a log is
+    for (a line cut short by a kill is skipped by its readers); a full disk becomes a WriteError."""
+    if path.is_symlink():
+        raise WriteError(f"{path} is a symbolic link; finsft does not write through links")
+    with write_errors(path, kept, then), open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def json_with_keys(*keys: str) -> Callable[[Path], bool]:
+    """A ``replace`` test for :func:`write_file`: the file is a JSON object holding ``keys`` (a record the same
+    tool wrote before, so writing it again loses nothing); anything else is the user's."""
+
+    def test(path: Path) -> bool:
+        try:
+            record = read_json(path, "record", limit=64 * 2**20)
+        except UnreadableFile:
+            return False
+        return isinstance(record, dict) and set(keys) <= record.keys()
+
+    return test
 
 
 @contextmanager

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import ModelLoadError
-from finsft.files import cache_dir
+from finsft.files import UnreadableFile, cache_dir, open_readable, read_json, write_file
 from finsft.plan import ModelShape, Plan, get_model_kwargs, read_model_shape, sharding_engine
 from finsft.recipe import PACKAGE_PREFIX, Recipe
 
@@ -48,7 +48,7 @@ def gguf_metadata(path: str | os.PathLike[str], prefix: str = "general.") -> dic
     ``gguf`` package's reader takes seconds on a 100 MB file, this takes a fraction of one)."""
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
     out: dict[str, Any] = {}
-    with open(path, "rb") as f:
+    with open_readable(path, "GGUF file") as f:
         def read(fmt: str) -> Any:
             return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
@@ -127,10 +127,10 @@ GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 def check_gguf_header(path: str) -> None:
     """A readable file that starts like a GGUF model (fast: before the ~30 s conversion)."""
     try:
-        with open(path, "rb") as f:
+        with open_readable(path, "GGUF file") as f:
             head = f.read(GGUF_HEADER_BYTES)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read GGUF file '{path}': {exc.strerror or exc}") from exc
+    except UnreadableFile as exc:
+        raise ModelLoadError(str(exc)) from None
     if not head.startswith(GGUF_MAGIC):
         raise ModelLoadError(f"'{path}' is not a GGUF file (it does not start with the bytes 'GGUF'): check "
                              "model.gguf_file, or download the model again")
@@ -412,9 +412,10 @@ def apply_adapter(model: Any, path: Path, source: ModelSource, log: Callable[[st
     from peft import PeftModel
 
     try:
-        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path / 'adapter_config.json'}: {exc}") from exc
+        config = read_json(path / "adapter_config.json", "the adapter's config")
+        base_name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    except UnreadableFile as exc:
+        raise ModelLoadError(str(exc)) from None
     same = base_name == source.hub_id or os.path.realpath(str(base_name)) == os.path.realpath(source.path)
     if base_name and not same:
         log(f"note: the adapter was trained on '{base_name}'; the recipe's model is {source.description}")
@@ -433,7 +434,7 @@ def portable_adapter(folder: Path, source: ModelSource) -> str | None:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         return None  # a full model: config.json describes it completely
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path, "the adapter's config")
     old = config.get("base_model_name_or_path")
     if source.hub_id is None:
         return (f"adapter_config.json keeps base_model_name_or_path {old!r}: no hub id is known for the base model "
@@ -441,9 +442,8 @@ def portable_adapter(folder: Path, source: ModelSource) -> str | None:
     if old == source.hub_id:
         return None
     config["base_model_name_or_path"] = source.hub_id
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    write_file(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n", replace=True,  # the work folder's
+               kept="the run is kept in its work folder")
     return f"adapter_config.json names the base model {source.hub_id} (from {source.hub_id_reason}), not {old!r}"
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from finsft.evaluation import (
 from finsft.evaluation.metrics import check_metric_packages
 from finsft.evaluation.report import is_results_folder
 from finsft.evaluation.sets import load_set, set_template, summary_line
-from finsft.files import run_lock
+from finsft.files import UnreadableFile, read_json, run_lock
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -40,9 +39,9 @@ def training_sets(run: Path | None) -> set[str]:
     if run is None:
         return set()
     try:
-        config = json.loads((run / "recipe.json").read_text(encoding="utf-8"))
+        config = read_json(run / "recipe.json", "the run's recipe")
         return set((config.get("evaluation") or {}).get("sets") or {})
-    except (OSError, ValueError, AttributeError):
+    except (UnreadableFile, AttributeError):
         folder = run / "eval"
         if not folder.is_dir() or folder.is_symlink():
             return set()

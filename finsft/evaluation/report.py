@@ -15,7 +15,7 @@ from typing import Any
 from finsft.data import Formatter
 from finsft.errors import FinsftError
 from finsft.evaluation.scorers import EvalResult, default_max_new_tokens, evaluate_model
-from finsft.files import write_errors, write_file, write_json, write_jsonl
+from finsft.files import UnreadableFile, read_json, write_errors, write_file, write_json, write_jsonl
 from finsft.recipe import Recipe
 from finsft.templates import Template
 
@@ -299,8 +299,8 @@ def is_results_folder(folder: Path) -> bool:
             return False
         elif p.name == "eval.json":
             try:
-                report = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                report = read_json(p, "eval.json", limit=64 * 2**20)
+            except UnreadableFile:
                 return False
             if not (isinstance(report, dict) and report.keys() >= _REPORT_KEYS):
                 return False

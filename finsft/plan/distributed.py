@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import MAX_RECIPE_BYTES, UnreadableFile, read_text
 
 # FSDP v1 sharding strategies by name and by accelerate's 1-based number.
 _FSDP_STRATEGIES = ("FULL_SHARD", "SHARD_GRAD_OP", "NO_SHARD", "HYBRID_SHARD", "HYBRID_SHARD_ZERO2")
@@ -104,10 +105,10 @@ def parallelism_from_accelerate_config(path: str | Path, num_processes: int | No
     import yaml
 
     p = Path(path)
-    try:
-        config = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FinsftError(f"--accelerate-config {path}: cannot read it ({exc.strerror or exc})") from None
+    try:  # through the reading gate: a regular file of at most 10 MiB, UTF-8 (a FIFO or a device is refused)
+        config = yaml.safe_load(read_text(p, "--accelerate-config", limit=MAX_RECIPE_BYTES))
+    except UnreadableFile as exc:
+        raise FinsftError(str(exc)) from None
     except yaml.YAMLError as exc:
         raise FinsftError(f"--accelerate-config {path}: not valid YAML ({exc})") from None
     if not isinstance(config, dict):

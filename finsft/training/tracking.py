@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finsft.files import write_file
 from finsft.preflight import requested_trackers
 
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
@@ -71,7 +72,8 @@ def add_training_callbacks(trainer: Any, recipe: Any) -> None:
 
 
 def _dump(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", replace=True,  # the work folder's
+               kept="the run is kept in its work folder")
 
 
 def write_results(work: Path, final: Path, state: Any, train_metrics: dict[str, Any],
