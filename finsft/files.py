@@ -217,6 +217,10 @@ def _errno_of(exc: BaseException) -> int | None:
     return None
 
 
+# What torch.save's zip writer (caffe2's inline_container.cc) says when a write fails: it names no errno.
+TORCH_WRITE_FAILURES = ("PytorchStreamWriter failed", "file write failed", "inline_container.cc")
+
+
 def io_problem(exc: BaseException) -> str | None:
     """The file-system error behind ``exc`` (a full disk, a file-size limit, a read-only folder...), in words; None
     when ``exc`` is something else. safetensors, torch.save and matplotlib report such errors in their own
@@ -228,9 +232,11 @@ def io_problem(exc: BaseException) -> str | None:
     text = str(exc)
     if type(exc).__name__ == "SafetensorError" and ("I/O error" in text or "IoError" in text):
         return text.split("I/O error:", 1)[-1].strip()
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text):
+    if isinstance(exc, RuntimeError) and any(s in text for s in TORCH_WRITE_FAILURES):
+        # torch.save's zip writer names no errno: on a full disk it reports a short write ("unexpected pos 64 vs 0")
         code = _errno_of(exc)
-        return text.splitlines()[0] + (f" ({FIXABLE[code][0]})" if code else "")
+        return (f"torch could not write the file ({text.splitlines()[0].strip()}): "
+                + (FIXABLE[code][0] if code else "the disk is full, or a file-size limit was reached"))
     cause = exc.__cause__ or exc.__context__
     if isinstance(cause, OSError) and cause.errno in FIXABLE:
         return io_problem(cause)
@@ -240,7 +246,7 @@ def io_problem(exc: BaseException) -> str | None:
 def fix_for(exc: BaseException) -> str:
     """What to do about the file-system error behind ``exc``."""
     code = _errno_of(exc)
-    if code is None and "PytorchStreamWriter" in str(exc):
+    if code is None and any(s in str(exc) for s in TORCH_WRITE_FAILURES):
         code = errno.ENOSPC  # torch names no cause; a full disk is by far the most common one
     return FIXABLE[code][1] if code is not None else "fix the cause"
 

@@ -51,7 +51,9 @@ class PreflightError(FinsftError):
     """Every problem the preflight found, in one message."""
 
     def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
+        # One problem once: the leak guard reads the evaluation files that the data and evaluation checks read
+        # again (evaluation.path, data.validation_path, evaluation.sets), and a bad file fails both the same way.
+        self.problems = list(dict.fromkeys(problems))
         if len(self.problems) == 1:
             text = self.problems[0]
         else:
