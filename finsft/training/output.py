@@ -190,9 +190,7 @@ def trim_metrics(path: Path, step: int) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step and "train_loss" not in record:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    write_jsonl(tmp, kept)
-    os.replace(tmp, path)
+    write_jsonl(path, kept, kept="the interrupted run is kept as it was")  # the run's own log, whole or not at all
     return kept
 
 
