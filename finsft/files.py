@@ -264,7 +264,7 @@ def write_errors(path: str | Path, kept: str, then: str = "") -> Iterator[None]:
         problem = io_problem(exc)
         if problem is None:
             raise
-        raise WriteError(f"cannot write {path}: {problem}. {kept}. Then {fix_for(exc)}"
+        raise WriteError(f"cannot write {path}: {problem}. {kept[:1].upper() + kept[1:]}. Then {fix_for(exc)}"
                          + (f" and {then}" if then else "") + ".") from exc
 
 

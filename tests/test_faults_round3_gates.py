@@ -80,7 +80,6 @@ def _odd_name(w: World) -> None:
 
 def _nothing_written(w: World) -> None:
     assert not (w.runs / "out").exists() and not (w.runs / "out.partial").exists()
-    assert not list(w.runs.glob(".out.finsft-lock*")) or not (w.runs / "out.partial").exists()
 
 
 def _no_temp_files(w: World) -> None:
@@ -408,7 +407,7 @@ def test_case4_eval_of_a_read_only_run_is_refused_before_scoring(run_copy: tuple
 @NEEDS_MOUNTS
 @pytest.mark.parametrize("command", ["train", "eval-out", "merge-out"])
 def test_a_full_disk_ends_in_a_message(run_copy: tuple[Path, Path], tmp_path: Path, command: str) -> None:
-    """A 300 KiB tmpfs as the output: the command ends with "No space left on device" (or torch's short write,
+    """A small tmpfs as the output (300 KiB; 8 KiB for eval's reports): the command ends with "No space left on device" (or torch's short write,
     named as a full disk), what was kept and what to do; no traceback, no temporary file left, the user's
     files and the run byte-identical."""
     recipe, run = run_copy
@@ -417,21 +416,24 @@ def test_a_full_disk_ends_in_a_message(run_copy: tuple[Path, Path], tmp_path: Pa
     user_before, run_before = tree_digest(recipe.parent), tree_digest(run)
     if command == "train":
         args = ["train", str(recipe), f"output.dir={disk / 'out'}"]
-        words = ["the disk is full", "The run is kept in", "free some space", "--resume"]
+        words = [("the disk is full", "No space left on device"), "The run is kept in", "free some space",
+                 "--resume"]
     elif command == "eval-out":
-        big = tmp_path / "many.jsonl"  # predictions.jsonl larger than the disk
-        line = json.dumps({"input": "Shares rose " + "x" * 2000, "output": "positive"})
-        big.write_text((line + "\n") * 200, encoding="utf-8")
+        big = tmp_path / "many.jsonl"  # predictions.jsonl larger than the (8 KiB) disk
+        rows = [{"input": f"Shares of Firm {i} rose after the bank raised its outlook for the quarter " * 3,
+                 "output": "positive"} for i in range(60)]
+        big.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         args = ["eval", str(recipe), "--adapter", str(run), "--data", str(big), "--out", str(disk / "res")]
-        words = ["No space left on device", "the scores are printed above", "free some space"]
+        words = ["No space left on device", "The scores are printed above", "free some space"]
     else:
         args = ["merge", str(recipe), "--adapter", str(run), "--out", str(disk / "merged")]
-        words = ["No space left on device", "nothing was written", "free some space", "merge again"]
-    code, output, left = run_in_namespace(f'mount -t tmpfs -o size=300k tmpfs "{disk}"', args, tmp_path,
+        words = ["No space left on device", "Nothing was written", "free some space", "merge again"]
+    size = "8k" if command == "eval-out" else "300k"
+    code, output, left = run_in_namespace(f'mount -t tmpfs -o size={size} tmpfs "{disk}"', args, tmp_path,
                                           listing=disk)
     flat = _flat(output)
     assert code == 1 and "Traceback" not in output, output[-4000:]
-    missing = [w for w in words if w not in flat]
+    missing = [w for w in words if not _has(flat, w)]
     assert not missing, f"{missing}\n{output[-4000:]}"
     assert "finsft-tmp" not in left, left
     if command == "merge-out":
