@@ -208,7 +208,7 @@ def test_the_writing_gate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setattr("finsft.files.os.fsync", full)
     with pytest.raises(WriteError) as exc:
         write_json(tmp_path / "new.json", {"a": 4}, kept="the earlier record is kept")
-    assert "No space left on device" in str(exc.value) and "the earlier record is kept" in str(exc.value)
+    assert "No space left on device" in str(exc.value) and "The earlier record is kept" in str(exc.value)
     assert "free some space" in str(exc.value)
     assert json.loads((tmp_path / "new.json").read_text()) == {"a": 3}  # whole or not at all
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link.json", "new.json", "notes.md"]  # no temp file

@@ -119,7 +119,8 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> bool:
+def plot_confusion(metrics: dict[str, Any], path: Path, title: str, kept: str = "nothing else was changed",
+                   then: str = "") -> bool:
     """confusion.png; False (nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -142,7 +143,7 @@ def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> bool:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    save_figure(fig, path)
+    save_figure(fig, path, kept, then)
     return True
 
 
@@ -274,7 +275,8 @@ def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[st
     write_json(folder / "eval.json", report.as_dict(), kept=kept, then=then)
     write_jsonl(folder / "predictions.jsonl", predictions, kept=kept, then=then)
     written = ["eval.json", "predictions.jsonl"]
-    if "confusion_matrix" in report.metrics and plot_confusion(report.metrics, folder / "confusion.png", title):
+    if "confusion_matrix" in report.metrics and plot_confusion(report.metrics, folder / "confusion.png", title,
+                                                                kept, then):
         written.append("confusion.png")
     return written
 
