@@ -157,7 +157,10 @@ class TrainingRun:
                         check_deferred(sig)
             except PhaseInterrupted as exc:
                 raise RunInterrupted(self.interrupted(phase_key(sig), exc.signum), exc.signum) from None
-            except WriteError:
+            except WriteError as exc:  # the gate's message; a prepared run also says where it is kept and how to go on
+                if self.prepared and self.main and self.resume_cmd not in str(exc):
+                    raise WriteError(f"{exc} The run is kept in {self.dirs.work} and {self.dirs.final} is unchanged; "
+                                     f"then continue with: {self.resume_cmd}") from exc
                 raise
             except Exception as exc:  # a full disk while writing outside a phase's own handler (plots, logs, cache)
                 if io_problem(exc) is None:
