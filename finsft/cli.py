@@ -313,7 +313,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {args.limit}")
     checked = preflight(recipe, "eval", data=args.data, split=args.split, limit=args.limit, suite=suite,
-                        suite_data=data_dir, adapter=args.adapter)
+                        suite_data=data_dir, adapter=args.adapter, extra=[lambda: _results_writable(args)])
     _quiet_libraries()
     if suite:
         from finsft.commands.suite import suite_command
@@ -326,6 +326,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
                      scorer=args.scorer, out=args.out, checked=checked)
     return EXIT_OK
+
+
+def _results_writable(args: argparse.Namespace) -> None:
+    """eval's results go under --out, else under the --adapter run: refused now (before torch loads) when that
+    cannot be written, e.g. a read-only run; the command checks each set's folder again before the model loads."""
+    from finsft.files import check_writable
+
+    target = args.out or (os.path.join(args.adapter, "eval") if args.adapter else None)
+    if target:
+        check_writable(Path(target).expanduser().absolute(), "the results folder",
+                       "the scores would be lost after scoring. Pass --out DIR to write the results to a folder you "
+                       "can write to")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

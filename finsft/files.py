@@ -370,6 +370,18 @@ def json_with_keys(*keys: str) -> Callable[[Path], bool]:
     return test
 
 
+def check_writable(folder: Path, what: str, fix: str) -> None:
+    """Refuse, before any heavy work, a folder finsft will write into that cannot be written: the nearest existing
+    part of the path must be a writable folder (a read-only file system counts: ``os.access`` asks the kernel).
+    ``fix``: what is lost otherwise and what to do."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is a file" if probe.exists() and not probe.is_dir() else "is not writable (read-only, or not yours)"
+        raise WriteError(f"{what} {folder} cannot be written: {probe} {why}; {fix}")
+
+
 @contextmanager
 def new_folder(path: Path, kept: str = "nothing was written", then: str = "") -> Iterator[Path]:
     """A temporary folder beside ``path`` for a library to save into (save_pretrained), renamed to ``path`` when

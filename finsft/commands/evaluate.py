@@ -22,7 +22,7 @@ from finsft.evaluation import (
 from finsft.evaluation.metrics import check_metric_packages
 from finsft.evaluation.report import is_results_folder
 from finsft.evaluation.sets import load_set, set_template, summary_line
-from finsft.files import UnreadableFile, read_json, run_lock
+from finsft.files import UnreadableFile, check_writable, read_json, run_lock
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -48,16 +48,8 @@ def training_sets(run: Path | None) -> set[str]:
         return {p.name for p in folder.iterdir() if p.is_dir() and (p / "eval.json").is_file()}
 
 
-def check_writable(folder: Path, what: str) -> None:
-    """Refuse, before anything heavy, a results folder that cannot be written (a read-only run or file system, a
-    folder without write permission): the scores would be lost after minutes of scoring."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise FinsftError(f"{what} {folder} cannot be written: {probe} is not writable (read-only, or not yours); "
-                          "the scores would be lost after scoring. Pass --out DIR to write the results to a folder "
-                          "you can write to")
+RESULTS_FIX = ("the scores would be lost after scoring. Pass --out DIR to write the results to a folder you can "
+               "write to")
 
 
 def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> Path:
@@ -178,7 +170,7 @@ def _evaluate(recipe: Recipe, adapter: str | None, adapter_dir: Path | None, *, 
                               f"results folder ({out_dir}); rename the set")
         extra.append((load_set(recipe, name, spec, t, limit), t, set_scorer, spec.get("max_samples"), folder))
     for folder in [out_dir, *(e[-1] for e in extra)]:
-        check_writable(folder, "the results folder")
+        check_writable(folder, "the results folder", RESULTS_FIX)
 
     t0 = time.perf_counter()
     loaded = load_for_inference(recipe, adapter, log=con.print)

@@ -8,13 +8,13 @@ import random
 import time
 from typing import Any
 
-from finsft.commands.evaluate import check_writable, owner_lock, results_folder
+from finsft.commands.evaluate import RESULTS_FIX, owner_lock, results_folder
 from finsft.data import make_formatter
 from finsft.errors import FinsftError
 from finsft.evaluation import EvalReport, eval_settings, resolve_scorer, rows_fingerprint, score, write_report
 from finsft.evaluation.sets import summary
 from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, published, suite_template
-from finsft.files import write_json
+from finsft.files import check_writable, write_json
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -67,7 +67,7 @@ def _suite(recipe: Recipe, suite: str, adapter: str | None, adapter_dir: Any, *,
            limit: int | None, scorer: str | None, out: str | None, checked: Checked | None) -> dict[str, Any]:
     con = console()
     folder = results_folder(out, adapter_dir, suite)
-    check_writable(folder, "the results folder")
+    check_writable(folder, "the results folder", RESULTS_FIX)
     if checked is None:
         checked = preflight(recipe, "eval", suite=suite, suite_data=data_dir)
     seed = recipe.training["seed"]
