@@ -334,7 +334,7 @@ def _results_writable(args: argparse.Namespace) -> None:
     from finsft.files import check_writable
 
     target = args.out or (os.path.join(args.adapter, "eval") if args.adapter else None)
-    if target:
+    if target and not (os.path.lexists(target) and not os.path.isdir(target)):  # a file or link: eval says why
         check_writable(Path(target).expanduser().absolute(), "the results folder",
                        "the scores would be lost after scoring. Pass --out DIR to write the results to a folder you "
                        "can write to")
