@@ -201,6 +201,51 @@ def finsft_cmd(*args: str) -> list[str]:
 # ------------------------------------------------------------------------------------------ the JSON record
 
 
+def is_check_record(path: Path) -> bool:
+    """``path`` is a JSON record this check wrote (so --out may replace it): a JSON object with the record's own
+    keys. Anything else (notes.md, a data file, another tool's JSON) is the user's and is never replaced."""
+    try:
+        with open(path, "rb") as f:  # a regular file (the gate checked it): at most 16 MiB of it
+            record = json.loads(f.read(16 * 2**20).decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and {"tiny", "deadline_s", "finished", "started_utc", "stages"} <= record.keys()
+
+
+def check_out(out: Path) -> str | None:
+    """Why --out cannot take the record (None: it can), before any stage runs."""
+    if out.is_symlink():
+        return f"--out {out} is a symbolic link; name the file itself or a new one"
+    if out.exists():
+        if out.is_dir():
+            return f"--out {out} is a folder; name a file in it, e.g. --out {out / 'gpu_check.json'}"
+        if not out.is_file():
+            return f"--out {out} is not a regular file (a device or a FIFO?); name a new .json file"
+        if not is_check_record(out):
+            return (f"--out {out} already exists and is not a record of this check; it is never replaced: name a "
+                    "new file, e.g. --out gpu_check.json")
+    probe = out.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"--out {out}: {probe} is a file, so the record cannot be written under it"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"--out {out}: {probe} is not writable for you; name a file in a folder you can write to"
+    return None
+
+
+def positive_seconds(text: str) -> float:
+    """--deadline: a positive, finite number of seconds (nan, inf, 0 and negatives are usage errors)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds, e.g. --deadline 540") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: give the check's time as a positive number of seconds, e.g. "
+                                         "--deadline 540")
+    return value
+
+
 class Check:
     """The stages, the deadline and the JSON record, rewritten after every stage."""
 
@@ -228,11 +273,15 @@ class Check:
         return self.deadline - (time.monotonic() - self.t0) - 10.0
 
     def write(self) -> None:
+        """The record through finsft's writing gate: whole or not at all (a reader, or a kill, never sees half a
+        file), never over a file this check did not write, a full disk or a read-only folder as one message."""
+        from finsft.files import write_errors, write_json
+
         self.record["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.out.with_name(f".{self.out.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.record, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(tmp, self.out)  # atomic: a reader (or a kill) never sees half a file
+        kept, then = "the stages run so far are in the console log", "run the check again"
+        with write_errors(self.out.parent, kept, then):
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(self.out, self.record, replace=is_check_record, kept=kept, then=then)
 
     def stage(self, name: str, need: float, fn: Callable[[float], tuple[str, dict[str, Any]]],
               requires: tuple[str, ...] = (), skip: str | None = None) -> str:
@@ -904,9 +953,10 @@ def fsdp_qlora(check: Check, args: argparse.Namespace, budget: float) -> tuple[s
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tiny", action="store_true", help="CPU: the same stages on a 2-layer Gemma (no GPU targets)")
-    p.add_argument("--deadline", type=float, default=DEFAULT_DEADLINE,
+    p.add_argument("--deadline", type=positive_seconds, default=DEFAULT_DEADLINE,
                    help=f"seconds for the whole check (default {DEFAULT_DEADLINE:.0f})")
-    p.add_argument("--out", type=Path, default=Path("gpu_check.json"))
+    p.add_argument("--out", type=Path, default=Path("gpu_check.json"),
+                   help="the JSON record: a new file, or one this check wrote before (never replaced otherwise)")
     p.add_argument("--steps", type=int, help="timed bench steps (default 10; --tiny 2)")
     p.add_argument("--warmup", type=int, help="untimed warm-up steps (default 3; --tiny 1)")
     p.add_argument("--repeats", type=int, default=3, help="finsft/expert pairs in alternating order (default 3)")
@@ -923,6 +973,12 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(WORKERS[a.worker](**json.loads(a.worker_args or "{}")), default=str),
               flush=True)
         return 0
+    a.out = a.out.expanduser().absolute()
+    problem = check_out(a.out)
+    if problem:
+        p.error(problem)
+    if str(ROOT) not in sys.path:  # finsft.files (the writing gate) from this checkout
+        sys.path.insert(0, str(ROOT))
     a.steps = a.steps or (2 if a.tiny else 10)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
     a.train_steps = a.train_steps or (24 if a.tiny else 30)
@@ -936,7 +992,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_DATASETS_CACHE", str(a.work / "hf-datasets"))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
-    check = Check(a.out.resolve(), a.deadline, a.tiny)
+    from finsft.errors import FinsftError
+
+    try:
+        return _run(a)
+    except FinsftError as exc:  # the record could not be written (a full disk, a read-only folder...)
+        print(f"gpu_check: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def _run(a: argparse.Namespace) -> int:
+    check = Check(a.out, a.deadline, a.tiny)
     check.record.update(work=str(a.work), steps=a.steps, warmup=a.warmup, repeats=a.repeats,
                         train_steps=a.train_steps)
     check.write()

@@ -201,7 +201,10 @@ def main(argv: list[str] | None = None) -> int:
         "wall_minutes": (time.time() - started) / 60,
         "samples": {"limit": args.limit, "zero_shot_rows": args.zero_shot_rows, "seed": args.seed},
     }
-    (out / "quality.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    # the writing gate: never over a file this benchmark did not write
+    from finsft.files import json_with_keys, write_json
+
+    write_json(out / "quality.json", result, replace=json_with_keys("rows", "published_tfns_weighted_f1", "train"))
     print(f"wrote {out / 'quality.json'}; load average (1/5/15 min) at start {load['start']}, end {load['end']}")
     if not within:
         print(f"quality: training took {train_min:.1f} min, over the {args.train_minutes:.0f} min budget",

@@ -360,7 +360,10 @@ def main() -> int:
     report = markdown(results)
     print(report)
     if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        # the writing gate: never over a file this benchmark did not write
+        from finsft.files import json_with_keys, write_json
+
+        write_json(Path(args.json), results, replace=json_with_keys("machine", "threads", "steps"))
     return 0
 
 

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from finsft.errors import DataError
+from finsft.files import open_readable
 
 ROLES = ("system", "user", "assistant")
 # Bad rows named in one message; the rest are counted.
@@ -87,7 +88,7 @@ def jsonl_lines(path: str | None, rows: Sequence[int]) -> dict[int, int] | None:
     if not path or not path.lower().endswith(".jsonl") or not os.path.isfile(path):
         return None
     want, out, row = set(rows), {}, 0
-    with open(path, "rb") as f:
+    with open_readable(path, "data file") as f:
         for line_no, line in enumerate(f, start=1):
             if line.strip():
                 row += 1

@@ -14,6 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from finsft import __version__
 from finsft.errors import FinsftError, RecipeError
@@ -242,15 +243,60 @@ def _quiet_libraries() -> None:
     quiet_libraries()
 
 
+class _SignalWhileStarting(BaseException):
+    """SIGINT/SIGTERM during the heavy imports at the start of a run (a BaseException: no library's ``except
+    Exception`` swallows it)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class StartInterrupted(FinsftError):
+    """A signal stopped ``train`` before the run began; nothing was written (exit 128 + the signal)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+def _import_training(args: argparse.Namespace) -> object:
+    """``finsft.training.train``, imported (torch, transformers, TRL, PEFT: seconds to tens of seconds) with
+    SIGINT and SIGTERM turned into a message and exit 128 + the signal: before the run's own handlers take over,
+    Python's default would end the process silently on SIGTERM. With ``FINSFT_TEST_SIGNAL_AT_PHASE=imports`` (tests)
+    the process sends itself SIGTERM as the imports begin, through the real handler."""
+    import signal
+
+    def handler(signum: int, frame: object) -> None:
+        raise _SignalWhileStarting(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        spec = os.environ.get("FINSFT_TEST_SIGNAL_AT_PHASE", "")
+        if spec.split(":")[0] == "imports":
+            os.kill(os.getpid(), getattr(signal, spec.split(":")[1]) if ":" in spec else signal.SIGTERM)
+        _quiet_libraries()
+        from finsft.training import train
+    except _SignalWhileStarting as exc:
+        import shlex
+
+        name = signal.Signals(exc.signum).name
+        again = shlex.join(["finsft", "train", args.recipe, *args.overrides])
+        raise StartInterrupted(f"{name} while loading the training libraries (torch, transformers, TRL), before the "
+                               f"run began: nothing was written. Start again with:\n  {again}", exc.signum) from None
+    finally:
+        for sig, h in previous.items():
+            signal.signal(sig, h)
+    return train
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from finsft.preflight import preflight
     from finsft.recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     checked = preflight(recipe, "train")  # before torch, transformers and TRL are imported
-    _quiet_libraries()
-    from finsft.training import train
-
+    train: Any = _import_training(args)
     train(recipe, overwrite=args.overwrite, resume=args.resume, force=args.force,
           command=["finsft", "train", args.recipe, *args.overrides], checked=checked)  # command: the resume hint
     return EXIT_OK
@@ -276,7 +322,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {args.limit}")
     checked = preflight(recipe, "eval", data=args.data, split=args.split, limit=args.limit, suite=suite,
-                        suite_data=data_dir, adapter=args.adapter)
+                        suite_data=data_dir, adapter=args.adapter, extra=[lambda: _results_writable(args)])
     _quiet_libraries()
     if suite:
         from finsft.commands.suite import suite_command
@@ -289,6 +335,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     evaluate_command(recipe, adapter=args.adapter, data=args.data, split=args.split, limit=args.limit,
                      scorer=args.scorer, out=args.out, checked=checked)
     return EXIT_OK
+
+
+def _results_writable(args: argparse.Namespace) -> None:
+    """eval's results go under --out, else under the --adapter run: refused now (before torch loads) when that
+    cannot be written, e.g. a read-only run; the command checks each set's folder again before the model loads."""
+    from finsft.files import check_writable
+
+    target = args.out or (os.path.join(args.adapter, "eval") if args.adapter else None)
+    if target and not (os.path.lexists(target) and not os.path.isdir(target)):  # a file or link: eval says why
+        check_writable(Path(target).expanduser().absolute(), "the results folder",
+                       "the scores would be lost after scoring. Pass --out DIR to write the results to a folder you "
+                       "can write to")
 
 
 def cmd_predict(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from itertools import chain
 from typing import Any
 
 from finsft.errors import DataError
+from finsft.files import UnreadableFile, check_readable, open_readable
 from finsft.recipe import Recipe
 from finsft.templates import LABEL_SETS, Template
 
@@ -45,7 +46,7 @@ class Splits:
 
 def _file_digest(path: str) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_readable(path, "data file") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
@@ -60,7 +61,7 @@ def scan_text_file(path: str) -> tuple[str, bool]:
     offset = 0  # of `carry` in the file
     lines = 0  # newlines before `carry`
     content = False
-    with open(path, "rb") as f:
+    with open_readable(path, "data file") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
             data = carry + block
@@ -101,12 +102,17 @@ def load_table(path: str, split: str) -> tuple[Any, str]:
 
     if os.path.isabs(path) or looks_like_local_file(path):
         given, path = path, os.path.abspath(os.path.expanduser(path))
-        if not os.path.exists(path):
-            raise DataError(f"data file '{given}' not found: {path} does not exist. Check the path (relative paths "
-                            "on the command line start from the current folder, in a recipe from the recipe's "
-                            "folder)")
-        if os.path.isdir(path):
-            raise DataError(f"data file '{given}' is a folder: name a .jsonl/.json/.csv/.parquet file in it")
+        try:  # the reading gate: a regular file (a FIFO, a device or a socket is refused without opening it)
+            check_readable(path, "data file")
+        except UnreadableFile as exc:
+            if not os.path.exists(path):
+                raise DataError(f"data file '{given}' not found: {path} does not exist. Check the path (relative "
+                                "paths on the command line start from the current folder, in a recipe from the "
+                                "recipe's folder)") from None
+            if os.path.isdir(path):
+                raise DataError(f"data file '{given}' is a folder: name a .jsonl/.json/.csv/.parquet file in "
+                                "it") from None
+            raise DataError(str(exc)) from None
         suffix = os.path.splitext(path)[1].lower()
         if suffix not in LOADERS:
             raise DataError(f"data file '{path}': unsupported type '{suffix}' (use {', '.join(LOADERS)})")
@@ -119,6 +125,8 @@ def load_table(path: str, split: str) -> tuple[Any, str]:
                 digest, content = scan_text_file(path)
                 if not content:
                     raise DataError(f"data file '{path}' is empty: it has no rows (only blank lines)")
+        except UnreadableFile as exc:
+            raise DataError(str(exc)) from None
         except OSError as exc:
             raise DataError(f"cannot read data file '{path}': {exc.strerror or exc}") from exc
         try:

@@ -16,11 +16,14 @@ purpose (the standard library only): ``finsft validate`` sniffs the first rows o
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+
+from finsft.files import UnreadableFile, open_readable
 
 # How many characters of a .json file are read to find its first object (a JSON array of rows).
 SNIFF_CHARS = 1 << 20
@@ -147,7 +150,8 @@ def sniff_local(path: str) -> tuple[list[str], dict[str, Any] | None] | None:
     if suffix not in (".jsonl", ".json", ".csv") or not os.path.isfile(path):
         return None
     try:
-        with open(path, encoding="utf-8", newline="" if suffix == ".csv" else None) as f:
+        with io.TextIOWrapper(open_readable(path, "data file"), encoding="utf-8",
+                              newline="" if suffix == ".csv" else None) as f:
             if suffix == ".csv":
                 reader = csv.DictReader(f)
                 first_csv = next(reader, None)
@@ -155,7 +159,7 @@ def sniff_local(path: str) -> tuple[list[str], dict[str, Any] | None] | None:
                     return None
                 return list(reader.fieldnames), dict(first_csv) if first_csv else None
             text = f.read(SNIFF_CHARS)
-    except (OSError, UnicodeDecodeError, csv.Error):
+    except (OSError, UnicodeDecodeError, csv.Error, UnreadableFile):
         return None
     row = _first_json_row(text)
     return (list(row), row) if row else None  # no row, or an empty one: the run reports it

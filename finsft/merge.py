@@ -17,15 +17,13 @@ folder is written under a temporary name and renamed into place.
 from __future__ import annotations
 
 import copy
-import json
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import new_folder, write_errors, write_json
 
 VERIFY_TEXTS = (
     "Instruction: What is the sentiment of this news? Please choose an answer from {negative/neutral/positive}.\n"
@@ -167,33 +165,21 @@ def merge_and_save(peft_model: Any, tokenizer: Any, out: str | Path, *, dtype: A
     if in_memory > tolerance:
         raise FinsftError(f"the merged model disagrees with the adapter model: max |logit difference| "
                           f"{in_memory:.3g} > tolerance {tolerance:.3g} ({dtype_name(dtype)}); nothing was written")
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    except OSError as exc:
-        raise FinsftError(f"cannot write the merged model next to {out}: {exc.strerror or exc} (choose a folder you "
-                          "can write to with --out)") from exc
-    try:
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    check_out(out)
+    kept = "nothing was written (the adapter and the base model are unchanged)"
+    then = "merge again"
+    with new_folder(out, kept, then) as tmp:  # written under a temporary name, renamed into place when whole
+        with write_errors(out, kept, then):
+            merged.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
         del merged
         saved = _max_diff(reference, _logits(AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype), tokenizer))
         if saved > tolerance:
             raise FinsftError(f"the saved merged model disagrees with the adapter model: max |logit difference| "
                               f"{saved:.3g} > tolerance {tolerance:.3g} ({dtype_name(dtype)}); nothing was written")
         report["max_abs_logit_diff"] = {"in_memory": in_memory, "saved": saved}
-        (tmp / "finsft_merge.json").write_text(json.dumps(report, indent=2) + "\n")
+        write_json(tmp / "finsft_merge.json", report, replace=False, kept=kept, then=then)
         check_out(out)
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(tmp, out)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise FinsftError(f"saving the merged model to {out} failed: {exc.strerror or exc} (is the disk full?); "
-                          "nothing was written") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     note = ""
     if quantized:
         note = f"; de-quantized vs quantized: {report['dequantized_vs_quantized']['max_abs_logit_diff']:.2e}"

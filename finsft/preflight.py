@@ -30,6 +30,7 @@ from finsft.evaluation.leak import evaluation_inputs
 from finsft.evaluation.report import EvalSet, eval_set
 from finsft.evaluation.sets import load_set, set_template
 from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, load_suite_set, local_file
+from finsft.files import UnreadableFile, check_readable
 from finsft.models import check_adapter
 from finsft.publish import check_can_push, check_run_folder, default_repo_id, read_run
 from finsft.recipe import Recipe
@@ -50,7 +51,9 @@ class PreflightError(FinsftError):
     """Every problem the preflight found, in one message."""
 
     def __init__(self, problems: Sequence[str]):
-        self.problems = list(problems)
+        # One problem once: the leak guard reads the evaluation files that the data and evaluation checks read
+        # again (evaluation.path, data.validation_path, evaluation.sets), and a bad file fails both the same way.
+        self.problems = list(dict.fromkeys(problems))
         if len(self.problems) == 1:
             text = self.problems[0]
         else:
@@ -328,10 +331,11 @@ def _suite(checked: Checked, suite: str, suite_data: str | None) -> None:
     folder = None
     if suite_data is not None:
         path = Path(suite_data).expanduser()
-        if not path.is_dir():
-            what = "is a file, not a folder" if path.exists() else "does not exist"
+        try:  # the reading gate, for a folder
+            check_readable(path, "--suite-data", folder=True)
+        except UnreadableFile as exc:
             checked.problems.append(
-                f"--suite-data '{suite_data}' {what}: name the folder that holds the suite's files "
+                f"--suite-data '{suite_data}' {exc.reason}: name the folder that holds the suite's files "
                 f"({', '.join(s.local_file + '.jsonl' for s in SETS)})")
             return
         folder = str(path.absolute())

@@ -3,17 +3,19 @@ a JSONL metrics log. Only the main process prints and writes."""
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 from transformers import TrainerCallback
+
+from finsft.files import append_jsonl
 
 
 def is_main_process() -> bool:
@@ -92,8 +94,7 @@ class ProgressCallback(TrainerCallback):
         self.last.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
         self.history.append(record)
         if self.metrics_path:
-            with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            append_jsonl(Path(self.metrics_path), record)
         if self.pending_line and "loss" in logs:
             self.pending_line = False
             self.out.print(self._line(state))

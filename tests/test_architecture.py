@@ -13,7 +13,9 @@ PKG = Path(__file__).resolve().parent.parent / "finsft"
 
 # Lower numbers are lower layers; a module may import its own package or a strictly lower layer.
 LAYERS: dict[str, int] = {
-    "finsft": 0, "finsft.errors": 0, "finsft.files": 0, "finsft.quiet": 0, "finsft.progress": 0,
+    # errors at the bottom; the file gates (finsft.files) use only errors and serve every layer above
+    "finsft.errors": -2, "finsft.files": -1,
+    "finsft": 0, "finsft.quiet": 0, "finsft.progress": 0,
     "finsft.testing": 0,
     "finsft.templates": 1, "finsft.data_formats": 1,
     "finsft.recipe": 2,

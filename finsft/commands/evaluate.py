@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from finsft.evaluation import (
 from finsft.evaluation.metrics import check_metric_packages
 from finsft.evaluation.report import is_results_folder
 from finsft.evaluation.sets import load_set, set_template, summary_line
+from finsft.files import UnreadableFile, check_writable, read_json, run_lock
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -32,15 +32,24 @@ from finsft.training.output import made_by_finsft
 
 
 def training_sets(run: Path | None) -> set[str]:
-    """The evaluation.sets a training run scored itself (its eval/<name>/ folders are part of the run, never
-    replaced by ``finsft eval``)."""
+    """The evaluation sets a training run scored itself: its eval/<name>/ folders are part of the run, never
+    replaced by ``finsft eval``. Named by the run's recipe.json (evaluation.sets); when that file is missing or
+    unreadable, nothing tells the run's own reports from later ones, so every eval/<name>/ that holds an eval.json
+    counts as the run's own (a new evaluation of it goes to eval/<name>/rescored/)."""
     if run is None:
         return set()
     try:
-        config = json.loads((run / "recipe.json").read_text(encoding="utf-8"))
+        config = read_json(run / "recipe.json", "the run's recipe")
         return set((config.get("evaluation") or {}).get("sets") or {})
-    except (OSError, ValueError, AttributeError):
-        return set()
+    except (UnreadableFile, AttributeError):
+        folder = run / "eval"
+        if not folder.is_dir() or folder.is_symlink():
+            return set()
+        return {p.name for p in folder.iterdir() if p.is_dir() and (p / "eval.json").is_file()}
+
+
+RESULTS_FIX = ("the scores would be lost after scoring. Pass --out DIR to write the results to a folder you can "
+               "write to")
 
 
 def results_folder(out: str | None, adapter_dir: Path | None, set_name: str) -> Path:
@@ -95,10 +104,35 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     ``RUN/eval/<set name>/``; with ``--out DIR`` the main set's go to DIR and the others' to
     ``DIR/eval/<set name>/``, as in a training run. Returns the main set's eval.json content. ``checked``: the
     preflight's result (the main set's rows) when the caller ran it."""
-    con = console()
     if limit is not None and limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {limit}")
     adapter_dir = check_adapter(adapter)
+    with owner_lock(out, adapter_dir):
+        return _evaluate(recipe, adapter, adapter_dir, data=data, split=split, limit=limit, scorer=scorer, out=out,
+                         checked=checked)
+
+
+def owner_lock(out: str | None, adapter_dir: Path | None, command: str = "finsft eval") -> Any:
+    """The run lock of the training run this evaluation reads or writes (``--adapter RUN``, or ``--out RUN``):
+    a training of that folder (``--overwrite`` would replace the adapter being scored) or another eval, merge or
+    push of it is refused while this one runs."""
+    from contextlib import ExitStack
+
+    stack = ExitStack()
+    runs = [] if adapter_dir is None or not made_by_finsft(adapter_dir) else [adapter_dir]
+    if out:
+        folder = Path(out).expanduser().absolute()
+        if folder.is_dir() and not folder.is_symlink() and made_by_finsft(folder) and folder not in runs:
+            runs.append(folder)
+    for run in runs:
+        stack.enter_context(run_lock(run, f"{command} --adapter" if run == adapter_dir else f"{command} --out"))
+    return stack
+
+
+def _evaluate(recipe: Recipe, adapter: str | None, adapter_dir: Path | None, *, data: str | None,
+              split: str | None, limit: int | None, scorer: str | None, out: str | None,
+              checked: Checked | None) -> dict[str, Any]:
+    con = console()
     if out is None and adapter_dir is None:
         results_folder(out, adapter_dir, "")  # the error, before anything heavy
     if checked is None:
@@ -135,6 +169,8 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
             raise FinsftError(f"evaluation.sets has a set named '{name}', the name of the main evaluation set's "
                               f"results folder ({out_dir}); rename the set")
         extra.append((load_set(recipe, name, spec, t, limit), t, set_scorer, spec.get("max_samples"), folder))
+    for folder in [out_dir, *(e[-1] for e in extra)]:
+        check_writable(folder, "the results folder", RESULTS_FIX)
 
     t0 = time.perf_counter()
     loaded = load_for_inference(recipe, adapter, log=con.print)
@@ -145,7 +181,7 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
     for set_rows, t, set_scorer, cap, folder in extra:
         set_formatter = make_formatter(recipe, t, loaded.tokenizer)
         sets.append((set_rows, set_formatter, eval_settings(recipe, set_formatter, set_scorer, limit or cap), folder))
-    reports = []
+    reports: list[EvalReport] = []
     for i, (set_rows, set_formatter, settings, folder) in enumerate(sets):
         set_scorer = settings["scorer"]
         label = "" if i == 0 else f"set '{set_rows.name}': "
@@ -161,11 +197,15 @@ def evaluate_command(recipe: Recipe, *, adapter: str | None = None, data: str | 
                             seconds={"load": load_s, "scoring": round(seconds, 2)} if i == 0
                             else {"scoring": round(seconds, 2)})
         title = f"{recipe.name}: {what}, {result.scorer} scorer" + (f", set '{set_rows.name}'" if i else "")
-        written = write_report(folder, report, result.predictions, title)
-        for table in metrics_tables(result.metrics, title):
+        for table in metrics_tables(result.metrics, title):  # on screen first: a failed write loses no number
             con.print(table)
         if not set_formatter.template.is_classification:
             con.print(predictions_table(result.predictions))
+        done = [f"{r.data} in {f}" for r, f in zip(reports, (s[-1] for s in sets), strict=False)]
+        kept = ("the scores are printed above" + (f"; the sets scored before are written ({'; '.join(done)})"
+                                                   if done else ""))
+        written = write_report(folder, report, result.predictions, title, kept=kept,
+                               then="score again with --out DIR on a disk with space")
         n = len(set_rows.rows)
         con.print(f"{n} rows in {seconds:.1f} s ({n / max(seconds, 1e-9):.1f} rows/s); wrote "
                   f"{', '.join(written)} to {folder}")

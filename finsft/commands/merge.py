@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import run_lock
 from finsft.gguf_export import (
     check_architecture,
     check_disk,
@@ -32,6 +33,7 @@ from finsft.progress import console
 from finsft.publish import read_run, write_model_card
 from finsft.recipe import Recipe
 from finsft.templates import template_from_recipe
+from finsft.training.output import made_by_finsft
 
 
 def merge_command(recipe: Recipe, *, adapter: str, out: str, gguf: list[str] | None = None) -> dict[str, Any]:
@@ -43,6 +45,14 @@ def merge_command(recipe: Recipe, *, adapter: str, out: str, gguf: list[str] | N
     check_out(out_dir)
     path = check_adapter(adapter)
     assert path is not None
+    if not made_by_finsft(path):
+        return _merge(recipe, path, out_dir, con, gguf)
+    with run_lock(path, "finsft merge"):  # a training of that folder (--overwrite) must not replace the adapter now
+        return _merge(recipe, path, out_dir, con, gguf)
+
+
+def _merge(recipe: Recipe, path: Path, out_dir: Path, con: Any, gguf: list[str] | None) -> dict[str, Any]:
+    adapter = str(path)
     full = not (path / "adapter_config.json").exists()
     if full and not gguf:
         raise FinsftError(f"'{adapter}' holds a full model, not a LoRA adapter: there is nothing to merge, the folder "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,6 +10,7 @@ from typing import Any
 from finsft.data import load_table, make_formatter, to_template_rows
 from finsft.errors import FinsftError
 from finsft.evaluation import ScoringProgress, default_max_new_tokens, generate, map_answer, prompt_template
+from finsft.files import check_readable, write_errors, write_jsonl
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import local_or_hub
 from finsft.progress import console
@@ -55,6 +55,7 @@ def predict_rows(template: Template, recipe: Recipe, inputs: Sequence[str] | Non
     assert path is not None
     if not os.path.isabs(path):
         raise FinsftError(f"--file '{file}' does not exist")
+    check_readable(path, "--file")  # a FIFO or a device is refused before anything reads it
     ds, _ = load_table(path, "train")
     ds = to_template_rows(ds, need, recipe.data["columns"], file)
     return [dict(r) for r in ds]
@@ -88,13 +89,11 @@ def predict_command(recipe: Recipe, *, adapter: str | None = None, inputs: Seque
             record["label"] = map_answer(text, template)
         records.append(record)
     if target is not None:
-        try:
+        kept = f"the {len(records)} predictions were not written and nothing else was changed"
+        with write_errors(target, kept, "predict again"):
             target.parent.mkdir(parents=True, exist_ok=True)
-            with open(target, "x", encoding="utf-8") as f:  # "x": a file made meanwhile is not replaced either
-                for r in records:
-                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        except OSError as exc:
-            raise FinsftError(f"cannot write the predictions to {target}: {exc.strerror or exc}") from exc
+        # replace=False: a new file only, and one made meanwhile is not replaced either
+        write_jsonl(target, records, replace=False, kept=kept, then="predict again")
         con.print(f"wrote {len(records)} predictions to {target}")
         return records
     from rich.table import Table

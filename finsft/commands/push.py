@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from finsft.files import run_lock
 from finsft.preflight import preflight_push
 from finsft.publish import PushResult, push_run
 
@@ -16,7 +17,8 @@ def push_command(run: str, *, repo: str | None = None, public: bool = False) -> 
     folder, recipe, _, repo_id = preflight_push(run, repo)  # run folder, repository id, hub, token
     output = recipe.get("output") or {}
     private = not public and bool(output.get("hub_private_repo", True))
-    result = push_run(folder, repo_id, private=private, log=con.print)
+    with run_lock(folder, "finsft push", "run folder"):  # no training (--overwrite) replaces it while it uploads
+        result = push_run(folder, repo_id, private=private, log=con.print)
     con.print(f"pushed {len(result.files)} files to {result.url} ({'private' if result.private else 'public'} if "
               f"new; an existing repository keeps its visibility)\ncommit: {result.commit_url}")
     return result

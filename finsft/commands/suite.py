@@ -8,14 +8,14 @@ import random
 import time
 from typing import Any
 
-from finsft.commands.evaluate import results_folder
+from finsft.commands.evaluate import RESULTS_FIX, owner_lock, results_folder
 from finsft.data import make_formatter
 from finsft.errors import FinsftError
 from finsft.evaluation import EvalReport, eval_settings, rows_fingerprint, score, write_report
 from finsft.evaluation.scorers import FINGPT_SCORER
 from finsft.evaluation.sets import summary
 from finsft.evaluation.suite import SETS, SUITES, Row, SuiteSet, published, suite_template
-from finsft.files import write_json
+from finsft.files import check_writable, write_json
 from finsft.models import check_adapter, load_for_inference
 from finsft.preflight import Checked, preflight
 from finsft.progress import console
@@ -75,13 +75,21 @@ def suite_command(recipe: Recipe, suite: str, *, adapter: str | None = None, dat
     """Score every set of ``suite``; writes <results>/<set>/eval.json (the EvalReport shape), predictions and a
     confusion plot per set, and <results>/suite.json. Returns suite.json's content. ``checked``: the preflight's
     result (the suite's rows) when the caller ran it."""
-    con = console()
     if suite not in SUITES:
         raise FinsftError(f"unknown suite '{suite}'; available: {', '.join(SUITES)}")
     if limit is not None and limit < 1:
         raise FinsftError(f"--limit must be at least 1, not {limit}")
     adapter_dir = check_adapter(adapter)
+    with owner_lock(out, adapter_dir, "finsft eval --suite"):
+        return _suite(recipe, suite, adapter, adapter_dir, data_dir=data_dir, limit=limit, scorer=scorer, out=out,
+                      checked=checked)
+
+
+def _suite(recipe: Recipe, suite: str, adapter: str | None, adapter_dir: Any, *, data_dir: str | None,
+           limit: int | None, scorer: str | None, out: str | None, checked: Checked | None) -> dict[str, Any]:
+    con = console()
     folder = results_folder(out, adapter_dir, suite)
+    check_writable(folder, "the results folder", RESULTS_FIX)
     if checked is None:
         checked = preflight(recipe, "eval", suite=suite, suite_data=data_dir)
     seed = recipe.training["seed"]

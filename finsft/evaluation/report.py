@@ -22,7 +22,7 @@ from finsft.evaluation.scorers import (
     default_max_new_tokens,
     evaluate_model,
 )
-from finsft.files import write_json, write_jsonl
+from finsft.files import UnreadableFile, read_json, write_errors, write_file, write_json, write_jsonl
 from finsft.recipe import Recipe
 from finsft.templates import Template
 
@@ -126,7 +126,8 @@ def _clip(text: str, n: int = 300) -> str:
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
-def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> bool:
+def plot_confusion(metrics: dict[str, Any], path: Path, title: str, kept: str = "nothing else was changed",
+                   then: str = "") -> bool:
     """confusion.png; False (nothing written) when matplotlib is not installed."""
     try:
         import matplotlib
@@ -149,9 +150,20 @@ def plot_confusion(metrics: dict[str, Any], path: Path, title: str) -> bool:
             ax.text(j, i, str(v), ha="center", va="center", color="white" if v > top / 2 else "black")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, kept, then)
     return True
+
+
+def save_figure(fig: Any, path: Path, kept: str = "nothing else was changed", then: str = "") -> None:
+    """A matplotlib figure as PNG through the writing gate (whole or not at all; into a folder finsft made)."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=120)
+    plt.close(fig)
+    write_file(path, buffer.getvalue(), replace=True, kept=kept, then=then)
 
 
 @dataclass
@@ -262,13 +274,18 @@ def samples_table(samples: Sequence[dict[str, Any]]) -> Any:
     return table
 
 
-def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[str, Any]], title: str) -> list[str]:
-    """eval.json, predictions.jsonl and, for classification, confusion.png into ``folder``; returns the names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    write_json(folder / "eval.json", report.as_dict())
-    write_jsonl(folder / "predictions.jsonl", predictions)
+def write_report(folder: Path, report: EvalReport, predictions: Sequence[dict[str, Any]], title: str, *,
+                 kept: str = "nothing else was changed", then: str = "") -> list[str]:
+    """eval.json, predictions.jsonl and, for classification, confusion.png into ``folder`` (checked by the caller:
+    new, or finsft's results), each through the writing gate; returns the names. A full disk or a read-only
+    folder ends in one WriteError saying ``kept`` and what to do (``then``)."""
+    with write_errors(folder, kept, then):
+        folder.mkdir(parents=True, exist_ok=True)
+    write_json(folder / "eval.json", report.as_dict(), kept=kept, then=then)
+    write_jsonl(folder / "predictions.jsonl", predictions, kept=kept, then=then)
     written = ["eval.json", "predictions.jsonl"]
-    if "confusion_matrix" in report.metrics and plot_confusion(report.metrics, folder / "confusion.png", title):
+    if "confusion_matrix" in report.metrics and plot_confusion(report.metrics, folder / "confusion.png", title,
+                                                                kept, then):
         written.append("confusion.png")
     return written
 
@@ -293,8 +310,8 @@ def is_results_folder(folder: Path) -> bool:
             return False
         elif p.name == "eval.json":
             try:
-                report = json.loads(p.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
+                report = read_json(p, "eval.json", limit=64 * 2**20)
+            except UnreadableFile:
                 return False
             if not (isinstance(report, dict) and report.keys() >= _REPORT_KEYS):
                 return False

@@ -5,7 +5,6 @@ summary line per set and phase in metrics.jsonl."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -16,6 +15,7 @@ from finsft.data import Formatter, check_labels, make_formatter, map_labels, to_
 from finsft.evaluation.metrics import headline
 from finsft.evaluation.report import EvalSet, eval_settings
 from finsft.evaluation.scorers import resolve_scorer
+from finsft.files import append_jsonl
 from finsft.recipe import Recipe
 from finsft.templates import Template, get_template, resolve_labels
 
@@ -85,9 +85,7 @@ def summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def log_summary(metrics_path: Path, name: str, phase: str, metrics: Mapping[str, Any], step: int | None) -> None:
     """One line per set and phase in metrics.jsonl: {"eval_set", "phase", "step", headline numbers}."""
-    line = {"eval_set": name, "phase": phase, "step": step, **summary(metrics)}
-    with open(metrics_path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(line) + "\n")
+    append_jsonl(metrics_path, {"eval_set": name, "phase": phase, "step": step, **summary(metrics)})
 
 
 def summary_line(name: str, metrics: Mapping[str, Any], base: Mapping[str, Any] | None = None) -> str:

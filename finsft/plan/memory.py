@@ -33,10 +33,11 @@ projections): see ``ANCHORS`` and tests/test_memory.py.
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from finsft.files import UnreadableFile, read_json
 
 GiB = 2**30
 
@@ -128,8 +129,8 @@ def read_model_shape(path: str | Path) -> ModelShape | None:
     if not p.is_file():
         return None
     try:
-        return ModelShape.from_config(json.loads(p.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
+        return ModelShape.from_config(read_json(p, "model config"))
+    except (UnreadableFile, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from finsft.files import UnreadableFile, read_bytes, read_json, write_file
 from finsft.recipe import PACKAGE_PREFIX
 
 CARD = "README.md"
@@ -128,8 +129,8 @@ def known_source(ref: str) -> dict[str, Any] | None:
         return None
     path = Path(ref).expanduser()
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    except OSError:
+        digest = hashlib.sha256(read_bytes(path, "data file")).hexdigest() if path.is_file() else None
+    except UnreadableFile:
         return None
     if digest != entry[0]:
         return None
@@ -602,10 +603,9 @@ def write_model_card(folder: str | Path, manifest: Mapping[str, Any], recipe: Ma
     """Write ``folder/README.md`` (replacing PEFT's stub); returns its path."""
     folder = Path(folder)
     path = folder / CARD
-    tmp = path.with_name(CARD + ".tmp")
-    tmp.write_text(card_text(folder, manifest, recipe, report, repo_id), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    # through the writing gate: the card goes into a folder finsft made (or one push checked: replaceable_card)
+    return write_file(path, card_text(folder, manifest, recipe, report, repo_id), replace=True,
+                      kept="the model and the run's other files are kept")
 
 
 def is_finsft_card(path: Path) -> bool:
@@ -620,8 +620,11 @@ def is_finsft_card(path: Path) -> bool:
 
 def read_run(folder: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
     """recipe.json, manifest.json and eval.json (None when the run did not evaluate) of a run folder."""
-    recipe = json.loads((folder / "recipe.json").read_text(encoding="utf-8"))
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    recipe = read_json(folder / "recipe.json", "the run's recipe")
+    manifest = read_json(folder / "manifest.json", "the run's manifest")
     report_path = folder / "eval.json"
-    report = json.loads(report_path.read_text(encoding="utf-8")) if report_path.is_file() else None
+    report = read_json(report_path, "the run's evaluation", limit=64 * 2**20) if report_path.is_file() else None
+    for name, value in (("recipe.json", recipe), ("manifest.json", manifest), ("eval.json", report)):
+        if value is not None and not isinstance(value, dict):
+            raise UnreadableFile("the run's", folder / name, "is not a JSON object", "is this a finsft run folder?")
     return recipe, manifest, report

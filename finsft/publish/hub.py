@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import UnreadableFile, read_bytes
 from finsft.publish.card import CARD, is_finsft_card, read_run, write_model_card
 
 IGNORE = ["checkpoints/*", "predictions.jsonl", "*/predictions.jsonl", ".finsft", "*.tmp", "mlruns/*"]
@@ -166,8 +167,8 @@ def replaceable_card(path: Path) -> bool:
     if not path.exists() or is_finsft_card(path):
         return True
     try:
-        return "[More Information Needed]" in path.read_text(encoding="utf-8", errors="replace")
-    except OSError:
+        return "[More Information Needed]" in read_bytes(path, "model card").decode("utf-8", errors="replace")
+    except UnreadableFile:
         return False
 
 

@@ -21,16 +21,16 @@ import difflib
 import json
 import os
 import shutil
-import socket
 import struct
 import time
 import zipfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from finsft.errors import OutputDirError
-from finsft.files import write_json, write_jsonl
+from finsft.files import RunLock as RunLock  # re-exported: the run lock lives with the gates, in finsft.files
+from finsft.files import lock_path, write_json, write_jsonl
 from finsft.recipe import Recipe
 
 CHECKPOINTS = "checkpoints"
@@ -56,7 +56,7 @@ class RunDirs:
 
     @property
     def lock_file(self) -> Path:
-        return self.final.with_name(f".{self.final.name}.finsft-lock")
+        return lock_path(self.final)
 
 
 def made_by_finsft(folder: Path) -> bool:
@@ -131,57 +131,6 @@ def check_target(dirs: RunDirs, recipe: Recipe) -> None:
                              "to (output.dir=...)")
 
 
-# ----------------------------------------------------------------------------------------------- one run only
-
-
-@dataclass
-class RunLock:
-    """An exclusive lock on an output folder, held by the main process for the life of the run.
-
-    ``filelock`` locks with the operating system (flock), so a lock of a process that died is released by the
-    kernel and never blocks a later run. Who holds it (pid, host, since) is written beside it for the message.
-    """
-
-    path: Path
-    _lock: Any = field(default=None, repr=False)
-
-    @property
-    def info_path(self) -> Path:
-        return self.path.with_name(self.path.name + ".json")
-
-    def acquire(self, final: Path) -> None:
-        from filelock import FileLock, Timeout
-
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputDirError(f"cannot create the folder for output.dir {final}: {exc.strerror or exc}") from exc
-        lock = FileLock(str(self.path), timeout=0)
-        try:
-            lock.acquire()
-        except Timeout:
-            raise OutputDirError(f"another finsft run is using {final} ({self.holder()}); wait for it to finish, "
-                                 "stop it, or choose another output.dir") from None
-        except OSError as exc:
-            raise OutputDirError(f"cannot lock output.dir {final}: {exc.strerror or exc}") from exc
-        self._lock = lock
-        write_json(self.info_path, {"pid": os.getpid(), "host": socket.gethostname(),
-                                    "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
-
-    def holder(self) -> str:
-        try:
-            info = json.loads(self.info_path.read_text())
-            return f"pid {info['pid']} on {info['host']}, since {info['since']}"
-        except (OSError, ValueError, KeyError, TypeError):
-            return "a process that is starting"
-
-    def release(self) -> None:
-        if self._lock is not None:
-            self.info_path.unlink(missing_ok=True)
-            self._lock.release()
-            self._lock = None
-
-
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
@@ -241,9 +190,7 @@ def trim_metrics(path: Path, step: int) -> list[dict[str, Any]]:
             continue
         if isinstance(record, dict) and record.get("step", 0) <= step and "train_loss" not in record:
             kept.append(record)
-    tmp = path.with_name(path.name + ".tmp")
-    write_jsonl(tmp, kept)
-    os.replace(tmp, path)
+    write_jsonl(path, kept, kept="the interrupted run is kept as it was")  # the run's own log, whole or not at all
     return kept
 
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from rich.console import Console
 
+from finsft.evaluation.report import save_figure
 from finsft.plan import Plan
 from finsft.progress import summary_table
 from finsft.recipe import Recipe
@@ -53,8 +54,7 @@ def plot_losses(history: list[dict[str, Any]], path: Path) -> bool:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
     return True
 
 

@@ -38,7 +38,7 @@ from finsft.evaluation import (
 from finsft.evaluation.metrics import check_metric_packages, plots_note
 from finsft.evaluation.report import samples_table, side_by_side, write_report
 from finsft.evaluation.sets import NamedSet, log_summary, named_sets, set_template, summary_line
-from finsft.files import write_json
+from finsft.files import WriteError, fix_for, io_problem, write_json
 from finsft.models import (
     ModelSource,
     load_tokenizer,
@@ -102,19 +102,6 @@ def train(recipe: Recipe, *, overwrite: bool = False, resume: bool = False, forc
         return run.run()
 
 
-def io_problem(exc: BaseException) -> str | None:
-    """The file-system error behind ``exc`` (a full disk, a file-size limit, a read-only folder...), in words; None
-    when ``exc`` is something else. safetensors and torch.save report such errors in their own exception types."""
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
-    text = str(exc)
-    if type(exc).__name__ == "SafetensorError" and "I/O error" in text:
-        return text.split("I/O error:", 1)[1].strip()
-    if isinstance(exc, RuntimeError) and ("PytorchStreamWriter failed" in text or "file write failed" in text):
-        return text.splitlines()[0]
-    return None
-
-
 class TrainingRun:
     """One training run and its state between phases."""
 
@@ -171,9 +158,30 @@ class TrainingRun:
                         check_deferred(sig)
             except PhaseInterrupted as exc:
                 raise RunInterrupted(self.interrupted(phase_key(sig), exc.signum), exc.signum) from None
+            except WriteError as exc:  # the gate's message; a prepared run also says where it is kept and how to go on
+                if self.prepared and self.main and self.resume_cmd not in str(exc):
+                    raise WriteError(f"{exc} The run is kept in {self.dirs.work} and {self.dirs.final} is unchanged; "
+                                     f"then continue with: {self.resume_cmd}") from exc
+                raise
+            except Exception as exc:  # a full disk while writing outside a phase's own handler (plots, logs, cache)
+                if io_problem(exc) is None:
+                    raise
+                raise WriteError(self.disk_message(PHASES[phase_key(sig)], exc)) from exc
             finally:
                 self.signals = None
         return self.dirs.final
+
+    def disk_message(self, name: str, exc: BaseException) -> str:
+        """A file-system error (full disk, quota, read-only folder) during the phase ``name``: what failed, what
+        was kept and the command that continues."""
+        what = f"{name} failed: {io_problem(exc)}"
+        if not self.main or not self.prepared or name in ("model loading", "evaluation of the base model"):
+            kept = ("nothing was written" if not self.prepared and not self.resume
+                    else f"the run is kept in {self.dirs.work}")
+            return f"{what}; {kept} and {self.dirs.final} is unchanged. Then {fix_for(exc)} and run it again"
+        return (f"{what}. The run is kept in {self.dirs.work} (newest complete checkpoint: "
+                f"{latest_checkpoint(self.dirs.work) or 'none'}) and {self.dirs.final} is unchanged. Then "
+                f"{fix_for(exc)} and continue with: {self.resume_cmd}")
 
     def interrupted(self, key: str, signum: int) -> str:
         """What a signal during the phase ``key`` kept, and the exact command that continues."""
@@ -208,16 +216,9 @@ class TrainingRun:
             raise FinsftError(oom_message(self.recipe, self.plan, name,
                                           self.resume_cmd if name == "training" else None)) from exc
         except Exception as exc:
-            problem = io_problem(exc)
-            if problem is None:
+            if io_problem(exc) is None:
                 raise
-            what = f"{name} failed: {problem}"
-            if not self.main or name in ("model loading", "evaluation of the base model"):
-                raise FinsftError(what) from exc
-            raise FinsftError(
-                f"{what}. The run is kept in {self.dirs.work} (newest complete checkpoint: "
-                f"{latest_checkpoint(self.dirs.work) or 'none'}); after freeing space or fixing the cause, continue "
-                f"with: {self.resume_cmd}") from exc
+            raise WriteError(self.disk_message(name, exc)) from exc
 
     # ------------------------------------------------------------------------------------------------- setup
 
@@ -291,7 +292,7 @@ class TrainingRun:
                 self.lock.acquire(self.dirs.final)
                 self.checkpoint = prepare(self.recipe, self.dirs, overwrite=self.overwrite, resume=self.resume,
                                           force=self.force)
-            except OutputDirError as exc:
+            except (OutputDirError, WriteError) as exc:
                 problem = str(exc)
         self.checkpoint, problem = broadcast((self.checkpoint, problem), self.world)
         if problem is not None:

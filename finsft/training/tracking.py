@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from finsft.files import write_file
 from finsft.preflight import MLFLOW_STORE, mlflow_store_path, requested_trackers
 
 TENSORBOARD_DIR = "runs"  # the Trainer's own name for it, under the run folder
@@ -108,7 +109,8 @@ def move_mlflow_store(work: Path, final: Path) -> None:
 
 
 def _dump(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
+    write_file(path, json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", replace=True,  # the work folder's
+               kept="the run is kept in its work folder")
 
 
 def write_results(work: Path, final: Path, state: Any, train_metrics: dict[str, Any],
