@@ -556,7 +556,7 @@ def run_section(files: Sequence[str], modelfile: str, name: str, template: Any) 
              "Files: " + ", ".join(f"`{f}`" for f in files) + f"; `{modelfile}` for Ollama.", "",
              "```bash", f"ollama create {name} -f {modelfile}", f"ollama run {name} {json.dumps(example)}", "```",
              "", "With llama.cpp:", "", "```bash",
-             f"llama-cli -m {first} -no-cnv --temp 0 -n 8 -p {json.dumps(prompt)}" if prompt else
+             f"llama-cli -m {first} -no-cnv -e --temp 0 -n 8 -p {json.dumps(prompt)}" if prompt else
              f"llama-cli -m {first} -cnv", "```", "",
              "(`ollama create` reads the Modelfile's `FROM` relative to the Modelfile.) Score it with finsft: "
              f'set the recipe\'s `model.name_or_path` to the path of `{first}`, then `finsft eval RECIPE`.', ""]
