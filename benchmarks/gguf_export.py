@@ -1,7 +1,8 @@
 """GGUF export, measured (not CI: minutes to tens of minutes on a CPU).
 
 usage:
-  python benchmarks/gguf_export.py quickstart --run RUN --work DIR [--types q8_0,q4_1,f16] [--limit N]
+  python benchmarks/gguf_export.py quickstart --run RUN --work DIR [--types q8_0,q4_1,f16] [--eval-types q8_0,q4_1]
+      [--limit N]
       `finsft merge recipes/quickstart.json --adapter RUN --gguf TYPES`, then `finsft eval` of the merged folder
       and of each GGUF on the quickstart's 300 held-out tweets: accuracy / weighted F1 and file size per type.
   python benchmarks/gguf_export.py llama-cpp --gguf FILE --tokenizer DIR [--python /work/venv-llama/bin/python]
@@ -63,7 +64,10 @@ def quickstart(args: argparse.Namespace) -> None:
     print(json.dumps({"step": "merge+export", "types": args.types, "seconds": round(seconds, 1)}))
     models: dict[str, dict[str, Any]] = {"merged": {"name_or_path": str(merged)}}
     for t in args.types.split(","):
-        models[t] = {"name_or_path": str(merged / "gguf" / f"model.{t}.gguf")}
+        size = (merged / "gguf" / f"model.{t}.gguf").stat().st_size
+        print(json.dumps({"type": t, "bytes": size, "MiB": round(size / 2**20, 1)}))
+        if t in args.eval_types.split(","):
+            models[t] = {"name_or_path": str(merged / "gguf" / f"model.{t}.gguf")}
     for name, model in models.items():
         recipe = _recipe(work, name, model)
         extra = ["--limit", str(args.limit)] if args.limit else []
@@ -231,6 +235,7 @@ def main() -> None:
     q.add_argument("--run", required=True)
     q.add_argument("--work", required=True)
     q.add_argument("--types", default="q8_0,q4_1,f16")
+    q.add_argument("--eval-types", default="q8_0,q4_1", help="the types scored with finsft eval")
     q.add_argument("--limit", type=int)
     c = sub.add_parser("llama-cpp")
     c.add_argument("--gguf", required=True)
