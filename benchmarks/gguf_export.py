@@ -184,16 +184,22 @@ def _write_random_checkpoint(config_path: Path, folder: Path, layers_per_shard: 
             "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2)}
 
 
+# Peak RSS from /proc/self/status (VmHWM): getrusage's ru_maxrss survives exec on Linux, so a child would report
+# its parent's peak (the checkpoint writer's) when that was higher.
 _EXPORT = r"""
-import json, resource, sys, time
+import json, sys, time
+def hwm():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 2**20
+import torch, gguf, safetensors  # the libraries the export uses, loaded before the baseline
 from finsft.gguf_export import export_gguf
 folder, out, qtype = sys.argv[1:4]
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 start = time.time()
 report = export_gguf(folder, out, qtype, tokenizer=None, log=lambda m: None)
-print(json.dumps({**report.as_dict(), "seconds": round(time.time() - start, 1),
-                  "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 2),
-                  "rss_after_imports_gib": round(base / 2**20, 2)}))
+print(json.dumps({**report.as_dict(), "seconds": round(time.time() - start, 1), "peak_rss_gib": round(hwm(), 2),
+                  "rss_after_imports_gib": round(base, 2)}))
 """
 
 
