@@ -488,21 +488,12 @@ def _add_model_keys(writer: Any, config: Mapping[str, Any], arch: str, qtype: st
     if (scaling.get("rope_type") or scaling.get("type")) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    writer.add_file_type(int(_FILE_TYPES[qtype]()))
+    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[qtype]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _ftype(name: str) -> Callable[[], Any]:
-    def get() -> Any:
-        import gguf
-
-        return gguf.LlamaFileType[name]
-    return get
-
-
-_FILE_TYPES = {"f32": _ftype("ALL_F32"), "f16": _ftype("MOSTLY_F16"), "bf16": _ftype("MOSTLY_BF16"),
-               "q8_0": _ftype("MOSTLY_Q8_0"), "q5_1": _ftype("MOSTLY_Q5_1"), "q5_0": _ftype("MOSTLY_Q5_0"),
-               "q4_1": _ftype("MOSTLY_Q4_1"), "q4_0": _ftype("MOSTLY_Q4_0")}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 
 
 # ------------------------------------------------------------------------------------------------ Modelfile
