@@ -72,15 +72,17 @@ def parse_types(value: str) -> list[str]:
 
 def check_architecture(config: Mapping[str, Any], where: str) -> str:
     """The llama.cpp architecture for a Hugging Face config, or an error naming the supported ones."""
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else None
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         model_type = config.get("model_type")
         raise ExportError(f"{where}: architecture {arch or model_type or 'unknown'} cannot be exported to GGUF by "
                           f"finsft; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Llama family incl. SmolLM2 and "
                           "Mistral, and Gemma)")
-    scaling = config.get("rope_scaling") or {}
-    params = config.get("rope_parameters") or {}
+    scaling: Mapping[str, Any] = config.get("rope_scaling") or {}
+    params: Mapping[str, Any] = config.get("rope_parameters") or {}
+    if not isinstance(scaling, Mapping) or not isinstance(params, Mapping):
+        raise ExportError(f"{where}: rope_scaling / rope_parameters must be objects")
     rope_type = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or "default")
     if rope_type not in ("default", "linear"):
         raise ExportError(f"{where}: rope scaling '{rope_type}' is not exported by finsft (llama.cpp needs extra "
@@ -561,19 +563,29 @@ def light_check(recipe: Any) -> None:
     """Before anything is loaded (no torch): the recipe's model is an architecture finsft exports, where that can be
     read from files alone (a GGUF's header, a local folder's config.json). A hub model is checked from its config
     before any weights load."""
+    import struct
+
     from finsft.models import _package_dir, gguf_metadata, gguf_reference
     from finsft.recipe import PACKAGE_PREFIX
 
     ref, gguf_file = gguf_reference(recipe.model)
-    folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+    try:
+        folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+        if gguf_file:
+            path = os.path.join(folder, gguf_file)
+            arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
+            config = None
+        elif os.path.isfile(os.path.join(folder, "config.json")):
+            config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+        else:
+            return
+    except (OSError, ValueError, struct.error, FinsftError):
+        return  # an unreadable model: loading it reports that, with its own message
     if gguf_file:
-        path = os.path.join(folder, gguf_file)
-        arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
         if arch is not None and arch not in set(SUPPORTED_ARCHITECTURES.values()):
             raise ExportError(f"model {gguf_file}: architecture {arch} cannot be exported to GGUF by finsft; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    elif os.path.isfile(os.path.join(folder, "config.json")):
-        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    elif isinstance(config, dict):
         check_architecture(config, os.path.join(folder, "config.json"))
 
 
