@@ -633,6 +633,11 @@ def write_exports(folder: Path, out_dir: Path, types: Sequence[str], *, tokenize
     if target_dir.is_symlink() or (target_dir.exists() and any(target_dir.iterdir())):
         raise ExportError(f"{target_dir} exists and is not empty; finsft never replaces a folder")
     target_dir.mkdir(parents=True, exist_ok=True)
+    low = [t for t in types if t.startswith(("q4", "q5"))]
+    if low:
+        log(f"note: {', '.join(low)} round weights to 4-5 bits: a LoRA fine-tune's change can be smaller than that "
+            "step and be rounded away (measured: the 12-step quickstart run's q4_1 file scored like its base model; "
+            "q8_0 kept it). Score the file with finsft eval before you ship it.")
     reports, files, modelfiles = [], [], []
     eos = getattr(tokenizer, "eos_token", None)
     for i, qtype in enumerate(types):
