@@ -291,3 +291,21 @@ def test_reexported_base_equals_the_llama_cpp_file_byte_for_byte(tmp_path: Path)
     for key, field in theirs.fields.items():
         if key.startswith("tokenizer."):
             assert str(ours.fields[key].contents()) == str(field.contents()), key
+
+
+def test_a_full_model_exports_without_a_merge(tiny_model: Path, tmp_path: Path) -> None:
+    """A full fine-tune (a folder with config.json, no adapter) is exported as it is: gguf/ and a card, no merged
+    copy of the weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "out"
+    assert main(["merge", str(_recipe(tiny_model, tmp_path)), "--adapter", str(tiny_model), "--out", str(out),
+                 "--gguf", "f16"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "gguf"]
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = tok(HELD_OUT[1], return_tensors="pt")["input_ids"]
+    back = AutoModelForCausalLM.from_pretrained(out / "gguf", gguf_file="model.f16.gguf", dtype=torch.float32)
+    with torch.inference_mode():
+        ref = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32)(ids).logits
+        assert float((back(ids).logits - ref).abs().max()) <= 1e-3 * max(1.0, float(ref.abs().max()))
