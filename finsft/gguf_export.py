@@ -72,15 +72,17 @@ def parse_types(value: str) -> list[str]:
 
 def check_architecture(config: Mapping[str, Any], where: str) -> str:
     """The llama.cpp architecture for a Hugging Face config, or an error naming the supported ones."""
-    archs = config.get("architectures") or []
-    arch = archs[0] if archs else None
+    archs = config.get("architectures")
+    arch = archs[0] if isinstance(archs, list) and archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         model_type = config.get("model_type")
         raise ExportError(f"{where}: architecture {arch or model_type or 'unknown'} cannot be exported to GGUF by "
                           f"finsft; supported: {', '.join(SUPPORTED_ARCHITECTURES)} (Llama family incl. SmolLM2 and "
                           "Mistral, and Gemma)")
-    scaling = config.get("rope_scaling") or {}
-    params = config.get("rope_parameters") or {}
+    scaling: Mapping[str, Any] = config.get("rope_scaling") or {}
+    params: Mapping[str, Any] = config.get("rope_parameters") or {}
+    if not isinstance(scaling, Mapping) or not isinstance(params, Mapping):
+        raise ExportError(f"{where}: rope_scaling / rope_parameters must be objects")
     rope_type = (scaling.get("rope_type") or scaling.get("type") or params.get("rope_type") or "default")
     if rope_type not in ("default", "linear"):
         raise ExportError(f"{where}: rope scaling '{rope_type}' is not exported by finsft (llama.cpp needs extra "
@@ -488,21 +490,12 @@ def _add_model_keys(writer: Any, config: Mapping[str, Any], arch: str, qtype: st
     if (scaling.get("rope_type") or scaling.get("type")) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    writer.add_file_type(int(_FILE_TYPES[qtype]()))
+    writer.add_file_type(int(gguf.LlamaFileType[_FILE_TYPES[qtype]]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _ftype(name: str) -> Callable[[], Any]:
-    def get() -> Any:
-        import gguf
-
-        return gguf.LlamaFileType[name]
-    return get
-
-
-_FILE_TYPES = {"f32": _ftype("ALL_F32"), "f16": _ftype("MOSTLY_F16"), "bf16": _ftype("MOSTLY_BF16"),
-               "q8_0": _ftype("MOSTLY_Q8_0"), "q5_1": _ftype("MOSTLY_Q5_1"), "q5_0": _ftype("MOSTLY_Q5_0"),
-               "q4_1": _ftype("MOSTLY_Q4_1"), "q4_0": _ftype("MOSTLY_Q4_0")}
+_FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+               "q5_1": "MOSTLY_Q5_1", "q5_0": "MOSTLY_Q5_0", "q4_1": "MOSTLY_Q4_1", "q4_0": "MOSTLY_Q4_0"}
 
 
 # ------------------------------------------------------------------------------------------------ Modelfile
@@ -556,7 +549,7 @@ def run_section(files: Sequence[str], modelfile: str, name: str, template: Any) 
              "Files: " + ", ".join(f"`{f}`" for f in files) + f"; `{modelfile}` for Ollama.", "",
              "```bash", f"ollama create {name} -f {modelfile}", f"ollama run {name} {json.dumps(example)}", "```",
              "", "With llama.cpp:", "", "```bash",
-             f"llama-cli -m {first} -no-cnv --temp 0 -n 8 -p {json.dumps(prompt)}" if prompt else
+             f"llama-cli -m {first} -no-cnv -e --temp 0 -n 8 -p {json.dumps(prompt)}" if prompt else
              f"llama-cli -m {first} -cnv", "```", "",
              "(`ollama create` reads the Modelfile's `FROM` relative to the Modelfile.) Score it with finsft: "
              f'set the recipe\'s `model.name_or_path` to the path of `{first}`, then `finsft eval RECIPE`.', ""]
@@ -570,19 +563,29 @@ def light_check(recipe: Any) -> None:
     """Before anything is loaded (no torch): the recipe's model is an architecture finsft exports, where that can be
     read from files alone (a GGUF's header, a local folder's config.json). A hub model is checked from its config
     before any weights load."""
+    import struct
+
     from finsft.models import _package_dir, gguf_metadata, gguf_reference
     from finsft.recipe import PACKAGE_PREFIX
 
     ref, gguf_file = gguf_reference(recipe.model)
-    folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+    try:
+        folder = _package_dir(ref[len(PACKAGE_PREFIX):]) if ref.startswith(PACKAGE_PREFIX) else ref
+        if gguf_file:
+            path = os.path.join(folder, gguf_file)
+            arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
+            config = None
+        elif os.path.isfile(os.path.join(folder, "config.json")):
+            config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+        else:
+            return
+    except (OSError, ValueError, struct.error, FinsftError):
+        return  # an unreadable model: loading it reports that, with its own message
     if gguf_file:
-        path = os.path.join(folder, gguf_file)
-        arch = gguf_metadata(path).get("general.architecture") if os.path.isfile(path) else None
         if arch is not None and arch not in set(SUPPORTED_ARCHITECTURES.values()):
             raise ExportError(f"model {gguf_file}: architecture {arch} cannot be exported to GGUF by finsft; "
                               f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    elif os.path.isfile(os.path.join(folder, "config.json")):
-        config = json.loads(Path(folder, "config.json").read_text(encoding="utf-8"))
+    elif isinstance(config, dict):
         check_architecture(config, os.path.join(folder, "config.json"))
 
 
@@ -630,6 +633,11 @@ def write_exports(folder: Path, out_dir: Path, types: Sequence[str], *, tokenize
     if target_dir.is_symlink() or (target_dir.exists() and any(target_dir.iterdir())):
         raise ExportError(f"{target_dir} exists and is not empty; finsft never replaces a folder")
     target_dir.mkdir(parents=True, exist_ok=True)
+    low = [t for t in types if t.startswith(("q4", "q5"))]
+    if low:
+        log(f"note: {', '.join(low)} round weights to 4-5 bits: a LoRA fine-tune's change can be smaller than that "
+            "step and be rounded away (measured: the 12-step quickstart run's q4_1 file scored like its base model; "
+            "q8_0 kept it). Score the file with finsft eval before you ship it.")
     reports, files, modelfiles = [], [], []
     eos = getattr(tokenizer, "eos_token", None)
     for i, qtype in enumerate(types):

@@ -202,10 +202,11 @@ def shipped_models() -> list[str]:
 
 def gguf_reference(model: Any) -> tuple[str, str | None]:
     """``(name_or_path, gguf_file)`` of a recipe's model section; a name_or_path that is a path to a .gguf file
-    (what ``finsft merge --gguf`` writes) is split into its folder and file name."""
+    (what ``finsft merge --gguf`` writes) is split into its folder and file name (gguf_file, which names a file
+    inside a folder, does not apply then)."""
     ref: str = model["name_or_path"]
     gguf_file: str | None = model.get("gguf_file")
-    if not gguf_file and ref.lower().endswith(".gguf") and os.path.isfile(ref):
+    if ref.lower().endswith(".gguf") and os.path.isfile(ref):
         return os.path.dirname(ref), os.path.basename(ref)
     return ref, gguf_file
 

@@ -96,15 +96,18 @@ def _check_export(out_dir: Path, weights: Path, source: ModelSource, types: list
     else:  # a hub id: its config (cached by transformers)
         from transformers import AutoConfig
 
-        config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code).to_dict()
+        try:
+            config = AutoConfig.from_pretrained(source.path, trust_remote_code=trust_remote_code).to_dict()
+        except (OSError, ValueError):
+            return  # loading the model reports why it cannot be read, with its own message
         where = source.description
     check_architecture(config, where)
     sizes = {t: estimate_bytes(config, t) for t in types}
     needed = sum(sizes.values())
     if merged:  # the merged folder in float32 at most (the estimate errs high for 16-bit merges)
         needed += int(sum(math.prod(s) for s in weight_shapes(config).values()) * 4)
-    check_disk(out_dir, needed, "the merged model and " + ", ".join(f"{t} (~{n / 2**20:,.0f} MiB)"
-                                                                  for t, n in sizes.items()))
+    files = ", ".join(f"{t} (~{n / 2**20:,.0f} MiB)" for t, n in sizes.items())
+    check_disk(out_dir, needed, f"the merged model and {files}" if merged else files)
 
 
 def write_merged_card(out_dir: Path, adapter: Path, recipe: Recipe, source: Any, log: Any) -> None:

@@ -371,7 +371,7 @@ def model_rules(model: Any) -> Found:
     elif os.path.isabs(ref):
         if not os.path.exists(ref):
             out.append((["model", "name_or_path"], f"local model path '{ref}' does not exist"))
-        elif model.get("gguf_file") and not os.path.exists(os.path.join(ref, model["gguf_file"])):
+        elif model.get("gguf_file") and os.path.isdir(ref) and not os.path.exists(os.path.join(ref, model["gguf_file"])):
             out.append((["model", "gguf_file"], f"'{model['gguf_file']}' is not in '{ref}'"))
     return out
 
