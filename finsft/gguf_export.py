@@ -636,8 +636,8 @@ def write_exports(folder: Path, out_dir: Path, types: Sequence[str], *, tokenize
     low = [t for t in types if t.startswith(("q4", "q5"))]
     if low:
         log(f"note: {', '.join(low)} round weights to 4-5 bits: a LoRA fine-tune's change can be smaller than that "
-            "step and be rounded away (measured: the 12-step quickstart run's q4_1 file scored like its base model; "
-            "q8_0 kept it). Score the file with finsft eval before you ship it.")
+            "step and be rounded away (measured: the quickstart run's q4_1 file scored 0.35 accuracy, its merged "
+            "model and q8_0 file 0.75). Score the file with finsft eval before you ship it.")
     reports, files, modelfiles = [], [], []
     eos = getattr(tokenizer, "eos_token", None)
     for i, qtype in enumerate(types):
