@@ -15,7 +15,7 @@ PKG = Path(__file__).resolve().parent.parent / "finsft"
 LAYERS: dict[str, int] = {
     # errors at the bottom; the file gates (finsft.files) use only errors and serve every layer above
     "finsft.errors": -2, "finsft.files": -1,
-    "finsft": 0, "finsft.quiet": 0, "finsft.progress": 0,
+    "finsft": 0, "finsft.quiet": 0, "finsft.progress": 0, "finsft.allocator": 0,
     "finsft.testing": 0,
     "finsft.templates": 1, "finsft.data_formats": 1,
     "finsft.recipe": 2,
@@ -23,7 +23,7 @@ LAYERS: dict[str, int] = {
     "finsft.data": 4,
     "finsft.data_sources": 5,
     "finsft.models": 6,
-    "finsft.merge": 7, "finsft.evaluation": 7, "finsft.publish": 7,
+    "finsft.merge": 7, "finsft.gguf_export": 7, "finsft.evaluation": 7, "finsft.publish": 7,
     "finsft.preflight": 8,
     "finsft.training": 9,
     "finsft.bench": 10, "finsft.commands": 10, "finsft.docs": 10, "finsft.library_schema": 10, "finsft.cli": 11,
