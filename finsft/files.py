@@ -327,6 +327,40 @@ def write_file(path: str | Path, data: str | bytes, *, replace: bool | Callable[
     return path
 
 
+@contextmanager
+def streamed_file(path: str | Path, *, kept: str = "nothing else was changed", then: str = "") -> Iterator[Path]:
+    """The writing gate for a file too large to hold in memory (a GGUF export): yields a temporary path in the same
+    folder for the caller to stream into; when the block ends without an error the file is fsynced and put in
+    place as a NEW file (hard-linked, so a file that appeared meanwhile is never replaced), and the temporary file
+    is removed on any failure. Disk full and permission errors become a WriteError as in :func:`write_file`."""
+    path = Path(path)
+    why = _refuse(path, False)
+    if why:
+        raise WriteError(f"{why}: {kept}; name a new file")
+    with write_errors(path, kept, then):
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:80]}.", suffix=".finsft-tmp")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            yield tmp
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o666 & ~_umask())
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise WriteError(f"{path} appeared while finsft was writing it; finsft never replaces a file it "
+                                 f"did not make: {kept}; name a new file") from None
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                    raise
+                if path.exists() or path.is_symlink():
+                    raise WriteError(f"{path} appeared while finsft was writing it: {kept}") from None
+                os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

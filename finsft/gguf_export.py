@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from finsft.errors import FinsftError
+from finsft.files import read_text, streamed_file, write_file
 
 # The types offered, and the llama.cpp file type each one declares.
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
@@ -418,47 +419,47 @@ def export_gguf(folder: str | Path, out_file: str | Path, qtype: str, *, tokeniz
                              "Hugging Face tokenizer instead")
         if meta is None:
             meta = tokenizer_from_hf(tokenizer, folder, config["vocab_size"])
-    writer_tmp = out_file.with_name(f".{out_file.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(str(writer_tmp), arch)
-    try:
-        _add_model_keys(writer, config, arch, qtype, name or folder.name)
-        if meta is not None:
-            for key, value, vtype, sub in meta.values:
-                writer.add_key_value(key, value, vtype, sub_type=sub)
-        for p in planned:
-            writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype),
-                                   raw_dtype=gguf.GGMLQuantizationType[p.qtype.upper()])
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        assert writer.fout is not None
-        fout = writer.fout[0]
-        open_shard: tuple[Path, Any] | None = None
-        for i, p in enumerate(planned):
-            if open_shard is None or open_shard[0] != p.shard:
-                if open_shard is not None:
-                    open_shard[1].__exit__(None, None, None)
-                handle = safe_open(str(p.shard), framework="pt")
-                open_shard = (p.shard, handle.__enter__())
-            writer.write_padding(fout, fout.tell())
-            start = fout.tell()
-            qt = gguf.GGMLQuantizationType[p.qtype.upper()]
-            for block in _chunks(p, open_shard[1], config):
-                gguf.quants.quantize(block, qt).tofile(fout)
-            written = fout.tell() - start
-            if written != _nbytes(p.shape, p.qtype):
-                raise ExportError(f"{p.hf_name}: wrote {written} bytes, expected {_nbytes(p.shape, p.qtype)}")
-            writer.write_padding(fout, written)
-            if (i + 1) % 50 == 0:
-                log(f"  {i + 1}/{len(planned)} tensors written")
-        if open_shard is not None:
-            open_shard[1].__exit__(None, None, None)
-        writer.close()
-        os.replace(writer_tmp, out_file)
-    except BaseException:
-        writer.close()
-        writer_tmp.unlink(missing_ok=True)
-        raise
+    kept = f"nothing was written to {out_file}"
+    then = "free disk space (the merge preflight says how much) and run the export again"
+    with streamed_file(out_file, kept=kept, then=then) as writer_tmp:
+        writer = gguf.GGUFWriter(str(writer_tmp), arch)
+        try:
+            _add_model_keys(writer, config, arch, qtype, name or folder.name)
+            if meta is not None:
+                for key, value, vtype, sub in meta.values:
+                    writer.add_key_value(key, value, vtype, sub_type=sub)
+            for p in planned:
+                writer.add_tensor_info(p.gguf_name, p.shape, np.dtype(np.float32), _nbytes(p.shape, p.qtype),
+                                       raw_dtype=gguf.GGMLQuantizationType[p.qtype.upper()])
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            assert writer.fout is not None
+            fout = writer.fout[0]
+            open_shard: tuple[Path, Any] | None = None
+            for i, p in enumerate(planned):
+                if open_shard is None or open_shard[0] != p.shard:
+                    if open_shard is not None:
+                        open_shard[1].__exit__(None, None, None)
+                    handle = safe_open(str(p.shard), framework="pt")
+                    open_shard = (p.shard, handle.__enter__())
+                writer.write_padding(fout, fout.tell())
+                start = fout.tell()
+                qt = gguf.GGMLQuantizationType[p.qtype.upper()]
+                for block in _chunks(p, open_shard[1], config):
+                    gguf.quants.quantize(block, qt).tofile(fout)
+                written = fout.tell() - start
+                if written != _nbytes(p.shape, p.qtype):
+                    raise ExportError(f"{p.hf_name}: wrote {written} bytes, expected {_nbytes(p.shape, p.qtype)}")
+                writer.write_padding(fout, written)
+                if (i + 1) % 50 == 0:
+                    log(f"  {i + 1}/{len(planned)} tensors written")
+            if open_shard is not None:
+                open_shard[1].__exit__(None, None, None)
+            writer.close()
+        except BaseException:
+            writer.close()
+            raise
     counts: dict[str, int] = {}
     for p in planned:
         counts[p.qtype] = counts.get(p.qtype, 0) + 1
@@ -602,15 +603,10 @@ def source_gguf_path(recipe: Any) -> str | None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    """A new text file, written aside and renamed into place; an existing file is never replaced."""
+    """A new text file through finsft's writing gate (written whole, an existing file never replaced)."""
     if path.exists() or path.is_symlink():
         raise ExportError(f"{path} exists; finsft does not replace it")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_file(path, text, kept="the files written before it are kept")
 
 
 def ollama_name(name: str) -> str:
@@ -657,8 +653,8 @@ def write_exports(folder: Path, out_dir: Path, types: Sequence[str], *, tokenize
     card = out_dir / "README.md"
     section = run_section(files, modelfiles[0], ollama_name(name), template)
     if card.is_file():  # the card finsft wrote for this folder
-        with open(card, "a", encoding="utf-8") as f:
-            f.write(section)
+        write_file(card, read_text(card, "model card") + section, replace=True,
+                   kept="the card is as it was; the GGUF files are written")
     else:
         _write_text(card, "# " + name + "\n" + section)
     return summary

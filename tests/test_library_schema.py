@@ -303,7 +303,7 @@ def test_finsfts_own_keys_bind_to_the_library_constructors() -> None:
 
     # finsft's own settings (compiled into several library arguments, or into callbacks)
     finsft_only = {"training": {"precision", "group_by_length", "gradient_checkpointing", "early_stopping_patience",
-                                "early_stopping_threshold", "eval_task_samples"}}
+                                "early_stopping_threshold", "eval_task_samples", "supervised_lm_head"}}
     props = schema()["properties"]
     for section, cls in (("lora", LoraConfig), ("quantization", BitsAndBytesConfig), ("training", SFTConfig)):
         params = inspect.signature(cls).parameters

@@ -105,7 +105,7 @@ def move_mlflow_store(work: Path, final: Path) -> None:
         for old, replacement in pairs:
             new = new.replace(old + "/", replacement + "/")
         if new != text:
-            meta.write_text(new, encoding="utf-8")
+            write_file(meta, new, replace=True, kept="the run is kept in its work folder")  # finsft's own store
 
 
 def _dump(path: Path, data: Any) -> None:
