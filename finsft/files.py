@@ -309,22 +309,28 @@ def write_file(path: str | Path, data: str | bytes, *, replace: bool | Callable[
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
             if replace is False:
-                try:
-                    os.link(tmp, path)
-                except FileExistsError:
-                    raise WriteError(f"{path} appeared while finsft was writing it; finsft never replaces a file it "
-                                     f"did not make: {kept}; name a new file") from None
-                except OSError as exc:
-                    if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                        raise
-                    if path.exists() or path.is_symlink():  # no hard links here: check, then rename
-                        raise WriteError(f"{path} appeared while finsft was writing it: {kept}") from None
-                    os.replace(tmp, path)
+                _place_new(tmp, path, kept)
             else:
                 os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
     return path
+
+
+def _place_new(tmp: Path, path: Path, kept: str) -> None:
+    """Put the finished temporary file ``tmp`` in place as the NEW file ``path``: hard-linked, so a file that
+    appeared meanwhile is never replaced (where the file system has no hard links: checked, then renamed)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise WriteError(f"{path} appeared while finsft was writing it; finsft never replaces a file it "
+                         f"did not make: {kept}; name a new file") from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            raise
+        if path.exists() or path.is_symlink():  # no hard links here: check, then rename
+            raise WriteError(f"{path} appeared while finsft was writing it: {kept}") from None
+        os.replace(tmp, path)
 
 
 @contextmanager
@@ -346,17 +352,7 @@ def streamed_file(path: str | Path, *, kept: str = "nothing else was changed", t
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o666 & ~_umask())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise WriteError(f"{path} appeared while finsft was writing it; finsft never replaces a file it "
-                                 f"did not make: {kept}; name a new file") from None
-            except OSError as exc:
-                if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
-                    raise
-                if path.exists() or path.is_symlink():
-                    raise WriteError(f"{path} appeared while finsft was writing it: {kept}") from None
-                os.replace(tmp, path)
+            _place_new(tmp, path, kept)
         finally:
             tmp.unlink(missing_ok=True)
 

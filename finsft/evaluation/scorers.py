@@ -141,6 +141,19 @@ def _right_pad(seqs: Sequence[Sequence[int]], pad: int, device: Any) -> tuple[An
     return ids.to(device), mask.to(device), last.to(device)
 
 
+def _left_pad(seqs: Sequence[Sequence[int]], pad: int, device: Any) -> tuple[Any, Any, int]:
+    """Left-padded ids and attention mask of ``seqs`` on ``device``, and the padded width (generation batches)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for j, s in enumerate(seqs):
+        ids[j, width - len(s):] = torch.tensor(s)
+        mask[j, width - len(s):] = 1
+    return ids.to(device), mask.to(device), width
+
+
 def generate(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], batch_size: int,
              max_new_tokens: int, progress: Progress | None = None) -> list[str]:
     """Greedy completions of each row's prompt (left-padded batches of similar length), special tokens removed."""
@@ -158,15 +171,8 @@ def generate(model: Any, formatter: Formatter, rows: Sequence[dict[str, Any]], b
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 idx = order[start:start + batch_size]
-                chunk = [prompts[i] for i in idx]
-                width = max(len(p) for p in chunk)
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, p in enumerate(chunk):
-                    ids[j, width - len(p):] = torch.tensor(p)
-                    mask[j, width - len(p):] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                ids, mask, width = _left_pad([prompts[i] for i in idx], pad, device)
+                out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                      eos_token_id=_stop_ids(tok))
                 for i, row in zip(idx, out[:, width:], strict=True):
                     texts[i] = tok.decode(row, skip_special_tokens=True).strip()
@@ -211,18 +217,11 @@ def generate_fingpt(model: Any, formatter: Formatter, rows: Sequence[dict[str, A
     try:
         with torch.inference_mode():
             for start in range(0, len(prompts), batch_size):
-                chunk = prompts[start:start + batch_size]
-                width = max(len(p) for p in chunk)
+                ids, mask, width = _left_pad(prompts[start:start + batch_size], pad, device)
                 if width >= FINGPT_MAX_LENGTH:
                     raise FinsftError(f"a prompt of {width} tokens leaves no room for an answer within FinGPT's "
                                       f"max_length of {FINGPT_MAX_LENGTH} tokens")
-                ids = torch.full((len(chunk), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(chunk), width), dtype=torch.long)
-                for j, p in enumerate(chunk):
-                    ids[j, width - len(p):] = torch.tensor(p)
-                    mask[j, width - len(p):] = 1
-                out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                     max_length=FINGPT_MAX_LENGTH, do_sample=False, pad_token_id=pad,
+                out = model.generate(input_ids=ids, attention_mask=mask, max_length=FINGPT_MAX_LENGTH, do_sample=False, pad_token_id=pad,
                                      eos_token_id=tok.eos_token_id)
                 texts += [fingpt_answer(tok.decode(seq, skip_special_tokens=True)) for seq in out]
                 if progress:
