@@ -10,8 +10,8 @@ equal: the same job, computed faster). Exit code 1 when a first loss differs by 
 
 Pin it to one core with one thread on a shared machine, e.g.:
 
-    git worktree add --detach /work/wt/base23 0440638
-    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/cpu_speed.py --base /work/wt/base23 \\
+    git worktree add --detach ../base23 0440638
+    taskset -c 1 env OMP_NUM_THREADS=1 python benchmarks/cpu_speed.py --base ../base23 \\
         --recipes recipes/quickstart.json,recipes/tfns_smollm2.json --pairs 2 --steps 5 --warmup 1
 """
 

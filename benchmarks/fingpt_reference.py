@@ -137,9 +137,10 @@ def main(argv: list[str] | None = None) -> int:
               f"({report['sets'][name]['finsft_scorer']}): acc {fs['accuracy']:.3f} macro F1 {fs['macro_f1']:.3f} "
               f"weighted F1 {fs['weighted_f1']:.3f} | rows agreeing: inputs {agree['inputs']}, gold "
               f"{agree['gold']}, answers {agree['answers']}, labels {agree['labels']} of {n}", flush=True)
-    if args.out:
-        with open(args.out, "x") as f:  # a new file only
-            json.dump(report, f, indent=2)
+    if args.out:  # a new file only, through finsft's writing gate
+        from finsft.files import write_file
+
+        write_file(args.out, json.dumps(report, indent=2) + "\n")
     print("every row agrees" if all_agree else "ROWS DIFFER")
     return 0 if all_agree else 1
 

@@ -5,7 +5,7 @@ usage:
       [--limit N]
       `finsft merge recipes/quickstart.json --adapter RUN --gguf TYPES`, then `finsft eval` of the merged folder
       and of each GGUF on the quickstart's 300 held-out tweets: accuracy / weighted F1 and file size per type.
-  python benchmarks/gguf_export.py llama-cpp --gguf FILE --tokenizer DIR [--python /work/venv-llama/bin/python]
+  python benchmarks/gguf_export.py llama-cpp --gguf FILE --tokenizer DIR [--python VENV/bin/python]
       A program that is not transformers: llama.cpp (llama-cpp-python, built from source in its own venv) loads
       the GGUF, tokenizes the held-out prompts (compared with the Hugging Face tokenizer), and its next-token logits
       after each prompt are compared with transformers' (same GGUF); it picks the label the model gives most
@@ -251,7 +251,8 @@ def main() -> None:
     c = sub.add_parser("llama-cpp")
     c.add_argument("--gguf", required=True)
     c.add_argument("--tokenizer", required=True, help="the merged folder (its Hugging Face tokenizer)")
-    c.add_argument("--python", default="/work/venv-llama/bin/python")
+    c.add_argument("--python", default=sys.executable,
+                   help="a Python with llama-cpp-python installed (default: this one)")
     c.add_argument("--limit", type=int, default=300)
     b = sub.add_parser("big")
     b.add_argument("--model", choices=sorted(BIG), required=True)
