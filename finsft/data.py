@@ -29,7 +29,7 @@ LOADERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parque
 # Tokens kept from the end of an over-long prompt: the answer cue ("...Answer:") must survive truncation.
 PROMPT_TAIL = 16
 # Part of the prepared-data cache key: bump it when tokenize_rows changes what it produces.
-PREP_VERSION = 4
+PREP_VERSION = 5
 # Texts per tokenizer call: big batches for the fast tokenizers' parallel encoding, bounded memory.
 TOKENIZE_CHUNK = 20_000
 
@@ -647,8 +647,9 @@ class Formatter:
 
     def completion_text(self, completion: str, row: Mapping[str, Any]) -> str:
         if not self.chat:
-            if self.template.completion_apart:  # FinGPT's utils.py: the target stripped, then EOS
-                completion = completion.strip()
+            if self.template.completion_apart:  # FinGPT's utils.py: the target stripped, then EOS; the
+                # template's own leading space (fingpt_sentiment's " {output}") stays: the answer is a word
+                completion = self.template.completion_lead + completion.strip()
             return completion + (self.tokenizer.eos_token or "")
         prompt_text = self.template.render_prompt(row)
         head = self.tokenizer.apply_chat_template(self._messages(prompt_text), tokenize=False,
@@ -750,11 +751,17 @@ def encode_continuation(tok: Any, texts: list[str]) -> list[list[int]]:
 
 
 def encode_completions(formatter: Formatter, texts: list[str]) -> list[list[int]]:
-    """Token ids of completions as training appends them to the prompt's ids: tokenized apart (FinGPT's
-    utils.py: ``tokenizer(target, add_special_tokens=False)``) when the template says so and no chat template
-    renders the turn, else as the prompt's continuation (:func:`encode_continuation`)."""
+    """Token ids of completions as training appends them to the prompt's ids.
+
+    - ``completion_apart`` with a bare completion (``"{output}"``): tokenized apart, FinGPT's utils.py exactly
+      (``tokenizer(target, add_special_tokens=False)``);
+    - otherwise, and for an apart completion that starts with a space (fingpt_sentiment's ``" {output}"``): as a
+      text's continuation (:func:`encode_continuation`), so the answer is a word with its leading-space marker
+      (``Ġpositive``/``▁positive``) whatever the tokenizer, after the prompt's own tokens (its trailing space
+      stays the separate token FinGPT's scoring prompt ends with).
+    """
     tok = formatter.tokenizer
-    if formatter.template.completion_apart and not formatter.chat:
+    if formatter.template.completion_apart and not formatter.chat and not formatter.template.completion_lead:
         return list(tok(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"])
     return encode_continuation(tok, texts)
 

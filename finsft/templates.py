@@ -37,12 +37,17 @@ FIQA_INSTRUCTION = (
     "Utilize your financial knowledge, give your answer or opinion to the input question or subject . "
     "Answer format is not limited."
 )
-# FinGPT's sentiment format, token for token (fingpt/FinGPT_Benchmark/utils.py and benchmarks/*.py at ec315843):
-# the prompt ends in "Answer: " (trailing space) and the answer is tokenized APART from it (no leading space),
-# so training sees exactly the tokens FinGPT's benchmark code gives the model when it scores: tokenizer(prompt),
-# then generation. Joined into one string, the trailing space would merge into the answer's first token instead.
+# FinGPT's sentiment prompt, token for token (fingpt/FinGPT_Benchmark/utils.py and benchmarks/*.py at ec315843):
+# the prompt ends in "Answer: " (trailing space) and the answer is tokenized APART from it, so training sees the
+# prompt tokens FinGPT's benchmark code gives the model when it scores (tokenizer(prompt), then generation); joined
+# into one string, the trailing space would merge into the answer's first token instead. The answer is a word with
+# its leading-space marker (" positive" -> Ġpositive / ▁positive): on the SentencePiece tokenizers FinGPT trained
+# (Llama-2) that is the very token its utils.py appends (the dummy prefix); on byte-level BPE (SmolLM2, Llama-3)
+# utils.py's bare "positive" after a lone "Ġ" is a pair pre-training never shows (BPE words carry their space), and
+# adapters trained on it score lower under FinGPT's own code (README, "FinGPT's tokens"). A custom template with the
+# completion "{output}" trains utils.py's bare tokens exactly.
 FINGPT_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer: "
-FINGPT_COMPLETION = "{output}"
+FINGPT_COMPLETION = " {output}"
 # The same prompt without the trailing space, the answer as its continuation (" answer"): the QA template, whose
 # prompt and target are tokenized together as one text (a free-text answer is not scored by FinGPT's code).
 FINGPT_QA_PROMPT = "Instruction: {instruction}\nInput: {input}\nAnswer:"
@@ -134,6 +139,11 @@ class Template:
         return list(seen)
 
     @property
+    def completion_lead(self) -> str:
+        """The whitespace the completion's format string starts with (kept when the answer is tokenized apart)."""
+        return self.completion[: len(self.completion) - len(self.completion.lstrip())]
+
+    @property
     def required_fields(self) -> list[str]:
         return [f for f in self.fields if f not in self.defaults]
 
@@ -198,8 +208,9 @@ BUILTIN: dict[str, Template] = {
         Template(
             name="fingpt_sentiment",
             description="FinGPT sentiment: instruction + news/tweet -> one label (fingpt3: negative/neutral/positive; "
-            "fingpt9 adds mildly/moderately/strong). FinGPT's 'Instruction/Input/Answer: ' prompt and its tokens: the "
-            "prompt ends in 'Answer: ' and the label is tokenized apart, as FinGPT trains and scores.",
+            "fingpt9 adds mildly/moderately/strong). FinGPT's 'Instruction/Input/Answer: ' prompt, token for token as "
+            "FinGPT trains and scores (its trailing space a token of its own); the label follows as a word, tokenized "
+            "apart with its leading space.",
             prompt=FINGPT_PROMPT,
             completion=FINGPT_COMPLETION,
             defaults={"instruction": SENTIMENT_INSTRUCTION},

@@ -327,7 +327,7 @@ def test_completion_mask_covers_the_answer_and_eos(recipe: Any, tokenizer: Any) 
     assert ids[:len(prompt_ids)] == prompt_ids and mask[:len(prompt_ids)] == [0] * len(prompt_ids)
     completion = [t for t, m in zip(ids, mask, strict=True) if m]
     assert completion[-1] == tokenizer.eos_token_id
-    assert tokenizer.decode(completion) == "positive" + tokenizer.eos_token
+    assert tokenizer.decode(completion) == " positive" + tokenizer.eos_token  # a word, after the prompt's space
     assert mask == [0] * len(prompt_ids) + [1] * len(completion)
 
 
@@ -365,7 +365,7 @@ def test_truncation_keeps_the_answer_cue_and_the_answer(recipe: Any, tokenizer: 
     assert len(ids) == 48
     assert ids[0] == tokenizer.bos_token_id  # head kept
     assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if not m]).endswith("Answer: ")
-    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == "positive" + tokenizer.eos_token
+    assert tokenizer.decode([t for t, m in zip(ids, mask, strict=True) if m]) == " positive" + tokenizer.eos_token
 
 
 def test_prepared_cache_reuses_tokenized_rows(recipe: Any, tokenizer: Any, tmp_path: Path) -> None:

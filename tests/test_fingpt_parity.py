@@ -1,5 +1,6 @@
-"""finsft against FinGPT's own code (vendored in benchmarks/fingpt_benchmark, MIT): the tokens the fingpt_sentiment
-template trains are the tokens FinGPT's utils.py trains and its benchmark prompt gives the model, and the suite's
+"""finsft against FinGPT's own code (vendored in benchmarks/fingpt_benchmark, MIT): the prompt tokens the
+fingpt_sentiment template trains are the ones FinGPT's utils.py trains and its benchmark prompt gives the model (the
+label follows as a word; a custom "{output}" completion trains utils.py's tokens exactly), and the suite's
 default scorer reads answers, labels and metrics exactly as FinGPT's benchmark code does, row for row."""
 
 from __future__ import annotations
@@ -40,12 +41,22 @@ def _sentencepiece_tokenizer() -> Any:
     return _sentencepiece_style_tokenizer()
 
 
-@pytest.mark.parametrize("which", ["byte-level BPE (SmolLM2/Llama-3 style)", "SentencePiece style (Llama-2/Mistral)"])
-def test_training_tokens_are_fingpts(which: str, tiny_model: Path, make_recipe: Any) -> None:
-    """input_ids equal FinGPT utils.tokenize's; the loss covers exactly what FinGPT appends after the prompt."""
+def _tokenizer(which: str, tiny_model: Path) -> Any:
+    return _tiny_tokenizer(tiny_model) if which.startswith("byte") else _sentencepiece_tokenizer()
+
+
+TOKENIZERS = ["byte-level BPE (SmolLM2/Llama-3 style)", "SentencePiece style (Llama-2/Mistral)"]
+
+
+@pytest.mark.parametrize("which", TOKENIZERS)
+def test_training_prompt_is_fingpts_and_the_label_a_word(which: str, tiny_model: Path, make_recipe: Any) -> None:
+    """fingpt_sentiment: the prompt's ids equal FinGPT utils.tokenize's and its benchmark prompt's (trailing space
+    a token of its own); the loss covers the label as a word (leading-space marker) and EOS. On a dummy-prefix
+    (SentencePiece) tokenizer that is FinGPT's sequence id for id; on byte-level BPE the label's first token carries
+    its space. Either way FinGPT's answer split and change_target read the trained answer as the gold label."""
     import datasets
 
-    tok = _tiny_tokenizer(tiny_model) if which.startswith("byte") else _sentencepiece_tokenizer()
+    tok = _tokenizer(which, tiny_model)
     recipe = load_recipe(str(make_recipe()))
     formatter = make_formatter(recipe, template_from_recipe(recipe["template"]), tok)
     rows = _rows(12)
@@ -54,12 +65,43 @@ def test_training_tokens_are_fingpts(which: str, tiny_model: Path, make_recipe: 
         theirs = fingpt_code.tokenize(tok, row, max_length=512)
         assert not theirs["exceed_max_length"]
         prompt_len = len(tok(fingpt_code.get_prompt("default", row["instruction"], row["input"]))["input_ids"])
-        assert ids == theirs["input_ids"]
+        assert ids[:prompt_len] == theirs["input_ids"][:prompt_len]
         assert mask == [0] * prompt_len + [1] * (len(ids) - prompt_len)
         # FinGPT's benchmark prompt (format_example) is the same text as finsft's prompt, so the same tokens
         context = fingpt_code.format_example(row)["context"]
         assert formatter.prompt(row) == context
         assert tok(context)["input_ids"] == ids[:prompt_len]
+        label = ids[prompt_len:]
+        assert label[-1] == tok.eos_token_id
+        word = tok.convert_ids_to_tokens(label[0])
+        assert word.startswith(("Ġ", "▁")), word  # a word start, not utils.py's bare "positive" after a lone space
+        if which.startswith("Sentence"):
+            assert ids == theirs["input_ids"]  # the dummy prefix: FinGPT's own target ids
+            continue  # (this tiny vocabulary cannot spell the whole prompt back)
+        assert label == tok(" " + row["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        # an adapter that reproduces what it was trained on is read as the gold label by FinGPT's code
+        decoded = tok.decode(ids, skip_special_tokens=True)
+        assert decoded.split("Answer: ")[1] == " " + row["output"]
+        assert fingpt_code.change_target(decoded.split("Answer: ")[1]) == fingpt_code.change_target(row["output"])
+
+
+@pytest.mark.parametrize("which", TOKENIZERS)
+def test_custom_bare_completion_trains_fingpts_utils_tokens(which: str, tiny_model: Path, make_recipe: Any) -> None:
+    """A custom template with FinGPT's prompt and the completion "{output}" trains utils.tokenize's ids exactly."""
+    import datasets
+
+    tok = _tokenizer(which, tiny_model)
+    recipe = load_recipe(str(make_recipe(template={
+        "name": "custom", "prompt": "Instruction: {instruction}\nInput: {input}\nAnswer: ", "completion": "{output}",
+        "labels": "fingpt3"})))
+    formatter = make_formatter(recipe, template_from_recipe(recipe["template"]), tok)
+    rows = [{**r, "output": f" {r['output']} "} for r in _rows(6)]  # utils.py strips the target: so does finsft
+    ours = tokenize_rows(datasets.Dataset.from_list(rows), formatter, 512)
+    for row, ids, mask in zip(rows, ours["input_ids"], ours["completion_mask"], strict=True):
+        theirs = fingpt_code.tokenize(tok, row, max_length=512)
+        assert ids == theirs["input_ids"]
+        prompt_len = sum(1 for m in mask if not m)
+        assert theirs["labels"][prompt_len:] == ids[prompt_len:] and all(mask[prompt_len:])
 
 
 ANSWERS = [

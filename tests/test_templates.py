@@ -50,14 +50,15 @@ def env_with_demo(**extra: str) -> dict[str, str]:
 def test_fingpt_sentiment_renders_fingpts_prompt() -> None:
     t = BUILTIN["fingpt_sentiment"]
     row = {"input": "Shares rose 5%", "output": "positive"}
-    # FinGPT's utils.py template, trailing space included; the label is tokenized apart (completion_apart)
+    # FinGPT's utils.py template, trailing space included; the label is tokenized apart (completion_apart), as a
+    # word with its leading space
     assert t.render_prompt(row) == f"Instruction: {SENTIMENT_INSTRUCTION}\nInput: Shares rose 5%\nAnswer: "
-    assert t.render_completion(row) == "positive" and t.completion_apart
+    assert t.render_completion(row) == " positive" and t.completion_apart and t.completion_lead == " "
     assert t.render_prompt({**row, "instruction": "Classify."}).startswith("Instruction: Classify.\n")
     assert t.fields == ["instruction", "input", "output"]
     assert t.required_fields == ["input", "output"]
     assert t.is_classification and t.labels == ("negative", "neutral", "positive")
-    assert t.render_label("neutral") == "neutral"
+    assert t.render_label("neutral") == " neutral"
 
 
 def test_fiqa_and_short_sentiment() -> None:
@@ -79,7 +80,7 @@ def test_prompts_end_without_a_space_or_tokenize_apart(name: str) -> None:
     tokenizes its completion apart (FinGPT's way); the others end without a space and complete with one."""
     t = BUILTIN[name]
     if t.completion_apart:
-        assert t.prompt.endswith(" ") and not t.completion.startswith(" ")
+        assert t.prompt.endswith(" ")
     else:
         assert not t.prompt.endswith(" ") and t.completion.startswith(" ")
 
