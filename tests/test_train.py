@@ -211,9 +211,9 @@ def test_classification_templates_train_on_the_label_only(make_recipe: Any, trai
         section.update(prompt="Headline: {input}\nMood:", completion=" {output}", labels="fingpt3")
     out = run(make_recipe, template=section, training={"max_steps": 1})
     rows = [json.loads(line) for line in INVENTED_TRAIN.read_text().splitlines()]
-    # fingpt_sentiment tokenizes the label apart after "Answer: " (FinGPT's tokens); the others continue the prompt
-    space = "" if template == "fingpt_sentiment" else " "
-    outputs = {f"{space}{r['output']}{tokenizer.eos_token}" for r in rows}
+    # fingpt_sentiment tokenizes the label apart after "Answer: " as a word; the others continue the prompt: either
+    # way the loss covers " <label></s>"
+    outputs = {f" {r['output']}{tokenizer.eos_token}" for r in rows}
     texts = completions_in(trainers[0], tokenizer)
     assert len(texts) == 32 and set(texts) <= outputs
     prompt = tokenizer.decode(trainers[0].train_dataset[0]["input_ids"])
@@ -256,8 +256,8 @@ def test_completion_only_loss_masks_everything_but_the_answer_and_eos(make_recip
                                                                       tokenizer: Any) -> None:
     run(make_recipe, training={"max_steps": 1})
     batch = first_batch(trainers[0])
-    # FinGPT's tokens: the prompt ends in "Answer: ", the label tokenized apart, then EOS
-    answers = {tuple(tokenizer(f"{label}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
+    # FinGPT's prompt ends in "Answer: "; the label follows as a word, tokenized apart, then EOS
+    answers = {tuple(tokenizer(f" {label}{tokenizer.eos_token}", add_special_tokens=False)["input_ids"])
                for label in ("negative", "neutral", "positive")}
     for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
         n = int(mask.sum())
