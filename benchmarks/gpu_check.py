@@ -432,6 +432,9 @@ def worker_prepare(name: str, tiny: bool, work: str, steps: int, warmup: int, ro
     quantized = name == "gemma"  # 4-bit loading needs saved weights; bf16 LoRA builds them on the GPU itself
     if quantized:
         device = "cuda" if torch.cuda.is_available() else "cpu"
+        # Seeded: some random inits of the tiny Gemma leave the 24-step train stage's loss flat (8.2591 -> 8.2595
+        # in one CI run); the check's verdicts must not depend on the draw.
+        torch.manual_seed(0)
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if device == "cuda" else None)
         model.save_pretrained(folder)
